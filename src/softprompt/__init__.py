@@ -1,0 +1,33 @@
+"""softprompt: prompt tuning for frozen causal language models.
+
+    from softprompt import TrainConfig, train, SoftPrompt
+    result = train(TrainConfig(data="train.csv", text_column="Tweet text", label_column="Label", out="runs/c"))
+    SoftPrompt.load("runs/c").classify(["my parcel never arrived"])
+"""
+
+from .adapters import load_adapter, push_to_hub, save_adapter
+from .data import DEFAULT_TEMPLATE, Task, load_table
+from .errors import SoftpromptError
+from .model import concat_forward, label_loss, load_base, prefix_kv
+from .pipeline import SoftPrompt
+from .prompt import init_prompt
+from .train import TrainConfig, TrainResult, train
+
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "SoftPrompt",
+    "SoftpromptError",
+    "Task",
+    "TrainConfig",
+    "TrainResult",
+    "concat_forward",
+    "init_prompt",
+    "label_loss",
+    "load_adapter",
+    "load_base",
+    "load_table",
+    "prefix_kv",
+    "push_to_hub",
+    "save_adapter",
+    "train",
+]

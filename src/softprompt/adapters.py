@@ -1,0 +1,218 @@
+"""Adapters in PEFT's own format, plus softprompt's task file; Hub push.
+
+A run folder is an adapter folder:
+    adapter_config.json        PEFT's PromptTuningConfig fields (peft_type PROMPT_TUNING)
+    adapter_model.safetensors  {"prompt_embeddings": [P, H] float32}
+    softprompt.json            template, label names, max length, base model, metrics
+    README.md                  a short model card
+Only safetensors are read: no pickle, ever.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .data import Task
+from .errors import SoftpromptError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+TASK_NAME = "softprompt.json"
+PICKLE_NAME = "adapter_model.bin"
+WEIGHT_KEY = "prompt_embeddings"
+
+
+@dataclass
+class Adapter:
+    """A loaded adapter: the prompt [P, H] (float32), PEFT config, and task (None for a plain PEFT adapter)."""
+
+    prompt: Tensor
+    config: dict
+    task: Task | None
+    path: str
+    base_model: str | None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def peft_config(model, prompt: Tensor, *, base_model: str | None, init: str, init_text: str | None, tokenizer_name: str | None) -> dict:
+    """adapter_config.json contents with PEFT's PromptTuningConfig fields."""
+    from .prompt import PEFT_INIT_NAMES
+
+    cfg = model.config
+    try:
+        from importlib.metadata import version
+
+        peft_version = version("peft")
+    except Exception:  # noqa: BLE001 - peft is optional
+        peft_version = None
+    conf = {
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model,
+        "inference_mode": True,
+        "num_attention_heads": getattr(cfg, "num_attention_heads", None),
+        "num_layers": getattr(cfg, "num_hidden_layers", None),
+        "num_transformer_submodules": 1,
+        "num_virtual_tokens": int(prompt.shape[0]),
+        "peft_type": "PROMPT_TUNING",
+        "prompt_tuning_init": PEFT_INIT_NAMES.get(init, "RANDOM"),
+        "prompt_tuning_init_text": init_text if init == "text" else None,
+        "revision": None,
+        "task_type": "CAUSAL_LM",
+        "token_dim": int(prompt.shape[1]),
+        "tokenizer_kwargs": None,
+        "tokenizer_name_or_path": tokenizer_name,
+    }
+    if peft_version:
+        conf["peft_version"] = peft_version
+    return conf
+
+
+def save_adapter(folder: str | Path, prompt: Tensor, config: dict, task: Task | None, *, card: str | None = None) -> Path:
+    """Write an adapter folder; each file is replaced atomically (a kill never leaves a torn file)."""
+    from safetensors.torch import save
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = save({WEIGHT_KEY: prompt.detach().float().cpu().contiguous()})
+    atomic_write_bytes(folder / WEIGHTS_NAME, weights)
+    atomic_write_json(folder / CONFIG_NAME, config)
+    if task is not None:
+        atomic_write_json(folder / TASK_NAME, task.to_dict())
+    if card is not None:
+        atomic_write_bytes(folder / "README.md", card.encode())
+    return folder
+
+
+def _resolve_folder(path: str) -> Path:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise SoftpromptError(f"{path} is a file; give the adapter's folder (holding {CONFIG_NAME})")
+    if path.count("/") == 1 and not path.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(path, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, TASK_NAME, "README.md"]))
+        except Exception as e:  # noqa: BLE001
+            raise SoftpromptError(f"adapter {path}: not a local folder, and the Hub download failed: {e}") from None
+    raise SoftpromptError(f"adapter folder {path} not found")
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Read an adapter folder (ours or PEFT's). Refuses other PEFT types and pickle weights."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = _resolve_folder(str(path))
+    conf_path = folder / CONFIG_NAME
+    if not conf_path.is_file():
+        raise SoftpromptError(f"{folder}: no {CONFIG_NAME}; this is not an adapter folder (train one with `softprompt train`)")
+    try:
+        config = json.loads(conf_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SoftpromptError(f"{conf_path}: not valid JSON ({e}); the file is corrupt") from None
+    ptype = config.get("peft_type")
+    if ptype != "PROMPT_TUNING":
+        raise SoftpromptError(
+            f"{folder}: adapter type is {ptype!r}, softprompt loads only PROMPT_TUNING adapters "
+            "(use PEFT itself for LoRA and other types)"
+        )
+    if config.get("task_type") not in (None, "CAUSAL_LM"):
+        raise SoftpromptError(f"{folder}: task_type is {config.get('task_type')!r}; softprompt serves CAUSAL_LM prompts")
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        if (folder / PICKLE_NAME).is_file():
+            raise SoftpromptError(
+                f"{folder}: only {PICKLE_NAME} (pickle) is present; softprompt reads safetensors only. "
+                "Re-save it with PEFT's save_pretrained(safe_serialization=True)"
+            )
+        raise SoftpromptError(f"{folder}: {WEIGHTS_NAME} is missing")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SoftpromptError(f"{weights}: corrupt or truncated safetensors file ({e})") from None
+    key = WEIGHT_KEY if WEIGHT_KEY in tensors else next((k for k in tensors if k.endswith(WEIGHT_KEY)), None)
+    if key is None:
+        raise SoftpromptError(f"{weights}: no tensor named {WEIGHT_KEY!r} (found {list(tensors)})")
+    prompt = tensors[key].float()
+    n = config.get("num_virtual_tokens")
+    if prompt.dim() != 2 or (n is not None and prompt.shape[0] != n * config.get("num_transformer_submodules", 1)):
+        raise SoftpromptError(f"{weights}: prompt shape {tuple(prompt.shape)} does not match num_virtual_tokens={n}")
+    if not torch.isfinite(prompt).all():
+        raise SoftpromptError(f"{weights}: the prompt holds NaN or infinite values; the adapter is unusable")
+    task = None
+    base = config.get("base_model_name_or_path")
+    task_path = folder / TASK_NAME
+    if task_path.is_file():
+        try:
+            data = json.loads(task_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SoftpromptError(f"{task_path}: not valid JSON ({e}); the file is corrupt") from None
+        task = Task.from_dict(data)
+        base = task.extra.get("base_model", base)
+    return Adapter(prompt=prompt, config=config, task=task, path=str(folder), base_model=base)
+
+
+def check_fits(adapter: Adapter, model) -> None:
+    """Refuse a prompt whose width is not the base model's hidden size."""
+    from .model import hidden_size
+
+    H = hidden_size(model)
+    if adapter.prompt.shape[1] != H:
+        raise SoftpromptError(
+            f"{adapter.path}: prompt width {adapter.prompt.shape[1]} does not match the base model's hidden size {H}; "
+            f"this adapter was trained for another model ({adapter.base_model}); pass that one with --model"
+        )
+
+
+def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
+    """Upload a run folder's adapter (not its checkpoints) to the Hub. Returns the repo URL."""
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    load_adapter(folder)  # refuse to push something that does not load
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            ignore_patterns=["checkpoint/**", "last/**", ".*"],
+            commit_message="Upload soft prompt (softprompt)",
+        )
+    except Exception as e:  # noqa: BLE001 - network, auth, permissions
+        raise SoftpromptError(f"push to {repo_id} failed: {e} (log in with `hf auth login` or set HF_TOKEN)") from None
+    return str(url)

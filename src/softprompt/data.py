@@ -1,0 +1,288 @@
+"""Data: loading tables (CSV, JSONL, Parquet, Hub), label names, the template, tokenising,
+collating and batching."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .errors import SoftpromptError
+
+DEFAULT_TEMPLATE = "{text_column} : {text} Label : "
+"""The guide's template. `{text}` is the row's text, `{text_column}` the column's name."""
+
+LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class Task:
+    """What a prompt was trained to do; saved beside the adapter as `softprompt.json`."""
+
+    text_column: str
+    """Column holding the input text (`--text-column`)."""
+    label_names: list[str]
+    """The class labels, in a fixed order (index i is class i in every matrix)."""
+    label_column: str | None = None
+    """Column holding the gold label (`--label-column`)."""
+    template: str = DEFAULT_TEMPLATE
+    """Input template with `{text}` and optionally `{text_column}` (`--template`)."""
+    max_length: int = 64
+    """Maximum tokens of input + label; the input text is cut to fit, never the label."""
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Task:
+        known = {k: d[k] for k in ("text_column", "label_names", "label_column", "template", "max_length") if k in d}
+        if "text_column" not in known:
+            raise SoftpromptError("softprompt.json has no 'text_column'; the file is damaged")
+        extra = dict(d.get("extra") or {})
+        extra.update({k: v for k, v in d.items() if k not in known and k != "extra"})
+        return cls(**known, extra=extra)
+
+    def render(self, text: str) -> str:
+        return self.template.format(text=text, text_column=self.text_column)
+
+
+@dataclass
+class Table:
+    """Rows read from a file or Hub dataset: texts, and labels as names (None if absent)."""
+
+    source: str
+    texts: list[str]
+    labels: list[str] | None
+    columns: list[str]
+    label_order: list[str] | None = None
+    """Label names in the dataset's own order (a ClassLabel's names), when it has one."""
+
+
+def validate_template(template: str) -> None:
+    try:
+        template.format(text="x", text_column="x")
+    except (KeyError, IndexError, ValueError) as e:
+        raise SoftpromptError(
+            f"--template {template!r} is not valid: it may use only {{text}} and {{text_column}} ({e})"
+        ) from None
+    if "{text}" not in template:
+        raise SoftpromptError(f"--template {template!r} must contain {{text}}")
+
+
+def load_table(
+    source: str,
+    text_column: str,
+    label_column: str | None = None,
+    *,
+    subset: str | None = None,
+    split: str = "train",
+    flag: str = "--data",
+    need_labels: bool = True,
+) -> Table:
+    """Read `source` (a local CSV/TSV/JSONL/Parquet file, or a Hub dataset id) into a Table.
+
+    Integer ClassLabel labels become their names with `_` replaced by a space, as in the guide.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    if suffix in LOCAL_FORMATS or path.exists():
+        if not path.is_file():
+            raise SoftpromptError(f"{flag} {source}: file not found")
+        fmt = LOCAL_FORMATS.get(suffix)
+        if fmt is None:
+            raise SoftpromptError(f"{flag} {source}: unknown file type {suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet")
+        try:
+            if fmt == "csv":  # every cell a string: "0123" stays "0123", an empty cell stays ""
+                import pandas as pd
+
+                frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+                ds = datasets.Dataset.from_pandas(frame, preserve_index=False)
+            else:
+                ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+        except Exception as e:  # noqa: BLE001 - parsers raise many types; report the file
+            raise SoftpromptError(f"{flag} {source}: could not read as {suffix[1:]}: {_first_line(e)}") from None
+    else:
+        try:
+            ds = datasets.load_dataset(source, subset, split=split)
+        except Exception as e:  # noqa: BLE001
+            raise SoftpromptError(
+                f"{flag} {source}: not a local file, and loading it from the Hugging Face Hub failed "
+                f"(subset={subset!r}, split={split!r}): {_first_line(e)}"
+            ) from None
+    columns = list(ds.column_names)
+    wanted = [("--text-column", text_column)] + ([("--label-column", label_column)] if label_column and need_labels else [])
+    for col_flag, col in wanted:
+        if col not in columns:
+            raise SoftpromptError(
+                f"{flag} {source}: no column {col!r} ({col_flag}); columns found: {', '.join(map(repr, columns))}"
+            )
+    if len(ds) == 0:
+        raise SoftpromptError(f"{flag} {source}: no rows")
+    texts = ["" if t is None else str(t) for t in ds[text_column]]
+    labels = None
+    order = None
+    if label_column and need_labels and label_column in columns:
+        feature = ds.features[label_column]
+        raw = ds[label_column]
+        if isinstance(feature, datasets.ClassLabel):
+            order = [n.replace("_", " ") for n in feature.names]
+            labels = [order[i] if i is not None and i >= 0 else None for i in raw]
+        else:
+            labels = [None if v is None or str(v).strip() == "" else str(v).strip() for v in raw]
+        missing = [i for i, v in enumerate(labels) if v is None]
+        if missing:
+            rows = ", ".join(str(i) for i in missing[:5])
+            raise SoftpromptError(
+                f"{flag} {source}: column {label_column!r} is empty in {len(missing)} row(s) (rows {rows}); "
+                "fill them or drop those rows"
+            )
+    return Table(source=source, texts=texts, labels=labels, columns=columns, label_order=order)
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def label_set(table: Table) -> list[str]:
+    """The labels present in a training table, in the dataset's order (ClassLabel) or sorted."""
+    present = set(table.labels or [])
+    if table.label_order:
+        return [n for n in table.label_order if n in present]
+    return sorted(present)
+
+
+def check_labels(table: Table, label_names: Sequence[str], flag: str) -> None:
+    """Refuse rows whose label is not one of label_names."""
+    known = set(label_names)
+    for i, lab in enumerate(table.labels or []):
+        if lab not in known:
+            raise SoftpromptError(
+                f"{flag} {table.source}: row {i} has label {lab!r}, which is not one of the prompt's labels "
+                f"{list(label_names)}; fix the row or remove it"
+            )
+
+
+def label_token_ids(tokenizer, label: str) -> list[int]:
+    """A label's target tokens: the label's own tokens, then the end token (as in the guide)."""
+    return list(tokenizer(label, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+
+
+def input_token_ids(tokenizer, task: Task, text: str, budget: int) -> list[int]:
+    """Token ids of the rendered input, the text cut (at a character) until they fit `budget`."""
+    ids = tokenizer(task.render(text))["input_ids"]
+    if len(ids) <= budget:
+        return list(ids)
+    empty = tokenizer(task.render(""))["input_ids"]
+    if len(empty) > budget:
+        raise SoftpromptError(
+            f"--max-length {task.max_length} leaves {budget} tokens for the input, but the template alone "
+            f"needs {len(empty)}; raise --max-length"
+        )
+    lo, hi = 0, len(text)  # invariant: text[:lo] fits, text[:hi] does not
+    best = empty
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        cand = tokenizer(task.render(text[:mid]))["input_ids"]
+        if len(cand) <= budget:
+            lo, best = mid, cand
+        else:
+            hi = mid
+    return list(best)
+
+
+def input_budget(tokenizer, task: Task) -> int:
+    """Tokens left for the input when the longest label must fit after it."""
+    longest = max((len(label_token_ids(tokenizer, n)) for n in task.label_names), default=0)
+    return task.max_length - longest
+
+
+@dataclass
+class Encoded:
+    """One training row: input ids, then label ids; the loss is on the label ids only."""
+
+    input_ids: list[int]
+    label_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids) + len(self.label_ids)
+
+
+def encode_rows(tokenizer, task: Task, texts: Sequence[str], labels: Sequence[str]) -> list[Encoded]:
+    """Tokenise rows for training; the label is never cut (the input text is)."""
+    out = []
+    for text, label in zip(texts, labels, strict=True):
+        lab = label_token_ids(tokenizer, label)
+        budget = task.max_length - len(lab)
+        if budget < 1:
+            raise SoftpromptError(
+                f"--max-length {task.max_length} is too short for the label {label!r} ({len(lab)} tokens); raise it"
+            )
+        out.append(Encoded(input_token_ids(tokenizer, task, text, budget), lab))
+    return out
+
+
+def collate_train(rows: Sequence[Encoded], pad_id: int) -> dict[str, Tensor]:
+    """Right-pad rows to the batch's longest: input_ids, attention_mask, labels, each [B, T].
+
+    Masks come from lengths, not from pad ids (pad may equal eos, which labels contain).
+    """
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n_in, n = len(r.input_ids), len(r)
+        ids[i, :n] = torch.tensor(r.input_ids + r.label_ids)
+        mask[i, :n] = 1
+        labels[i, n_in:n] = torch.tensor(r.label_ids)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad token lists to the longest: (input_ids [B, T], attention_mask [B, T])."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, T - len(s) :] = torch.tensor(list(s))
+            mask[i, T - len(s) :] = 1
+    return ids, mask
+
+
+def stratified_split(labels: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded (train_idx, eval_idx) holding out `fraction` of each class (at least one row of a
+    class with 2+ rows)."""
+    rng = random.Random(seed)
+    train, held = [], []
+    for lab in sorted(set(labels)):
+        idx = [i for i, v in enumerate(labels) if v == lab]
+        rng.shuffle(idx)
+        k = round(len(idx) * fraction)
+        if fraction > 0 and k == 0 and len(idx) > 1:
+            k = 1
+        held += idx[:k]
+        train += idx[k:]
+    return sorted(train), sorted(held)
+
+
+def batch_order(lengths: Sequence[int], batch_size: int, rng: random.Random, group_by_length: bool = True) -> list[list[int]]:
+    """Shuffled batches of row indices. With group_by_length, rows are sorted by length inside
+    shuffled windows of 50 batches, so a batch pads little while the order stays random."""
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    if group_by_length:
+        window = batch_size * 50
+        idx = [i for s in range(0, len(idx), window) for i in sorted(idx[s : s + window], key=lambda j: lengths[j])]
+    batches = [idx[s : s + batch_size] for s in range(0, len(idx), batch_size)]
+    rng.shuffle(batches)
+    return batches

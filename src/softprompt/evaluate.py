@@ -1,0 +1,117 @@
+"""Inference and metrics: rank classification (score every label after the input), free
+generation, accuracy / macro-F1 / confusion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .data import Task, collate_left, input_budget, input_token_ids, label_token_ids
+from .model import generate, prefix_kv, score_continuations
+
+
+def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def label_probabilities(
+    model,
+    tokenizer,
+    prompt: Tensor,
+    task: Task,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> Tensor:
+    """Each label's probability for each text: [N, L] (rows sum to 1), by scoring every label's
+    tokens (with its end token) after the input. The prompt's KV is computed once."""
+    device = model.get_input_embeddings().weight.device
+    budget = input_budget(tokenizer, task)
+    seqs = [input_token_ids(tokenizer, task, t, budget) for t in texts]
+    labels = [label_token_ids(tokenizer, n) for n in task.label_names]
+    kv = prefix_kv(model, prompt.to(device))
+    out = torch.empty(len(texts), len(labels))
+    batches = _length_sorted_batches([len(s) for s in seqs], batch_size)
+    for idx in tqdm(batches, desc="classify", disable=not progress, unit="batch"):
+        ids, mask = collate_left([seqs[i] for i in idx], tokenizer.pad_token_id)
+        scores = score_continuations(model, kv, ids.to(device), mask.to(device), labels)
+        out[idx] = torch.softmax(scores.float(), -1).cpu()
+    return out
+
+
+def classify(model, tokenizer, prompt: Tensor, task: Task, texts: Sequence[str], **kw) -> tuple[list[str], Tensor]:
+    """(predicted label names, probabilities [N, L])."""
+    probs = label_probabilities(model, tokenizer, prompt, task, texts, **kw)
+    return [task.label_names[i] for i in probs.argmax(-1).tolist()], probs
+
+
+@torch.no_grad()
+def generate_texts(
+    model,
+    tokenizer,
+    prompt: Tensor,
+    task: Task,
+    texts: Sequence[str],
+    *,
+    max_new_tokens: int = 6,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy free generation after the input, as in the guide (the output may be any text)."""
+    device = model.get_input_embeddings().weight.device
+    budget = task.max_length - 1 if not task.label_names else input_budget(tokenizer, task)
+    seqs = [input_token_ids(tokenizer, task, t, budget) for t in texts]
+    kv = prefix_kv(model, prompt.to(device))
+    out: list[str] = [""] * len(texts)
+    batches = _length_sorted_batches([len(s) for s in seqs], batch_size)
+    for idx in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
+        ids, mask = collate_left([seqs[i] for i in idx], tokenizer.pad_token_id)
+        new = generate(
+            model, kv, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id
+        )
+        for i, toks in zip(idx, new, strict=True):
+            out[i] = tokenizer.decode(toks, skip_special_tokens=True).strip()
+    return out
+
+
+def metrics(gold: Sequence[str], pred: Sequence[str], label_names: Sequence[str]) -> dict:
+    """accuracy, macro_f1 (over label_names), per-class precision/recall/f1/support, and the
+    confusion matrix (rows gold, columns predicted, in label_names order). A prediction that is
+    not a label counts as wrong and is counted in `invalid`."""
+    names = list(label_names)
+    index = {n: i for i, n in enumerate(names)}
+    L = len(names)
+    confusion = [[0] * L for _ in range(L)]
+    invalid = 0
+    for g, p in zip(gold, pred, strict=True):
+        if p in index:
+            confusion[index[g]][index[p]] += 1
+        else:
+            invalid += 1
+    per_class = {}
+    f1s = []
+    for i, n in enumerate(names):
+        tp = confusion[i][i]
+        predicted = sum(confusion[r][i] for r in range(L))
+        support = sum(1 for g in gold if g == n)
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[n] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+        f1s.append(f1)
+    n = len(gold)
+    correct = sum(confusion[i][i] for i in range(L))
+    return {
+        "accuracy": correct / n if n else 0.0,
+        "macro_f1": sum(f1s) / L if L else 0.0,
+        "per_class": per_class,
+        "confusion_matrix": {"labels": names, "matrix": confusion},
+        "invalid": invalid,
+        "n": n,
+    }

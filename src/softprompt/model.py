@@ -1,0 +1,313 @@
+"""The frozen causal LM and how soft prompts combine with its input.
+
+Two ways to run a prompt [P, H] in front of input tokens [B, T]:
+- `concat_forward`: the reference (what PEFT does): concatenate prompt and token embeddings
+  and run the whole model on [B, P+T].
+- the shared-prefix path (`prefix_kv` + `run_after_prefix`): with causal attention the
+  virtual tokens never see the input, so their keys/values depend on the prompt alone. The
+  prompt runs once (batch of 1, with gradient when training); its KV is broadcast to the B rows
+  and the inputs run after it. Equal to the reference up to float rounding.
+
+This module never imports training or CLI code.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import SoftpromptError
+
+KV = tuple[tuple[Tensor, Tensor], ...]
+"""A prompt's keys/values: per layer (k, v), each [N, heads, P, head_dim]."""
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """`device` if given, else CUDA, then MPS, then CPU."""
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_base(
+    name: str | None = None,
+    *,
+    dtype: str = "float32",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a frozen causal LM and its tokenizer.
+
+    `name` is a Hugging Face model id, a local folder, or None/`default` for the built-in
+    SmolLM2-135M-Instruct. Returns (model, tokenizer, resolved_name); every parameter of the
+    model has requires_grad=False and the model is in eval mode (no dropout).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .defaults import default_model_dir, is_default_model
+
+    if dtype not in DTYPES:
+        raise SoftpromptError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    source = str(default_model_dir()) if is_default_model(name) else name
+    looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
+    if looks_local and not Path(source).expanduser().is_dir():
+        raise SoftpromptError(f"--model {name}: no such folder; pass a Hugging Face model id or a local model folder")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SoftpromptError(
+            f"could not load model {name!r}: {first} (check the id or folder, your network, "
+            "or pass --trust-remote-code for models with custom code)"
+        ) from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.requires_grad_(False)
+    model.eval()
+    model.to(pick_device(device))
+    return model, tokenizer, "default" if is_default_model(name) else name
+
+
+def hidden_size(model) -> int:
+    return model.get_input_embeddings().weight.shape[1]
+
+
+def _cache_kw(module) -> str:
+    """transformers 5 calls the cache argument `cache`; older releases `past_key_values`."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _out_cache(out):
+    return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+
+
+def count_parameters(model, prompt_params: int) -> tuple[int, int]:
+    """(trainable, all) parameters of prompt + frozen model, as PEFT counts them."""
+    total = sum(p.numel() for p in model.parameters()) + prompt_params
+    return prompt_params, total
+
+
+def format_trainable(trainable: int, total: int) -> str:
+    """The PEFT guide's `print_trainable_parameters` line."""
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+
+def concat_forward(model, prompt: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Reference forward: prompt [P, H] (or [B, P, H]) before input_ids [B, T].
+
+    Returns logits [B, P+T, V]. Position ids are 0..P+T-1 as in PEFT (right padding keeps
+    every real token at the same position as in an unpadded run).
+    """
+    B = input_ids.shape[0]
+    emb = model.get_input_embeddings()(input_ids)
+    prompts = prompt.expand(B, -1, -1) if prompt.dim() == 2 else prompt
+    P = prompts.shape[1]
+    embeds = torch.cat([prompts.to(emb.dtype), emb], dim=1)
+    mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)
+    return model(inputs_embeds=embeds, attention_mask=mask).logits
+
+
+def prefix_kv(model, prompts: Tensor) -> KV:
+    """Keys/values of prompts [N, P, H] (or [P, H]) in every layer: ((k, v), ...) [N, heads, P, d]."""
+    if prompts.dim() == 2:
+        prompts = prompts[None]
+    decoder = model.get_decoder()
+    dtype = model.get_input_embeddings().weight.dtype
+    P = prompts.shape[1]
+    pos = torch.arange(P, device=prompts.device)[None].expand(prompts.shape[0], -1)
+    out = decoder(inputs_embeds=prompts.to(dtype), position_ids=pos, use_cache=True)
+    return tuple((layer.keys, layer.values) for layer in _out_cache(out).layers)
+
+
+def _cache_from(kv: KV, rows: Tensor | int):
+    """A fresh DynamicCache for a batch. `rows` is the batch size (one shared prompt) or
+    an index tensor [B] choosing each row's prompt out of kv's N prompts."""
+    from transformers import DynamicCache
+
+    if isinstance(rows, int):
+        data = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv]
+    else:
+        data = [(k[rows], v[rows]) for k, v in kv]
+    return DynamicCache(ddp_cache_data=data)
+
+
+def positions_after(prefix_len: int | Tensor, attention_mask: Tensor) -> Tensor:
+    """Position ids [B, T] for tokens after a prefix, skipping padding (left or right)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return (pos.clamp(min=0) + prefix_len).to(attention_mask.device)
+
+
+def run_after_prefix(
+    model,
+    kv: KV,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    rows: Tensor | None = None,
+    *,
+    past_mask: Tensor | None = None,
+    use_cache: bool = False,
+):
+    """Run input_ids [B, T] after a prompt's KV. Returns (hidden [B, T, H], cache or None).
+
+    `rows` [B] picks each row's prompt from kv (default: all rows use prompt 0, broadcast).
+    `past_mask` [B, P] marks the valid prefix positions (default: all valid).
+    """
+    B = input_ids.shape[0]
+    P = kv[0][0].shape[2]
+    cache = _cache_from(kv, B if rows is None else rows)
+    if past_mask is None:
+        past_mask = attention_mask.new_ones(B, P)
+    full_mask = torch.cat([past_mask, attention_mask], dim=1)
+    pos = positions_after(past_mask.long().sum(-1, keepdim=True), attention_mask)
+    decoder = model.get_decoder()
+    out = decoder(
+        input_ids=input_ids,
+        attention_mask=full_mask,
+        position_ids=pos,
+        use_cache=use_cache,
+        **{_cache_kw(decoder): cache},
+    )
+    return out.last_hidden_state, (_out_cache(out) if use_cache else None)
+
+
+def label_loss(model, prompt: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over label tokens (labels [B, T], -100 elsewhere), shared-prefix path.
+
+    The prompt [P, H] runs once; the LM head is applied only where a label token is predicted.
+    Equals `reference_loss` (and PEFT's loss) up to float rounding.
+    """
+    kv = prefix_kv(model, prompt)
+    hidden, _ = run_after_prefix(model, kv, input_ids, attention_mask)
+    target = labels[:, 1:]
+    keep = target != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), target[keep])
+
+
+def reference_loss(model, prompt: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+    """The same loss through `concat_forward` (full logits everywhere)."""
+    P = prompt.shape[-2]
+    logits = concat_forward(model, prompt, input_ids, attention_mask)[:, P:]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+def score_continuations(
+    model,
+    kv: KV,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    continuations: Sequence[Sequence[int]],
+    rows: Tensor | None = None,
+) -> Tensor:
+    """Log-probability of each continuation after each row: [B, L].
+
+    input_ids [B, T] are left-padded so every row ends at the last column. The input runs once;
+    the L continuations of a row share its KV (one forward over [B*L, C] after it).
+    """
+    B = input_ids.shape[0]
+    L = len(continuations)
+    hidden, cache = run_after_prefix(model, kv, input_ids, attention_mask, rows, use_cache=True)
+    head = model.get_output_embeddings()
+    first = torch.log_softmax(head(hidden[:, -1]).float(), -1)  # [B, V]
+    C = max(len(c) for c in continuations)
+    cont = input_ids.new_zeros(L, C)
+    cont_mask = attention_mask.new_zeros(L, C)
+    for i, c in enumerate(continuations):
+        cont[i, : len(c)] = torch.tensor(list(c), dtype=cont.dtype)
+        cont_mask[i, : len(c)] = 1
+    scores = first[:, cont[:, 0]]  # [B, L]
+    if C > 1:
+        cache.batch_repeat_interleave(L)
+        P = kv[0][0].shape[2]
+        prev_mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], 1).repeat_interleave(L, 0)
+        ids = cont.repeat(B, 1)  # [B*L, C]
+        mask = cont_mask.repeat(B, 1)
+        pos = prev_mask.sum(-1, keepdim=True) + torch.arange(C, device=ids.device)[None]
+        decoder = model.get_decoder()
+        out = decoder(
+            input_ids=ids[:, :-1],
+            attention_mask=torch.cat([prev_mask, mask[:, :-1]], 1),
+            position_ids=pos[:, :-1],
+            use_cache=False,
+            **{_cache_kw(decoder): cache},
+        )
+        logp = torch.log_softmax(head(out.last_hidden_state).float(), -1)  # [B*L, C-1, V]
+        tok = torch.gather(logp, -1, ids[:, 1:, None])[..., 0] * mask[:, 1:]
+        scores = scores + tok.sum(-1).view(B, L)
+    return scores
+
+
+@torch.no_grad()
+def generate(
+    model,
+    kv: KV,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    rows: Tensor | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Decode after prompt + input (left-padded [B, T]), reusing the KV cache every step.
+
+    temperature 0 is greedy. Returns each row's new tokens, up to and excluding eos.
+    """
+    B = input_ids.shape[0]
+    P = kv[0][0].shape[2]
+    head = model.get_output_embeddings()
+    decoder = model.get_decoder()
+    hidden, cache = run_after_prefix(model, kv, input_ids, attention_mask, rows, use_cache=True)
+    mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], 1)
+    out_tokens: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    for step in range(max_new_tokens):
+        logits = head(hidden[:, -1]).float()
+        nxt = _choose(logits, temperature, top_p, generator)
+        for b in range(B):
+            if not done[b]:
+                if eos_token_id is not None and int(nxt[b]) == eos_token_id:
+                    done[b] = True
+                else:
+                    out_tokens[b].append(int(nxt[b]))
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        pos = mask.sum(-1, keepdim=True)
+        mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+        out = decoder(
+            input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **{_cache_kw(decoder): cache}
+        )
+        hidden, cache = out.last_hidden_state, _out_cache(out)
+    return out_tokens
+
+
+def _choose(logits: Tensor, temperature: float, top_p: float, generator) -> Tensor:
+    """Next token per row from logits [B, V]: greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

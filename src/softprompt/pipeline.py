@@ -1,0 +1,96 @@
+"""The small public API for using a trained prompt: load it onto its base model, classify,
+generate, evaluate."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from .adapters import Adapter, check_fits, load_adapter
+from .data import DEFAULT_TEMPLATE, Task
+from .errors import SoftpromptError
+from .evaluate import classify, generate_texts, metrics
+from .model import load_base
+
+
+class SoftPrompt:
+    """A soft prompt on its frozen base model.
+
+    >>> sp = SoftPrompt.load("runs/complaints")
+    >>> sp.classify(["@nationalgridus I have no water and the bill is paid"])
+    [{'label': 'complaint', 'probabilities': {'complaint': 0.93, 'no complaint': 0.07}}]
+    """
+
+    def __init__(self, adapter: Adapter, model, tokenizer):
+        check_fits(adapter, model)
+        self.adapter = adapter
+        self.model = model
+        self.tokenizer = tokenizer
+        self.task = adapter.task or Task(text_column="text", label_names=[], template=DEFAULT_TEMPLATE)
+        self.prompt = adapter.prompt.to(model.get_input_embeddings().weight.device)
+
+    @classmethod
+    def load(
+        cls,
+        path: str,
+        model=None,
+        tokenizer=None,
+        *,
+        base_model: str | None = None,
+        dtype: str = "float32",
+        device: str | None = None,
+        labels: Sequence[str] | None = None,
+        template: str | None = None,
+        text_column: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> SoftPrompt:
+        """Load an adapter folder (or Hub repo) and its base model (or use the one given)."""
+        adapter = load_adapter(path)
+        if model is None:
+            name = base_model or adapter.base_model
+            model, tokenizer, _ = load_base(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        task = adapter.task or Task(text_column=text_column or "text", label_names=[])
+        changes = {}
+        if labels:
+            changes["label_names"] = list(labels)
+        if template:
+            changes["template"] = template
+        if text_column:
+            changes["text_column"] = text_column
+        adapter.task = replace(task, **changes)
+        return cls(adapter, model, tokenizer)
+
+    def _need_labels(self) -> None:
+        if not self.task.label_names:
+            raise SoftpromptError(
+                f"{self.adapter.path} has no label names (a plain PEFT adapter); pass them with --labels "
+                "(e.g. --labels 'complaint,no complaint') or use --generate"
+            )
+
+    def classify(self, texts: Sequence[str], *, batch_size: int = 32, progress: bool = False) -> list[dict]:
+        """Score every label after each text: [{'label', 'probabilities': {label: p}}]."""
+        self._need_labels()
+        pred, probs = classify(self.model, self.tokenizer, self.prompt, self.task, texts, batch_size=batch_size, progress=progress)
+        names = self.task.label_names
+        return [{"label": p, "probabilities": dict(zip(names, row.tolist(), strict=True))} for p, row in zip(pred, probs, strict=True)]
+
+    def generate(self, texts: Sequence[str], *, max_new_tokens: int = 6, batch_size: int = 16, progress: bool = False) -> list[str]:
+        """Free generation after each text (greedy), as in the PEFT guide."""
+        return generate_texts(
+            self.model, self.tokenizer, self.prompt, self.task, texts,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+        )
+
+    def evaluate(
+        self, texts: Sequence[str], gold: Sequence[str], *, generate: bool = False, max_new_tokens: int = 6,
+        batch_size: int = 32, progress: bool = False,
+    ) -> dict:
+        """accuracy, macro_f1, per_class, confusion_matrix (and invalid outputs for generation)."""
+        self._need_labels()
+        if generate:
+            pred = self.generate(texts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+        else:
+            pred = [r["label"] for r in self.classify(texts, batch_size=batch_size, progress=progress)]
+        m = metrics(gold, pred, self.task.label_names)
+        m["method"] = "generation" if generate else "label_scoring"
+        return m

@@ -1,0 +1,72 @@
+"""Soft-prompt parameters and their initialisations. (Combining a prompt with the input is
+`model.py`'s job.)"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import SoftpromptError
+
+INIT_METHODS = ("text", "labels", "vocab", "random")
+"""`--init` choices: text (the guide's default), labels (Lester et al.'s class-label init),
+vocab (embeddings of sampled vocabulary tokens), random (normal, scaled like the embeddings)."""
+
+DEFAULT_INIT_TEXT = "Classify if the tweet is a complaint or not:"
+
+PEFT_INIT_NAMES = {"text": "TEXT", "vocab": "SAMPLE_VOCAB", "random": "RANDOM", "labels": "RANDOM"}
+"""How each init is named in PEFT's adapter_config.json (PEFT has no label init)."""
+
+
+def text_token_ids(tokenizer, text: str, num_virtual_tokens: int) -> list[int]:
+    """The init text's token ids cut or repeated to num_virtual_tokens, exactly as PEFT does."""
+    ids = tokenizer(text)["input_ids"]
+    if not ids:
+        raise SoftpromptError("--init-text is empty after tokenisation; give some words or use --init random")
+    reps = math.ceil(num_virtual_tokens / len(ids))
+    return (ids * reps)[:num_virtual_tokens]
+
+
+@torch.no_grad()
+def init_prompt(
+    model,
+    tokenizer,
+    num_virtual_tokens: int,
+    method: str = "text",
+    *,
+    text: str = DEFAULT_INIT_TEXT,
+    label_names: Sequence[str] = (),
+    seed: int = 0,
+) -> Tensor:
+    """A new prompt [P, H] in float32 (whatever the base model's dtype)."""
+    if num_virtual_tokens < 1:
+        raise SoftpromptError(f"--num-virtual-tokens must be at least 1, got {num_virtual_tokens}")
+    emb = model.get_input_embeddings().weight.detach()
+    V, H = emb.shape
+    gen = torch.Generator().manual_seed(seed)
+    if method == "text":
+        ids = torch.tensor(text_token_ids(tokenizer, text, num_virtual_tokens))
+        return emb[ids.to(emb.device)].float().clone()
+    if method == "vocab":
+        ids = torch.randint(0, V, (num_virtual_tokens,), generator=gen)
+        return emb[ids.to(emb.device)].float().clone()
+    if method == "labels":
+        if not label_names:
+            raise SoftpromptError("--init labels needs the class labels; none were found in the data")
+        rows = []
+        for name in label_names[:num_virtual_tokens]:
+            ids = tokenizer(name, add_special_tokens=False)["input_ids"]
+            rows.append(emb[torch.tensor(ids, device=emb.device)].float().mean(0))
+        # Lester et al.: fill the rest with embeddings of common tokens (low BPE ids ~ frequent).
+        rest = num_virtual_tokens - len(rows)
+        if rest:
+            ids = torch.randint(0, min(V, 5000), (rest,), generator=gen)
+            rows.extend(emb[ids.to(emb.device)].float())
+        return torch.stack(rows).clone()
+    if method == "random":
+        std = emb.float().std().item()
+        return (torch.randn(num_virtual_tokens, H, generator=gen) * std).to(emb.device)
+    raise SoftpromptError(f"--init {method!r} is not one of {', '.join(INIT_METHODS)}")
