@@ -1,8 +1,8 @@
 """softprompt: prompt tuning for frozen causal language models.
 
-    from softprompt import TrainConfig, train, SoftPrompt
-    result = train(TrainConfig(data="train.csv", text_column="Tweet text", label_column="Label", out="runs/c"))
-    SoftPrompt.load("runs/c").classify(["my parcel never arrived"])
+from softprompt import TrainConfig, train, SoftPrompt
+result = train(TrainConfig(data="train.csv", text_column="Tweet text", label_column="Label", out="runs/c"))
+SoftPrompt.load("runs/c").classify(["my parcel never arrived"])
 """
 
 from .adapters import load_adapter, push_to_hub, save_adapter

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .data import Task
-from .errors import SoftpromptError
+from .errors import SoftpromptError, first_line
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -66,7 +66,15 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
 
 
-def peft_config(model, prompt: Tensor, *, base_model: str | None, init: str, init_text: str | None, tokenizer_name: str | None) -> dict:
+def peft_config(
+    model,
+    prompt: Tensor,
+    *,
+    base_model: str | None,
+    init: str,
+    init_text: str | None,
+    tokenizer_name: str | None,
+) -> dict:
     """adapter_config.json contents with PEFT's PromptTuningConfig fields."""
     from .prompt import PEFT_INIT_NAMES
 
@@ -99,7 +107,9 @@ def peft_config(model, prompt: Tensor, *, base_model: str | None, init: str, ini
     return conf
 
 
-def save_adapter(folder: str | Path, prompt: Tensor, config: dict, task: Task | None, *, card: str | None = None) -> Path:
+def save_adapter(
+    folder: str | Path, prompt: Tensor, config: dict, task: Task | None, *, card: str | None = None
+) -> Path:
     """Write an adapter folder; each file is replaced atomically (a kill never leaves a torn file)."""
     from safetensors.torch import save
 
@@ -120,14 +130,22 @@ def _resolve_folder(path: str) -> Path:
     if p.is_dir():
         return p
     if p.exists():
-        raise SoftpromptError(f"{path} is a file; give the adapter's folder (holding {CONFIG_NAME})")
+        raise SoftpromptError(
+            f"{path} is a file; give the adapter's folder (holding {CONFIG_NAME})"
+        )
     if path.count("/") == 1 and not path.startswith((".", "/", "~")):
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(path, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, TASK_NAME, "README.md"]))
+            return Path(
+                snapshot_download(
+                    path, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, TASK_NAME, "README.md"]
+                )
+            )
         except Exception as e:  # noqa: BLE001
-            raise SoftpromptError(f"adapter {path}: not a local folder, and the Hub download failed: {e}") from None
+            raise SoftpromptError(
+                f"adapter {path}: not a local folder, and the Hub download failed: {first_line(e)}"
+            ) from None
     raise SoftpromptError(f"adapter folder {path} not found")
 
 
@@ -139,7 +157,9 @@ def load_adapter(path: str | Path) -> Adapter:
     folder = _resolve_folder(str(path))
     conf_path = folder / CONFIG_NAME
     if not conf_path.is_file():
-        raise SoftpromptError(f"{folder}: no {CONFIG_NAME}; this is not an adapter folder (train one with `softprompt train`)")
+        raise SoftpromptError(
+            f"{folder}: no {CONFIG_NAME}; this is not an adapter folder (train one with `softprompt train`)"
+        )
     try:
         config = json.loads(conf_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -151,7 +171,9 @@ def load_adapter(path: str | Path) -> Adapter:
             "(use PEFT itself for LoRA and other types)"
         )
     if config.get("task_type") not in (None, "CAUSAL_LM"):
-        raise SoftpromptError(f"{folder}: task_type is {config.get('task_type')!r}; softprompt serves CAUSAL_LM prompts")
+        raise SoftpromptError(
+            f"{folder}: task_type is {config.get('task_type')!r}; softprompt serves CAUSAL_LM prompts"
+        )
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         if (folder / PICKLE_NAME).is_file():
@@ -164,15 +186,25 @@ def load_adapter(path: str | Path) -> Adapter:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise SoftpromptError(f"{weights}: corrupt or truncated safetensors file ({e})") from None
-    key = WEIGHT_KEY if WEIGHT_KEY in tensors else next((k for k in tensors if k.endswith(WEIGHT_KEY)), None)
+    key = (
+        WEIGHT_KEY
+        if WEIGHT_KEY in tensors
+        else next((k for k in tensors if k.endswith(WEIGHT_KEY)), None)
+    )
     if key is None:
         raise SoftpromptError(f"{weights}: no tensor named {WEIGHT_KEY!r} (found {list(tensors)})")
     prompt = tensors[key].float()
     n = config.get("num_virtual_tokens")
-    if prompt.dim() != 2 or (n is not None and prompt.shape[0] != n * config.get("num_transformer_submodules", 1)):
-        raise SoftpromptError(f"{weights}: prompt shape {tuple(prompt.shape)} does not match num_virtual_tokens={n}")
+    if prompt.dim() != 2 or (
+        n is not None and prompt.shape[0] != n * config.get("num_transformer_submodules", 1)
+    ):
+        raise SoftpromptError(
+            f"{weights}: prompt shape {tuple(prompt.shape)} does not match num_virtual_tokens={n}"
+        )
     if not torch.isfinite(prompt).all():
-        raise SoftpromptError(f"{weights}: the prompt holds NaN or infinite values; the adapter is unusable")
+        raise SoftpromptError(
+            f"{weights}: the prompt holds NaN or infinite values; the adapter is unusable"
+        )
     task = None
     base = config.get("base_model_name_or_path")
     task_path = folder / TASK_NAME
@@ -180,7 +212,9 @@ def load_adapter(path: str | Path) -> Adapter:
         try:
             data = json.loads(task_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SoftpromptError(f"{task_path}: not valid JSON ({e}); the file is corrupt") from None
+            raise SoftpromptError(
+                f"{task_path}: not valid JSON ({e}); the file is corrupt"
+            ) from None
         task = Task.from_dict(data)
         base = task.extra.get("base_model", base)
     return Adapter(prompt=prompt, config=config, task=task, path=str(folder), base_model=base)
@@ -198,7 +232,9 @@ def check_fits(adapter: Adapter, model) -> None:
         )
 
 
-def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
+def push_to_hub(
+    folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None
+) -> str:
     """Upload a run folder's adapter (not its checkpoints) to the Hub. Returns the repo URL."""
     from huggingface_hub import HfApi
 
@@ -214,5 +250,7 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, toke
             commit_message="Upload soft prompt (softprompt)",
         )
     except Exception as e:  # noqa: BLE001 - network, auth, permissions
-        raise SoftpromptError(f"push to {repo_id} failed: {e} (log in with `hf auth login` or set HF_TOKEN)") from None
+        raise SoftpromptError(
+            f"push to {repo_id} failed: {first_line(e)} (log in with `hf auth login` or set HF_TOKEN)"
+        ) from None
     return str(url)

@@ -1,9 +1,9 @@
 """The `softprompt` command: a thin map from subcommands to library functions.
 
-    softprompt train   --data train.csv --text-column "Tweet text" --label-column Label --out runs/c
-    softprompt eval    runs/c --data dev.csv
-    softprompt predict runs/c "some text"       |  --data new.csv --output preds.csv
-    softprompt push    runs/c user/repo
+softprompt train   --data train.csv --text-column "Tweet text" --label-column Label --out runs/c
+softprompt eval    runs/c --data dev.csv
+softprompt predict runs/c "some text"       |  --data new.csv --output preds.csv
+softprompt push    runs/c user/repo
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ def _field_docs(cls) -> dict[str, str]:
     body = tree.body[0].body
     docs = {}
     for a, b in zip(body, body[1:], strict=False):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None), ast.Constant):
+        if (
+            isinstance(a, ast.AnnAssign)
+            and isinstance(b, ast.Expr)
+            and isinstance(getattr(b, "value", None), ast.Constant)
+        ):
             docs[a.target.id] = str(b.value.value)
     return docs
 
@@ -47,36 +51,62 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         kind = {"int": int, "float": float}.get(str(f.type), str)
         default = None if f.default is dataclasses.MISSING else f.default
         req = f.default is dataclasses.MISSING
-        p.add_argument(flag, type=kind, default=default, required=req, help=f"{help_} [default: {default}]" if not req else help_)
+        p.add_argument(
+            flag,
+            type=kind,
+            default=default,
+            required=req,
+            help=f"{help_} [default: {default}]" if not req else help_,
+        )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _adapter_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", help="run/adapter folder (ours or PEFT's) or Hub repo id")
-    p.add_argument("--model", default=None, help="base model (default: the one recorded in the adapter)")
-    p.add_argument("--labels", default=None, help="comma-separated label names (for PEFT adapters without softprompt.json)")
+    p.add_argument(
+        "--model", default=None, help="base model (default: the one recorded in the adapter)"
+    )
+    p.add_argument(
+        "--labels",
+        default=None,
+        help="comma-separated label names (for PEFT adapters without softprompt.json)",
+    )
     p.add_argument("--template", default=None, help="override the input template")
-    p.add_argument("--text-column", default=None, help="column with the text (default: the one used in training)")
+    p.add_argument(
+        "--text-column",
+        default=None,
+        help="column with the text (default: the one used in training)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--generate", action="store_true", help="free generation instead of label scoring")
+    p.add_argument(
+        "--generate", action="store_true", help="free generation instead of label scoring"
+    )
     p.add_argument("--max-new-tokens", type=int, default=6)
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    parser = argparse.ArgumentParser(prog="softprompt", description="Prompt tuning for frozen causal language models.")
+    parser = argparse.ArgumentParser(
+        prog="softprompt", description="Prompt tuning for frozen causal language models."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a soft prompt; the --out folder becomes an adapter")
     _add_train_flags(t)
 
-    e = sub.add_parser("eval", help="accuracy, macro-F1 and confusion matrix on labeled data (JSON)")
+    e = sub.add_parser(
+        "eval", help="accuracy, macro-F1 and confusion matrix on labeled data (JSON)"
+    )
     _adapter_flags(e)
     e.add_argument("--data", required=True, help="labeled data: file or Hub dataset id")
-    e.add_argument("--label-column", default=None, help="column with the gold label (default: the training one)")
+    e.add_argument(
+        "--label-column",
+        default=None,
+        help="column with the gold label (default: the training one)",
+    )
     e.add_argument("--subset", default=None)
     e.add_argument("--split", default="test")
     e.add_argument("--output", default=None, help="also write the metrics JSON to this file")
@@ -88,21 +118,31 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     pr.add_argument("--data", default=None, help="file or Hub dataset id with a text column")
     pr.add_argument("--subset", default=None)
     pr.add_argument("--split", default="test")
-    pr.add_argument("--output", default=None, help="write predictions to .csv or .jsonl (default: print JSON lines)")
+    pr.add_argument(
+        "--output",
+        default=None,
+        help="write predictions to .csv or .jsonl (default: print JSON lines)",
+    )
     pr.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 
     pu = sub.add_parser("push", help="upload a run folder's adapter to the Hugging Face Hub")
     pu.add_argument("adapter", help="run folder")
     pu.add_argument("repo_id", help="e.g. your-name/smollm2-complaints")
     pu.add_argument("--private", action="store_true")
-    pu.add_argument("--token", default=None, help="Hub token (default: the logged-in one or HF_TOKEN)")
+    pu.add_argument(
+        "--token", default=None, help="Hub token (default: the logged-in one or HF_TOKEN)"
+    )
     return parser, {"train": t, "eval": e, "predict": pr, "push": pu}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
-    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    kwargs = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if hasattr(args, f.name)
+    }
     result = train(TrainConfig(**kwargs, progress=not args.no_progress))
     best = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.best.items()}
     print(f"best prompt (epoch {best['epoch']}) saved in {result.out}: {json.dumps(best)}")
@@ -114,8 +154,14 @@ def _load(args):
 
     labels = [s.strip() for s in args.labels.split(",") if s.strip()] if args.labels else None
     return SoftPrompt.load(
-        args.adapter, base_model=args.model, dtype=args.dtype, device=args.device, labels=labels,
-        template=args.template, text_column=args.text_column, trust_remote_code=args.trust_remote_code,
+        args.adapter,
+        base_model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        labels=labels,
+        template=args.template,
+        text_column=args.text_column,
+        trust_remote_code=args.trust_remote_code,
     )
 
 
@@ -125,7 +171,9 @@ def _check_output(path: str | None, overwrite: bool) -> None:
     if Path(path).suffix.lower() not in (".csv", ".jsonl", ".json"):
         raise SoftpromptError(f"--output {path}: use a .csv or .jsonl file name")
     if Path(path).exists() and not overwrite:
-        raise SoftpromptError(f"--output {path} already exists; pass --overwrite to replace it, or choose another name")
+        raise SoftpromptError(
+            f"--output {path} already exists; pass --overwrite to replace it, or choose another name"
+        )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -136,11 +184,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     sp = _load(args)
     sp._need_labels()
     label_col = args.label_column or sp.task.label_column or "label"
-    table = load_table(args.data, sp.task.text_column, label_col, subset=args.subset, split=args.split)
+    table = load_table(
+        args.data, sp.task.text_column, label_col, subset=args.subset, split=args.split
+    )
     check_labels(table, sp.task.label_names, "--data")
     m = sp.evaluate(
-        table.texts, table.labels, generate=args.generate, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, progress=not args.no_progress,
+        table.texts,
+        table.labels,
+        generate=args.generate,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
     )
     print(json.dumps(m, indent=2))
     if args.output:
@@ -157,14 +211,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
     sp = _load(args)
     texts = list(args.texts)
     if args.data:
-        texts += load_table(args.data, sp.task.text_column, None, subset=args.subset, split=args.split, need_labels=False).texts
+        texts += load_table(
+            args.data,
+            sp.task.text_column,
+            None,
+            subset=args.subset,
+            split=args.split,
+            need_labels=False,
+        ).texts
     progress = not args.no_progress and len(texts) > args.batch_size
     if args.generate:
-        outs = sp.generate(texts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=progress)
+        outs = sp.generate(
+            texts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=progress
+        )
         rows = [{"text": t, "generated": o} for t, o in zip(texts, outs, strict=True)]
     else:
         preds = sp.classify(texts, batch_size=args.batch_size, progress=progress)
-        rows = [{"text": t, "label": p["label"], **{f"p({k})": round(v, 6) for k, v in p["probabilities"].items()}} for t, p in zip(texts, preds, strict=True)]
+        rows = [
+            {
+                "text": t,
+                "label": p["label"],
+                **{f"p({k})": round(v, 6) for k, v in p["probabilities"].items()},
+            }
+            for t, p in zip(texts, preds, strict=True)
+        ]
     if args.output:
         _write_rows(Path(args.output), rows)
         print(f"wrote {len(rows)} predictions to {args.output}")
@@ -201,6 +271,12 @@ def cmd_push(args: argparse.Namespace) -> int:
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "push": cmd_push}
 
 
+def _quiet_loading() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, subs = build_parser()
@@ -209,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     # options and texts may come in any order: `predict RUN --generate "text"`
     args = subs[argv[0]].parse_intermixed_args(argv[1:])
     args.command = argv[0]
+    if getattr(args, "no_progress", False):
+        _quiet_loading()
     try:
         return COMMANDS[args.command](args)
     except SoftpromptError as e:

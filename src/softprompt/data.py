@@ -11,12 +11,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import SoftpromptError
+from .errors import SoftpromptError, first_line
 
 DEFAULT_TEMPLATE = "{text_column} : {text} Label : "
 """The guide's template. `{text}` is the row's text, `{text_column}` the column's name."""
 
-LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+LOCAL_FORMATS = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+}
 
 
 @dataclass
@@ -40,7 +46,11 @@ class Task:
 
     @classmethod
     def from_dict(cls, d: dict) -> Task:
-        known = {k: d[k] for k in ("text_column", "label_names", "label_column", "template", "max_length") if k in d}
+        known = {
+            k: d[k]
+            for k in ("text_column", "label_names", "label_column", "template", "max_length")
+            if k in d
+        }
         if "text_column" not in known:
             raise SoftpromptError("softprompt.json has no 'text_column'; the file is damaged")
         extra = dict(d.get("extra") or {})
@@ -98,27 +108,35 @@ def load_table(
             raise SoftpromptError(f"{flag} {source}: file not found")
         fmt = LOCAL_FORMATS.get(suffix)
         if fmt is None:
-            raise SoftpromptError(f"{flag} {source}: unknown file type {suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet")
+            raise SoftpromptError(
+                f"{flag} {source}: unknown file type {suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet"
+            )
         try:
             if fmt == "csv":  # every cell a string: "0123" stays "0123", an empty cell stays ""
                 import pandas as pd
 
-                frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+                frame = pd.read_csv(
+                    path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False
+                )
                 ds = datasets.Dataset.from_pandas(frame, preserve_index=False)
             else:
                 ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
         except Exception as e:  # noqa: BLE001 - parsers raise many types; report the file
-            raise SoftpromptError(f"{flag} {source}: could not read as {suffix[1:]}: {_first_line(e)}") from None
+            raise SoftpromptError(
+                f"{flag} {source}: could not read as {suffix[1:]}: {first_line(e)}"
+            ) from None
     else:
         try:
             ds = datasets.load_dataset(source, subset, split=split)
         except Exception as e:  # noqa: BLE001
             raise SoftpromptError(
                 f"{flag} {source}: not a local file, and loading it from the Hugging Face Hub failed "
-                f"(subset={subset!r}, split={split!r}): {_first_line(e)}"
+                f"(subset={subset!r}, split={split!r}): {first_line(e)}"
             ) from None
     columns = list(ds.column_names)
-    wanted = [("--text-column", text_column)] + ([("--label-column", label_column)] if label_column and need_labels else [])
+    wanted = [("--text-column", text_column)] + (
+        [("--label-column", label_column)] if label_column and need_labels else []
+    )
     for col_flag, col in wanted:
         if col not in columns:
             raise SoftpromptError(
@@ -145,11 +163,6 @@ def load_table(
                 "fill them or drop those rows"
             )
     return Table(source=source, texts=texts, labels=labels, columns=columns, label_order=order)
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 def label_set(table: Table) -> list[str]:
@@ -216,7 +229,9 @@ class Encoded:
         return len(self.input_ids) + len(self.label_ids)
 
 
-def encode_rows(tokenizer, task: Task, texts: Sequence[str], labels: Sequence[str]) -> list[Encoded]:
+def encode_rows(
+    tokenizer, task: Task, texts: Sequence[str], labels: Sequence[str]
+) -> list[Encoded]:
     """Tokenise rows for training; the label is never cut (the input text is)."""
     out = []
     for text, label in zip(texts, labels, strict=True):
@@ -259,7 +274,9 @@ def collate_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Te
     return ids, mask
 
 
-def stratified_split(labels: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def stratified_split(
+    labels: Sequence[str], fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
     """Seeded (train_idx, eval_idx) holding out `fraction` of each class (at least one row of a
     class with 2+ rows)."""
     rng = random.Random(seed)
@@ -270,19 +287,26 @@ def stratified_split(labels: Sequence[str], fraction: float, seed: int) -> tuple
         k = round(len(idx) * fraction)
         if fraction > 0 and k == 0 and len(idx) > 1:
             k = 1
+        k = min(k, len(idx) - 1)  # never hold out a whole class
         held += idx[:k]
         train += idx[k:]
     return sorted(train), sorted(held)
 
 
-def batch_order(lengths: Sequence[int], batch_size: int, rng: random.Random, group_by_length: bool = True) -> list[list[int]]:
+def batch_order(
+    lengths: Sequence[int], batch_size: int, rng: random.Random, group_by_length: bool = True
+) -> list[list[int]]:
     """Shuffled batches of row indices. With group_by_length, rows are sorted by length inside
     shuffled windows of 50 batches, so a batch pads little while the order stays random."""
     idx = list(range(len(lengths)))
     rng.shuffle(idx)
     if group_by_length:
         window = batch_size * 50
-        idx = [i for s in range(0, len(idx), window) for i in sorted(idx[s : s + window], key=lambda j: lengths[j])]
+        idx = [
+            i
+            for s in range(0, len(idx), window)
+            for i in sorted(idx[s : s + window], key=lambda j: lengths[j])
+        ]
     batches = [idx[s : s + batch_size] for s in range(0, len(idx), batch_size)]
     rng.shuffle(batches)
     return batches

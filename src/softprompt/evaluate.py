@@ -45,7 +45,9 @@ def label_probabilities(
     return out
 
 
-def classify(model, tokenizer, prompt: Tensor, task: Task, texts: Sequence[str], **kw) -> tuple[list[str], Tensor]:
+def classify(
+    model, tokenizer, prompt: Tensor, task: Task, texts: Sequence[str], **kw
+) -> tuple[list[str], Tensor]:
     """(predicted label names, probabilities [N, L])."""
     probs = label_probabilities(model, tokenizer, prompt, task, texts, **kw)
     return [task.label_names[i] for i in probs.argmax(-1).tolist()], probs
@@ -73,7 +75,12 @@ def generate_texts(
     for idx in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
         ids, mask = collate_left([seqs[i] for i in idx], tokenizer.pad_token_id)
         new = generate(
-            model, kv, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id
+            model,
+            kv,
+            ids.to(device),
+            mask.to(device),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
         )
         for i, toks in zip(idx, new, strict=True):
             out[i] = tokenizer.decode(toks, skip_special_tokens=True).strip()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import SoftpromptError
+from .errors import SoftpromptError, first_line
 
 KV = tuple[tuple[Tensor, Tensor], ...]
 """A prompt's keys/values: per layer (k, v), each [N, heads, P, head_dim]."""
@@ -62,16 +62,17 @@ def load_base(
     source = str(default_model_dir()) if is_default_model(name) else name
     looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
     if looks_local and not Path(source).expanduser().is_dir():
-        raise SoftpromptError(f"--model {name}: no such folder; pass a Hugging Face model id or a local model folder")
+        raise SoftpromptError(
+            f"--model {name}: no such folder; pass a Hugging Face model id or a local model folder"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SoftpromptError(
-            f"could not load model {name!r}: {first} (check the id or folder, your network, "
+            f"could not load model {name!r}: {first_line(e)} (check the id or folder, your network, "
             "or pass --trust-remote-code for models with custom code)"
         ) from e
     if tokenizer.pad_token_id is None:
@@ -185,7 +186,9 @@ def run_after_prefix(
     return out.last_hidden_state, (_out_cache(out) if use_cache else None)
 
 
-def label_loss(model, prompt: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+def label_loss(
+    model, prompt: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
+) -> Tensor:
     """Mean cross-entropy over label tokens (labels [B, T], -100 elsewhere), shared-prefix path.
 
     The prompt [P, H] runs once; the LM head is applied only where a label token is predicted.
@@ -199,12 +202,16 @@ def label_loss(model, prompt: Tensor, input_ids: Tensor, attention_mask: Tensor,
     return F.cross_entropy(logits.float(), target[keep])
 
 
-def reference_loss(model, prompt: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+def reference_loss(
+    model, prompt: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
+) -> Tensor:
     """The same loss through `concat_forward` (full logits everywhere)."""
     P = prompt.shape[-2]
     logits = concat_forward(model, prompt, input_ids, attention_mask)[:, P:]
     return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
     )
 
 
@@ -236,7 +243,9 @@ def score_continuations(
     if C > 1:
         cache.batch_repeat_interleave(L)
         P = kv[0][0].shape[2]
-        prev_mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], 1).repeat_interleave(L, 0)
+        prev_mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], 1).repeat_interleave(
+            L, 0
+        )
         ids = cont.repeat(B, 1)  # [B*L, C]
         mask = cont_mask.repeat(B, 1)
         pos = prev_mask.sum(-1, keepdim=True) + torch.arange(C, device=ids.device)[None]
@@ -294,7 +303,11 @@ def generate(
         pos = mask.sum(-1, keepdim=True)
         mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
         out = decoder(
-            input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **{_cache_kw(decoder): cache}
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            **{_cache_kw(decoder): cache},
         )
         hidden, cache = out.last_hidden_state, _out_cache(out)
     return out_tokens

@@ -26,7 +26,9 @@ class SoftPrompt:
         self.adapter = adapter
         self.model = model
         self.tokenizer = tokenizer
-        self.task = adapter.task or Task(text_column="text", label_names=[], template=DEFAULT_TEMPLATE)
+        self.task = adapter.task or Task(
+            text_column="text", label_names=[], template=DEFAULT_TEMPLATE
+        )
         self.prompt = adapter.prompt.to(model.get_input_embeddings().weight.device)
 
     @classmethod
@@ -48,7 +50,9 @@ class SoftPrompt:
         adapter = load_adapter(path)
         if model is None:
             name = base_model or adapter.base_model
-            model, tokenizer, _ = load_base(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            model, tokenizer, _ = load_base(
+                name, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+            )
         task = adapter.task or Task(text_column=text_column or "text", label_names=[])
         changes = {}
         if labels:
@@ -67,30 +71,66 @@ class SoftPrompt:
                 "(e.g. --labels 'complaint,no complaint') or use --generate"
             )
 
-    def classify(self, texts: Sequence[str], *, batch_size: int = 32, progress: bool = False) -> list[dict]:
+    def classify(
+        self, texts: Sequence[str], *, batch_size: int = 32, progress: bool = False
+    ) -> list[dict]:
         """Score every label after each text: [{'label', 'probabilities': {label: p}}]."""
         self._need_labels()
-        pred, probs = classify(self.model, self.tokenizer, self.prompt, self.task, texts, batch_size=batch_size, progress=progress)
+        pred, probs = classify(
+            self.model,
+            self.tokenizer,
+            self.prompt,
+            self.task,
+            texts,
+            batch_size=batch_size,
+            progress=progress,
+        )
         names = self.task.label_names
-        return [{"label": p, "probabilities": dict(zip(names, row.tolist(), strict=True))} for p, row in zip(pred, probs, strict=True)]
+        return [
+            {"label": p, "probabilities": dict(zip(names, row.tolist(), strict=True))}
+            for p, row in zip(pred, probs, strict=True)
+        ]
 
-    def generate(self, texts: Sequence[str], *, max_new_tokens: int = 6, batch_size: int = 16, progress: bool = False) -> list[str]:
+    def generate(
+        self,
+        texts: Sequence[str],
+        *,
+        max_new_tokens: int = 6,
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> list[str]:
         """Free generation after each text (greedy), as in the PEFT guide."""
         return generate_texts(
-            self.model, self.tokenizer, self.prompt, self.task, texts,
-            max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+            self.model,
+            self.tokenizer,
+            self.prompt,
+            self.task,
+            texts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
         )
 
     def evaluate(
-        self, texts: Sequence[str], gold: Sequence[str], *, generate: bool = False, max_new_tokens: int = 6,
-        batch_size: int = 32, progress: bool = False,
+        self,
+        texts: Sequence[str],
+        gold: Sequence[str],
+        *,
+        generate: bool = False,
+        max_new_tokens: int = 6,
+        batch_size: int = 32,
+        progress: bool = False,
     ) -> dict:
         """accuracy, macro_f1, per_class, confusion_matrix (and invalid outputs for generation)."""
         self._need_labels()
         if generate:
-            pred = self.generate(texts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+            pred = self.generate(
+                texts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+            )
         else:
-            pred = [r["label"] for r in self.classify(texts, batch_size=batch_size, progress=progress)]
+            pred = [
+                r["label"] for r in self.classify(texts, batch_size=batch_size, progress=progress)
+            ]
         m = metrics(gold, pred, self.task.label_names)
         m["method"] = "generation" if generate else "label_scoring"
         return m

@@ -25,7 +25,9 @@ def text_token_ids(tokenizer, text: str, num_virtual_tokens: int) -> list[int]:
     """The init text's token ids cut or repeated to num_virtual_tokens, exactly as PEFT does."""
     ids = tokenizer(text)["input_ids"]
     if not ids:
-        raise SoftpromptError("--init-text is empty after tokenisation; give some words or use --init random")
+        raise SoftpromptError(
+            "--init-text is empty after tokenisation; give some words or use --init random"
+        )
     reps = math.ceil(num_virtual_tokens / len(ids))
     return (ids * reps)[:num_virtual_tokens]
 
@@ -55,7 +57,9 @@ def init_prompt(
         return emb[ids.to(emb.device)].float().clone()
     if method == "labels":
         if not label_names:
-            raise SoftpromptError("--init labels needs the class labels; none were found in the data")
+            raise SoftpromptError(
+                "--init labels needs the class labels; none were found in the data"
+            )
         rows = []
         for name in label_names[:num_virtual_tokens]:
             ids = tokenizer(name, add_special_tokens=False)["input_ids"]

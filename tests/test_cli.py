@@ -1,0 +1,513 @@
+"""End to end through `softprompt.cli.main` on the tiny Llama (in-process, no network)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from softprompt.cli import main
+
+RUN_FILES = [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "softprompt.json",
+    "README.md",
+    "metrics.jsonl",
+    "train_config.json",
+    "last/adapter_model.safetensors",
+]
+METRIC_KEYS = {"train_loss", "eval_loss", "eval_ppl", "eval_accuracy", "eval_macro_f1"}
+LABELS = ["complaint", "no complaint"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model is far faster on one thread (and does not fight other processes for cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def train_args(data: Path, model_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--data", str(data), "--text-column", "Tweet text", "--label-column", "Label",
+        "--model", str(model_dir), "--epochs", "2", "--batch-size", "8", "--no-progress",
+        "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(one_thread, tmp_path_factory, tiny_model_dir, demo_train):
+    """One run, trained once for the whole module: (exit code, stdout, run folder)."""
+    out = tmp_path_factory.mktemp("runs") / "complaints"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(train_args(demo_train, tiny_model_dir, out))
+    return rc, buf.getvalue(), out
+
+
+@pytest.fixture
+def run_dir(trained) -> Path:
+    rc, _, out = trained
+    assert rc == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(run_dir, tmp_path) -> Path:
+    """A private copy of the run that a test may damage."""
+    return Path(shutil.copytree(run_dir, tmp_path / "copy"))
+
+
+def prompt_of(folder: Path) -> torch.Tensor:
+    return load_file(str(folder / "adapter_model.safetensors"))["prompt_embeddings"]
+
+
+def csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def cli_error(capsys, argv: list[str], *fragments: str) -> str:
+    """Run argv, expect exit 2 with one 'softprompt: error: ...' line and no traceback."""
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    # ignore transformers' weight-loading bar (see test_no_progress_hides_loading_bar)
+    lines = [ln for ln in err.splitlines() if ln.strip() and "Loading weights" not in ln]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("softprompt: error: "), err
+    for frag in fragments:
+        assert frag in lines[0], lines[0]
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- train
+
+
+def test_train_writes_a_run_folder(trained):
+    rc, stdout, out = trained
+    assert rc == 0
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    for epoch, line in enumerate(lines, 1):
+        rec = json.loads(line)
+        assert rec["epoch"] == epoch
+        assert METRIC_KEYS <= set(rec)
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["peft_type"] == "PROMPT_TUNING" and conf["task_type"] == "CAUSAL_LM"
+    assert conf["num_virtual_tokens"] == 8 and conf["token_dim"] == 32
+    assert prompt_of(out).shape == (8, 32)
+    assert prompt_of(out / "last").shape == (8, 32)
+    task = json.loads((out / "softprompt.json").read_text())
+    assert task["label_names"] == LABELS
+    assert task["text_column"] == "Tweet text" and task["label_column"] == "Label"
+    assert json.loads((out / "train_config.json").read_text())["epochs"] == 2
+    assert (out / "README.md").read_text().startswith("---\nlibrary_name: peft\n")
+    assert "trainable params: 256 || all params: " in stdout
+    assert "|| trainable%:" in stdout
+    assert "best prompt (epoch" in stdout
+
+
+def test_same_seed_is_bit_identical(run_dir, tmp_path, tiny_model_dir, demo_train, capsys):
+    assert main(train_args(demo_train, tiny_model_dir, tmp_path / "again")) == 0
+    assert torch.equal(prompt_of(tmp_path / "again"), prompt_of(run_dir))
+    assert torch.equal(prompt_of(tmp_path / "again" / "last"), prompt_of(run_dir / "last"))
+
+
+def test_existing_run_needs_overwrite(run_copy, tiny_model_dir, demo_train, capsys):
+    before = prompt_of(run_copy)
+    cli_error(
+        capsys,
+        train_args(demo_train, tiny_model_dir, run_copy),
+        "already holds a run",
+        "--overwrite",
+    )
+    assert torch.equal(prompt_of(run_copy), before)
+    assert main(train_args(demo_train, tiny_model_dir, run_copy, "--overwrite", "--seed", "7")) == 0
+    assert not torch.equal(prompt_of(run_copy), before)  # replaced by the new (seed 7) run
+    # the old run was removed, not appended to
+    assert len((run_copy / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_non_run_folder_is_never_replaced(tmp_path, tiny_model_dir, demo_train, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    for extra in ([], ["--overwrite"]):
+        cli_error(
+            capsys, train_args(demo_train, tiny_model_dir, out, *extra), "not a softprompt run"
+        )
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+def test_other_adapter_folder_is_never_replaced(tmp_path, tiny_model_dir, demo_train, capsys):
+    out = tmp_path / "my-lora"
+    out.mkdir()
+    (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    (out / "notes.txt").write_text("precious")
+    rc = main(train_args(demo_train, tiny_model_dir, out, "--overwrite"))
+    assert rc == 2
+    assert (out / "notes.txt").read_text() == "precious"
+
+
+def test_out_is_a_file(tmp_path, tiny_model_dir, demo_train, capsys):
+    out = tmp_path / "file"
+    out.write_text("x")
+    cli_error(capsys, train_args(demo_train, tiny_model_dir, out), "is a file")
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def test_eval_prints_metrics(run_dir, demo_test, tmp_path, capsys):
+    n_rows = len(csv_rows(demo_test))
+    out_json = tmp_path / "m.json"
+    capsys.readouterr()
+    rc = main(
+        ["eval", str(run_dir), "--data", str(demo_test), "--no-progress", "--output", str(out_json)]
+    )
+    assert rc == 0
+    m = json.loads(capsys.readouterr().out)
+    assert {"accuracy", "macro_f1", "per_class", "confusion_matrix"} <= set(m)
+    assert set(m["per_class"]) == set(LABELS)
+    assert m["confusion_matrix"]["labels"] == LABELS
+    assert sum(map(sum, m["confusion_matrix"]["matrix"])) == n_rows == m["n"]
+    assert m["invalid"] == 0 and m["method"] == "label_scoring"
+    assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1
+    assert json.loads(out_json.read_text()) == m
+
+
+def test_eval_generate(run_dir, demo_test, tiny_model_dir, capsys):
+    n_rows = len(csv_rows(demo_test))
+    capsys.readouterr()
+    argv = [
+        "eval",
+        str(run_dir),
+        "--data",
+        str(demo_test),
+        "--model",
+        str(tiny_model_dir),
+        "--generate",
+    ]
+    assert main([*argv, "--no-progress", "--max-new-tokens", "3"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["method"] == "generation"
+    assert "invalid" in m
+    assert sum(map(sum, m["confusion_matrix"]["matrix"])) + m["invalid"] == n_rows
+
+
+def test_eval_label_not_in_training_labels(run_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Tweet text,Label\nfine,complaint\nhmm,maybe\n")
+    cli_error(
+        capsys,
+        ["eval", str(run_dir), "--data", str(bad), "--no-progress"],
+        "row 1",
+        "'maybe'",
+        str(bad),
+    )
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def test_predict_inline_texts(run_dir, capsys):
+    texts = ["my train is late again", "lovely weather today", "ünïcode ☕ text"]
+    capsys.readouterr()
+    # no --model: the base model recorded in the run is used; options may follow the texts
+    assert main(["predict", str(run_dir), *texts, "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(texts)
+    for text, line in zip(texts, lines, strict=True):
+        row = json.loads(line)
+        assert row["text"] == text
+        assert row["label"] in LABELS
+        probs = [row[f"p({lab})"] for lab in LABELS]
+        assert sum(probs) == pytest.approx(1, abs=1e-5)
+        assert row["label"] == LABELS[probs.index(max(probs))]
+
+
+def test_predict_generate(run_dir, capsys):
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "predict",
+                str(run_dir),
+                "--generate",
+                "some text",
+                "--max-new-tokens",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    (line,) = capsys.readouterr().out.splitlines()
+    assert set(json.loads(line)) == {"text", "generated"}
+
+
+def test_predict_file_to_csv_and_jsonl(run_dir, demo_test, tmp_path, capsys):
+    texts = [r["Tweet text"] for r in csv_rows(demo_test)]
+    out = tmp_path / "preds.csv"
+    base = ["predict", str(run_dir), "--data", str(demo_test), "--no-progress"]
+    assert main([*base, "--output", str(out)]) == 0
+    rows = csv_rows(out)
+    assert [r["text"] for r in rows] == texts
+    assert all(r["label"] in LABELS for r in rows)
+    assert list(rows[0]) == ["text", "label", "p(complaint)", "p(no complaint)"]
+    for r in rows:
+        assert float(r["p(complaint)"]) + float(r["p(no complaint)"]) == pytest.approx(1, abs=1e-5)
+
+    before = out.read_bytes()
+    cli_error(capsys, [*base, "--output", str(out)], "already exists", "--overwrite")
+    assert out.read_bytes() == before
+    assert main([*base, "--output", str(out), "--overwrite"]) == 0
+
+    out_jsonl = tmp_path / "preds.jsonl"
+    assert main([*base, "--output", str(out_jsonl)]) == 0
+    recs = [json.loads(line) for line in out_jsonl.read_text(encoding="utf-8").splitlines()]
+    assert [r["text"] for r in recs] == texts
+    assert all(r["label"] in LABELS for r in recs)
+
+
+def test_predict_needs_texts(run_dir, capsys):
+    cli_error(capsys, ["predict", str(run_dir)], "give texts")
+
+
+def test_predict_bad_output_name(run_dir, tmp_path, capsys):
+    cli_error(
+        capsys,
+        ["predict", str(run_dir), "x", "--output", str(tmp_path / "p.txt")],
+        ".csv or .jsonl",
+    )
+
+
+def test_no_progress_hides_loading_bar(run_dir, capsys):
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # as in a fresh `softprompt` process
+    try:
+        capsys.readouterr()
+        assert main(["predict", str(run_dir), "hello", "--no-progress"]) == 0
+        assert capsys.readouterr().err == ""
+    finally:
+        if not was_enabled:
+            hf_logging.disable_progress_bar()
+
+
+# --------------------------------------------------------------------------- help and push
+
+
+def test_module_help():
+    r = subprocess.run(
+        [sys.executable, "-m", "softprompt.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "train" in r.stdout and "predict" in r.stdout and "push" in r.stdout
+
+
+def test_train_help_lists_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in (
+        "--data",
+        "--text-column",
+        "--eval-fraction",
+        "--max-length",
+        "--overwrite",
+        "--no-progress",
+    ):
+        assert flag in out
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub
+
+    calls: dict[str, list] = {"create_repo": [], "upload_folder": []}
+
+    def create_repo(self, repo_id, **kw):
+        calls["create_repo"].append({"repo_id": repo_id, **kw})
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, **kw):
+        calls["upload_folder"].append(kw)
+        return "commit"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def test_push(run_dir, fake_hub, capsys):
+    from huggingface_hub.utils import filter_repo_objects
+
+    capsys.readouterr()
+    assert main(["push", str(run_dir), "me/my-prompt", "--private"]) == 0
+    assert "https://huggingface.co/me/my-prompt" in capsys.readouterr().out
+    (create,) = fake_hub["create_repo"]
+    assert create["repo_id"] == "me/my-prompt" and create["private"] is True
+    (up,) = fake_hub["upload_folder"]
+    assert up["repo_id"] == "me/my-prompt"
+    assert Path(up["folder_path"]) == run_dir
+    ignore = up["ignore_patterns"]
+    assert "last/**" in ignore and any(p.startswith("checkpoint") for p in ignore)
+    files = [p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()]
+    uploaded = set(
+        filter_repo_objects(files, allow_patterns=up.get("allow_patterns"), ignore_patterns=ignore)
+    )
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "softprompt.json",
+        "README.md",
+    } <= uploaded
+    assert not any(f.startswith("last/") for f in uploaded)
+
+
+def test_push_refuses_a_broken_adapter(run_copy, fake_hub, capsys):
+    (run_copy / "adapter_model.safetensors").unlink()
+    cli_error(capsys, ["push", str(run_copy), "me/my-prompt"], "is missing")
+    assert fake_hub["upload_folder"] == []
+
+
+def test_push_failure_is_one_line(run_dir, monkeypatch, capsys):
+    import huggingface_hub
+
+    def create_repo(self, repo_id, **kw):
+        raise RuntimeError(
+            "401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create\n\nInvalid credentials"
+        )
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    cli_error(capsys, ["push", str(run_dir), "me/my-prompt"], "push to me/my-prompt failed", "401")
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+def test_missing_data_file(tmp_path, tiny_model_dir, capsys):
+    missing = tmp_path / "nope.csv"
+    cli_error(
+        capsys, train_args(missing, tiny_model_dir, tmp_path / "out"), str(missing), "not found"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_text_column(tmp_path, tiny_model_dir, demo_train, capsys):
+    argv = train_args(demo_train, tiny_model_dir, tmp_path / "out")
+    argv[argv.index("Tweet text")] = "text"
+    cli_error(
+        capsys, argv, "no column 'text'", "--text-column", "columns found: 'Tweet text', 'Label'"
+    )
+
+
+def test_empty_data_file(tmp_path, tiny_model_dir, capsys):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("Tweet text,Label\n")
+    cli_error(capsys, train_args(empty, tiny_model_dir, tmp_path / "out"), str(empty), "no rows")
+
+
+def test_eval_data_label_not_in_training_labels(tmp_path, tiny_model_dir, demo_train, capsys):
+    bad = tmp_path / "dev.csv"
+    bad.write_text("Tweet text,Label\nok,complaint\nhmm,maybe\n")
+    argv = train_args(demo_train, tiny_model_dir, tmp_path / "out", "--eval-data", str(bad))
+    cli_error(capsys, argv, "--eval-data", "'maybe'")
+
+
+def test_single_label_data(tmp_path, tiny_model_dir, capsys):
+    one = tmp_path / "one.csv"
+    one.write_text("Tweet text,Label\na,complaint\nb,complaint\n")
+    cli_error(capsys, train_args(one, tiny_model_dir, tmp_path / "out"), "at least 2 labels")
+
+
+def test_invalid_settings_reported_together(tmp_path, tiny_model_dir, demo_train, capsys):
+    argv = train_args(demo_train, tiny_model_dir, tmp_path / "out")
+    argv[argv.index("--epochs") + 1] = "0"
+    line = cli_error(
+        capsys, [*argv, "--lr", "-1", "--template", "no placeholder"], "invalid settings"
+    )
+    assert "--epochs must be at least 1 (got 0)" in line
+    assert "--lr must be a positive number (got -1.0)" in line
+    assert "--template" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_length_too_short(tmp_path, tiny_model_dir, demo_train, capsys):
+    argv = train_args(demo_train, tiny_model_dir, tmp_path / "out", "--max-length", "8")
+    cli_error(capsys, argv, "--max-length 8", "raise --max-length")
+
+
+def test_lora_adapter_is_refused(run_copy, capsys):
+    conf = json.loads((run_copy / "adapter_config.json").read_text())
+    conf["peft_type"] = "LORA"
+    (run_copy / "adapter_config.json").write_text(json.dumps(conf))
+    cli_error(
+        capsys, ["predict", str(run_copy), "hello", "--no-progress"], "'LORA'", "PROMPT_TUNING"
+    )
+
+
+def test_truncated_weights_are_reported_corrupt(run_copy, capsys):
+    weights = run_copy / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    cli_error(capsys, ["predict", str(run_copy), "hello"], str(weights), "corrupt")
+
+
+def test_nan_prompt_is_refused(run_copy, capsys):
+    save_file(
+        {"prompt_embeddings": torch.full((8, 32), float("nan"))},
+        str(run_copy / "adapter_model.safetensors"),
+    )
+    cli_error(capsys, ["predict", str(run_copy), "hello"], "NaN")
+
+
+def test_prompt_width_must_match_model(run_copy, tiny_model_dir, capsys):
+    save_file(
+        {"prompt_embeddings": torch.randn(8, 64)}, str(run_copy / "adapter_model.safetensors")
+    )
+    conf = json.loads((run_copy / "adapter_config.json").read_text())
+    conf["token_dim"] = 64
+    (run_copy / "adapter_config.json").write_text(json.dumps(conf))
+    argv = ["predict", str(run_copy), "hello", "--model", str(tiny_model_dir), "--no-progress"]
+    cli_error(capsys, argv, "prompt width 64", "hidden size 32")
+
+
+def test_missing_adapter_folder(tmp_path, capsys):
+    cli_error(capsys, ["predict", str(tmp_path / "no-run"), "hello"], "not found")
+
+
+def test_folder_without_adapter_config(tmp_path, capsys):
+    cli_error(capsys, ["predict", str(tmp_path), "hello"], "adapter_config.json")
+
+
+def test_missing_model_folder(run_dir, tmp_path, capsys):
+    cli_error(
+        capsys,
+        ["predict", str(run_dir), "hi", "--model", str(tmp_path / "no-model")],
+        "no such folder",
+    )

@@ -1,0 +1,191 @@
+"""Numbers against references: PEFT's prompt tuning, and the plain concatenated forward pass."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from softprompt.data import Task, collate_left, collate_train, encode_rows, label_token_ids
+from softprompt.model import (
+    concat_forward,
+    generate,
+    label_loss,
+    prefix_kv,
+    reference_loss,
+    score_continuations,
+)
+from softprompt.prompt import DEFAULT_INIT_TEXT, init_prompt, text_token_ids
+
+TEXTS = [
+    "@ZephyrMobile no signal for three days and nobody answers",
+    "thanks!",
+    "@NorthRailUK the 8:05 was cancelled again, third time this week. Refund please",
+    "ok",
+]
+LABELS = ["complaint", "no complaint", "complaint", "no complaint"]
+
+
+def _batch(tokenizer, max_length=48):
+    task = Task(
+        text_column="Tweet text", label_names=["complaint", "no complaint"], max_length=max_length
+    )
+    rows = encode_rows(tokenizer, task, TEXTS, LABELS)
+    assert len({len(r) for r in rows}) > 1, "rows of different lengths in one batch"
+    return task, collate_train(rows, tokenizer.pad_token_id)
+
+
+def _close(a, b, rel=1e-5):
+    scale = max(a.abs().max().item(), b.abs().max().item(), 1e-8)
+    return (a - b).abs().max().item() / scale <= rel
+
+
+def _peft_model(model, tokenizer, tmp_path, n=6):
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    cfg = PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=n,
+        prompt_tuning_init=PromptTuningInit.TEXT,
+        prompt_tuning_init_text=DEFAULT_INIT_TEXT,
+        tokenizer_name_or_path=str(tmp_path / "tok"),
+    )
+    return get_peft_model(copy.deepcopy(model), cfg)
+
+
+def test_text_init_equals_peft(tiny, tmp_path):
+    model, tok = tiny
+    pm = _peft_model(model, tok, tmp_path, n=20)  # longer than the text: PEFT repeats it
+    ours = init_prompt(model, tok, 20, "text", text=DEFAULT_INIT_TEXT)
+    theirs = pm.prompt_encoder["default"].embedding.weight.detach()
+    assert torch.equal(ours, theirs.float())
+    ids = text_token_ids(tok, DEFAULT_INIT_TEXT, 3)
+    assert ids == tok(DEFAULT_INIT_TEXT)["input_ids"][:3]
+
+
+def test_loss_logits_and_gradient_equal_peft(tiny, tmp_path):
+    model, tok = tiny
+    pm = _peft_model(model, tok, tmp_path)
+    pm.eval()
+    _, b = _batch(tok)
+    peft_prompt = pm.prompt_encoder["default"].embedding.weight
+    out = pm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+    out.loss.backward()
+
+    prompt = peft_prompt.detach().clone().requires_grad_(True)
+    loss = label_loss(model, prompt, **b)
+    loss.backward()
+    assert _close(loss.detach(), out.loss.detach())
+    assert _close(prompt.grad, peft_prompt.grad)
+    with torch.no_grad():
+        logits = concat_forward(model, prompt, b["input_ids"], b["attention_mask"])
+    real = torch.cat(
+        [
+            torch.ones(b["input_ids"].shape[0], prompt.shape[0], dtype=torch.bool),
+            b["attention_mask"].bool(),
+        ],
+        1,
+    )
+    assert _close(logits[real], out.logits.detach()[real])
+
+
+def test_shared_prefix_loss_and_gradient_equal_reference(tiny):
+    model, tok = tiny
+    _, b = _batch(tok)
+    prompt = init_prompt(model, tok, 5, "random", seed=3).requires_grad_(True)
+    fast = label_loss(model, prompt, **b)
+    (g_fast,) = torch.autograd.grad(fast, prompt)
+    ref = reference_loss(model, prompt, **b)
+    (g_ref,) = torch.autograd.grad(ref, prompt)
+    assert _close(fast.detach(), ref.detach())
+    assert _close(g_fast, g_ref)
+    assert g_fast.abs().sum() > 0
+
+
+def _full_label_logprob(model, prompt, ids, label_ids):
+    seq = torch.tensor([ids + label_ids])
+    logits = concat_forward(model, prompt, seq, torch.ones_like(seq))[0, prompt.shape[0] :]
+    logp = torch.log_softmax(logits.float(), -1)
+    start = len(ids)
+    return sum(logp[start - 1 + j, t].item() for j, t in enumerate(label_ids))
+
+
+@torch.no_grad()
+def test_label_scores_equal_full_forward_per_label(tiny):
+    model, tok = tiny
+    prompt = init_prompt(model, tok, 4, "vocab", seed=1)
+    seqs = [tok(f"Tweet text : {t} Label : ")["input_ids"] for t in TEXTS]
+    conts = [label_token_ids(tok, n) for n in ("complaint", "no complaint", "maybe not")]
+    ids, mask = collate_left(seqs, tok.pad_token_id)
+    scores = score_continuations(model, prefix_kv(model, prompt), ids, mask, conts)
+    for i, s in enumerate(seqs):
+        for j, c in enumerate(conts):
+            ref = _full_label_logprob(model, prompt, s, c)
+            assert abs(scores[i, j].item() - ref) <= 1e-4 * max(1.0, abs(ref))
+
+
+@torch.no_grad()
+def test_cached_generation_equals_uncached(tiny):
+    model, tok = tiny
+    prompt = init_prompt(model, tok, 4, "vocab", seed=2)
+    seqs = [tok(t)["input_ids"] for t in TEXTS]
+    ids, mask = collate_left(seqs, tok.pad_token_id)
+    got = generate(model, prefix_kv(model, prompt), ids, mask, max_new_tokens=8, eos_token_id=None)
+    for s, g in zip(seqs, got, strict=True):
+        cur = list(s)
+        ref = []
+        for _ in range(8):
+            x = torch.tensor([cur])
+            nxt = int(concat_forward(model, prompt, x, torch.ones_like(x))[0, -1].argmax())
+            ref.append(nxt)
+            cur.append(nxt)
+        assert g == ref
+
+
+@torch.no_grad()
+def test_mixed_prompts_in_one_batch_equal_separate_runs(tiny):
+    model, tok = tiny
+    prompts = torch.stack([init_prompt(model, tok, 4, "vocab", seed=s) for s in (1, 2, 3)])
+    seqs = [tok(f"Tweet text : {t} Label : ")["input_ids"] for t in TEXTS]
+    conts = [label_token_ids(tok, n) for n in ("complaint", "no complaint")]
+    ids, mask = collate_left(seqs, tok.pad_token_id)
+    rows = torch.tensor([2, 0, 1, 2])
+    mixed = score_continuations(model, prefix_kv(model, prompts), ids, mask, conts, rows=rows)
+    for i, k in enumerate(rows.tolist()):
+        one_ids, one_mask = collate_left([seqs[i]], tok.pad_token_id)
+        alone = score_continuations(model, prefix_kv(model, prompts[k]), one_ids, one_mask, conts)
+        assert torch.allclose(mixed[i], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_init_methods_shapes_and_errors(tiny):
+    from softprompt.errors import SoftpromptError
+
+    model, tok = tiny
+    H = model.get_input_embeddings().weight.shape[1]
+    for method in ("text", "labels", "vocab", "random"):
+        p = init_prompt(model, tok, 7, method, label_names=["complaint", "no complaint"], seed=0)
+        assert p.shape == (7, H) and p.dtype == torch.float32 and torch.isfinite(p).all()
+    lab = init_prompt(model, tok, 3, "labels", label_names=["complaint", "no complaint"])
+    emb = model.get_input_embeddings().weight
+    first = emb[tok("complaint", add_special_tokens=False)["input_ids"]].float().mean(0)
+    assert torch.allclose(lab[0], first)
+    with pytest.raises(SoftpromptError, match="--init"):
+        init_prompt(model, tok, 3, "nonsense")
+    with pytest.raises(SoftpromptError, match="--num-virtual-tokens"):
+        init_prompt(model, tok, 0, "text")
+
+
+def test_base_model_weights_never_change(tiny):
+    model, tok = tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _, b = _batch(tok)
+    prompt = init_prompt(model, tok, 4, "text").requires_grad_(True)
+    opt = torch.optim.AdamW([prompt], lr=0.1)
+    for _ in range(2):
+        label_loss(model, prompt, **b).backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(not p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
