@@ -53,6 +53,7 @@ GEN_MAX_NEW_TOKENS = 6
 CLASSIFY_BATCH_SIZE = 32
 CLASSIFY_P = 8
 CLASSIFY_FALLBACK_EPOCHS = 5
+PARITY_TWEETS = 8
 QUICK_TRAIN_ROWS = 16
 QUICK_DEV_ROWS = 64
 SEED = 42
@@ -88,7 +89,12 @@ def load_split(data_dir: Path, name: str, limit: int | None) -> tuple[list[str],
 def make_task():
     from softprompt.data import Task
 
-    return Task(text_column=TEXT_COLUMN, label_names=list(LABEL_NAMES), label_column=LABEL_COLUMN, max_length=MAX_LENGTH)
+    return Task(
+        text_column=TEXT_COLUMN,
+        label_names=list(LABEL_NAMES),
+        label_column=LABEL_COLUMN,
+        max_length=MAX_LENGTH,
+    )
 
 
 def peft_preprocess(tokenizer, texts, labels, max_length: int = MAX_LENGTH) -> list[dict]:
@@ -269,7 +275,9 @@ def peft_epoch(model, loader, optimizer, lr_scheduler, device) -> float:
     return float(total) / count
 
 
-def softprompt_epoch(model, prompt, rows, rng: random.Random, optimizer, scheduler, pad_id: int, device) -> float:
+def softprompt_epoch(
+    model, prompt, rows, rng: random.Random, optimizer, scheduler, pad_id: int, device
+) -> float:
     """One epoch of softprompt's training step (the inner loop of `softprompt.train.train`,
     grad_accum 1, without evaluation and files); returns the row-weighted mean batch loss."""
     from softprompt.data import batch_order, collate_train
@@ -290,10 +298,12 @@ def softprompt_epoch(model, prompt, rows, rng: random.Random, optimizer, schedul
     return total / count
 
 
-def timed_epochs(run_epoch, warmup: int, epochs: int, device) -> dict:
+def timed_epochs(
+    run_epoch, warmup: int, epochs: int, device, rss_interval: float = RSS_INTERVAL_S
+) -> dict:
     """Run warm-up epochs, then timed ones, sampling memory throughout; returns the numbers."""
     trim_heap()
-    sampler, gpu = RssSampler(), GpuPeak(device)
+    sampler, gpu = RssSampler(rss_interval), GpuPeak(device)
     gpu.start()
     sampler.start()
     losses, seconds = [], []
@@ -306,7 +316,9 @@ def timed_epochs(run_epoch, warmup: int, epochs: int, device) -> dict:
         losses.append(loss)
         if e >= warmup:
             seconds.append(dt)
-        log(f"  epoch {e + 1}/{warmup + epochs}{' (warm-up)' if e < warmup else ''}: loss {loss:.4f}, {dt:.2f}s")
+        log(
+            f"  epoch {e + 1}/{warmup + epochs}{' (warm-up)' if e < warmup else ''}: loss {loss:.4f}, {dt:.2f}s"
+        )
     mem = sampler.stop()
     mem.update(gpu.stop())
     return {
@@ -323,10 +335,14 @@ def timed_epochs(run_epoch, warmup: int, epochs: int, device) -> dict:
 
 
 def setup(spec: dict):
+    import warnings
+
     import torch
     import transformers
 
     transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message="Position ids are not supported")
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     from softprompt.model import load_base
@@ -354,7 +370,10 @@ def worker_peft(spec: dict) -> dict:
     base, tokenizer, device = setup(spec)
     texts, labels = load_split(Path(spec["data_dir"]), "train", spec["train_rows"])
     rows = peft_preprocess(tokenizer, texts, labels)
-    dropped = sum(int((r["labels"] != -100).sum()) < len(tokenizer(lab)["input_ids"]) + 1 for r, lab in zip(rows, labels))
+    dropped = sum(
+        int((r["labels"] != -100).sum()) < len(tokenizer(lab)["input_ids"]) + 1
+        for r, lab in zip(rows, labels, strict=True)
+    )
 
     model = get_peft_model(copy.deepcopy(base), peft_config(model_folder(), P))
     reference_prompt = init_prompt(base, tokenizer, P, "text", text=INIT_TEXT)
@@ -368,11 +387,7 @@ def worker_peft(spec: dict) -> dict:
     model.eval()
     with torch.no_grad():
         init_loss = _mean_loss(model, rows, device)
-        unpadded = []
-        for r in rows:
-            keep = r["attention_mask"].bool()
-            one = {k: v[keep][None].to(device) for k, v in r.items()}
-            unpadded.append({k: v[0] for k, v in one.items()})
+        unpadded = [{k: v[r["attention_mask"].bool()] for k, v in r.items()} for r in rows]
         init_loss_unpadded = _mean_loss(model, unpadded, device, batch_size=1)
 
     torch.manual_seed(spec["seed"])
@@ -388,7 +403,13 @@ def worker_peft(spec: dict) -> dict:
     lr_scheduler = get_linear_schedule_with_warmup(
         optimizer=optimizer, num_warmup_steps=0, num_training_steps=len(loader) * epochs_total
     )
-    result = timed_epochs(lambda: peft_epoch(model, loader, optimizer, lr_scheduler, device), spec["warmup"], spec["epochs"], device)
+    result = timed_epochs(
+        lambda: peft_epoch(model, loader, optimizer, lr_scheduler, device),
+        spec["warmup"],
+        spec["epochs"],
+        device,
+        spec["rss_interval_ms"] / 1000,
+    )
     result.update(
         {
             "init_loss": init_loss,
@@ -450,6 +471,7 @@ def worker_softprompt(spec: dict) -> dict:
         spec["warmup"],
         spec["epochs"],
         device,
+        spec["rss_interval_ms"] / 1000,
     )
     if spec.get("save_prompt"):
         save_prompt(prompt.detach(), spec["save_prompt"])
@@ -508,7 +530,7 @@ def worker_classify(spec: dict) -> dict:
     import torch
     from peft import get_peft_model
 
-    from softprompt.evaluate import classify, metrics
+    from softprompt.evaluate import classify, generate_texts, metrics
 
     model, tokenizer, device = setup(spec)
     task = make_task()
@@ -524,13 +546,27 @@ def worker_classify(spec: dict) -> dict:
 
     # softprompt: rank classification
     log(f"classification: softprompt on {len(texts)} tweets")
-    classify(model, tokenizer, prompt, task, texts[:CLASSIFY_BATCH_SIZE], batch_size=CLASSIFY_BATCH_SIZE)  # warm-up
+    classify(
+        model, tokenizer, prompt, task, texts[:CLASSIFY_BATCH_SIZE], batch_size=CLASSIFY_BATCH_SIZE
+    )  # warm-up
     sync(device)
     t0 = time.perf_counter()
     pred, _ = classify(model, tokenizer, prompt, task, texts, batch_size=CLASSIFY_BATCH_SIZE)
     sync(device)
     dt = time.perf_counter() - t0
     results["softprompt"] = _classification_record(gold, pred, dt, metrics)
+
+    # softprompt: the guide's method (free generation, exact match), for a like-for-like speed
+    log(f"classification: softprompt generate on {len(texts)} tweets")
+    gen_kw = {"max_new_tokens": GEN_MAX_NEW_TOKENS, "batch_size": GEN_BATCH_SIZE}
+    generate_texts(model, tokenizer, prompt, task, texts[:GEN_BATCH_SIZE], **gen_kw)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    generated = generate_texts(model, tokenizer, prompt, task, texts, **gen_kw)
+    sync(device)
+    results["softprompt_generate"] = _classification_record(
+        gold, generated, time.perf_counter() - t0, metrics
+    )
 
     # PEFT: the guide's inference (generate, then exact match)
     log(f"classification: PEFT generate on {len(texts)} tweets")
@@ -551,7 +587,35 @@ def worker_classify(spec: dict) -> dict:
     results["peft"] = rec
     agree = sum(a == b for a, b in zip(pred, outputs, strict=True))
     results["agreement"] = agree / len(texts)
+    results["generation_parity"] = generation_parity(
+        peft_model, model, tokenizer, prompt, task, texts[:PARITY_TWEETS], device
+    )
     return results
+
+
+def generation_parity(peft_model, model, tokenizer, prompt, task, texts, device) -> dict:
+    """Greedy generations of a few tweets, one at a time (no padding), three ways: PEFT's
+    `generate` as the guide calls it (KV cache on), PEFT's `generate(use_cache=False)` (recomputes
+    everything; the reference), and softprompt's `generate_texts`. All three should agree."""
+    from softprompt.evaluate import generate_texts
+
+    log(f"classification: generation parity on {len(texts)} tweets")
+    cached = [peft_generate(peft_model, tokenizer, [t], device)[0] for t in texts]
+    reference = [
+        peft_generate(peft_model, tokenizer, [t], device, use_cache=False)[0] for t in texts
+    ]
+    ours = generate_texts(
+        model, tokenizer, prompt, task, texts, max_new_tokens=GEN_MAX_NEW_TOKENS, batch_size=1
+    )
+    return {
+        "n": len(texts),
+        "peft_cached_equals_reference": sum(a == b for a, b in zip(cached, reference, strict=True)),
+        "softprompt_equals_reference": sum(a == b for a, b in zip(ours, reference, strict=True)),
+        "examples": [
+            {"peft_cached": a, "peft_no_cache": b, "softprompt": c}
+            for a, b, c in list(zip(cached, reference, ours, strict=True))[:4]
+        ],
+    }
 
 
 def _classification_record(gold, pred, seconds: float, metrics) -> dict:
@@ -566,7 +630,7 @@ def _classification_record(gold, pred, seconds: float, metrics) -> dict:
     }
 
 
-def peft_generate(model, tokenizer, texts, device) -> list[str]:
+def peft_generate(model, tokenizer, texts, device, **kw) -> list[str]:
     """The guide's inference, batched: generate after `Tweet text : {x} Label : ` (left-padded),
     decode the new tokens, strip."""
     import torch
@@ -581,6 +645,7 @@ def peft_generate(model, tokenizer, texts, device) -> list[str]:
                 attention_mask=enc["attention_mask"].to(device),
                 max_new_tokens=GEN_MAX_NEW_TOKENS,
                 eos_token_id=tokenizer.eos_token_id,
+                **kw,
             )
         new = outputs[:, enc["input_ids"].shape[1] :]
         out += [t.strip() for t in tokenizer.batch_decode(new.cpu(), skip_special_tokens=True)]
@@ -598,13 +663,17 @@ def train_prompt(model, tokenizer, task, spec: dict, device):
     log(f"classification: training a P={CLASSIFY_P} prompt for {CLASSIFY_FALLBACK_EPOCHS} epochs")
     texts, labels = load_split(Path(spec["data_dir"]), "train", spec["train_rows"])
     rows = encode_rows(tokenizer, task, texts, labels)
-    prompt = torch.nn.Parameter(init_prompt(model, tokenizer, CLASSIFY_P, "text", text=INIT_TEXT).to(device))
+    prompt = torch.nn.Parameter(
+        init_prompt(model, tokenizer, CLASSIFY_P, "text", text=INIT_TEXT).to(device)
+    )
     optimizer = torch.optim.AdamW([prompt], lr=LR)
     steps = math.ceil(len(rows) / BATCH_SIZE) * CLASSIFY_FALLBACK_EPOCHS
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, steps)
     rng = random.Random(spec["seed"])
     for _ in range(CLASSIFY_FALLBACK_EPOCHS):
-        softprompt_epoch(model, prompt, rows, rng, optimizer, scheduler, tokenizer.pad_token_id, device)
+        softprompt_epoch(
+            model, prompt, rows, rng, optimizer, scheduler, tokenizer.pad_token_id, device
+        )
     prompt = prompt.detach()
     if spec.get("prompt_path"):
         save_prompt(prompt, spec["prompt_path"])
@@ -618,13 +687,24 @@ def run_worker(spec: dict) -> dict:
     """Run one measurement in a fresh process (this script with --worker) and return its JSON."""
     env = dict(os.environ)
     threads = str(spec["threads"])
-    env.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"})
+    env.update(
+        {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+    )
     with tempfile.TemporaryDirectory(prefix="speed-worker-") as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--worker-out", str(out)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            json.dumps(spec),
+            "--worker-out",
+            str(out),
+        ]
         proc = subprocess.run(cmd, env=env, stdout=sys.stderr, check=False)
         if proc.returncode != 0 or not out.is_file():
-            raise SystemExit(f"speed.py: worker {spec['system']} (P={spec.get('P')}) failed with exit code {proc.returncode}")
+            raise SystemExit(
+                f"speed.py: worker {spec['system']} (P={spec.get('P')}) failed with exit code {proc.returncode}"
+            )
         return json.loads(out.read_text())
 
 
@@ -687,7 +767,9 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             out[system]["floor_seconds"] = median_of(rs, "floor_seconds")
         if system == "peft":
             out[system]["init_loss_unpadded"] = median_of(rs, "init_loss_unpadded")
-            out[system]["init_prompt_max_abs_diff_vs_softprompt"] = max(r["init_prompt_max_abs_diff_vs_softprompt"] for r in rs)
+            out[system]["init_prompt_max_abs_diff_vs_softprompt"] = max(
+                r["init_prompt_max_abs_diff_vs_softprompt"] for r in rs
+            )
             out[system]["rows_without_full_label"] = max(r["rows_without_full_label"] for r in rs)
     pe, sp = out["peft"], out["softprompt"]
     out["ratio_peft_over_softprompt"] = pe["seconds_per_epoch"] / sp["seconds_per_epoch"]
@@ -742,7 +824,13 @@ def training_table(summary: dict, gpu: bool) -> str:
 
 
 def parity_table(summary: dict) -> str:
-    head = ["P", "init loss PEFT (guide padding)", "init loss PEFT (unpadded)", "init loss softprompt", "init prompt max |diff|"]
+    head = [
+        "P",
+        "init loss PEFT (guide padding)",
+        "init loss PEFT (unpadded)",
+        "init loss softprompt",
+        "init prompt max |diff|",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
     for P, s in summary.items():
         pe, sp = s["peft"], s["softprompt"]
@@ -760,27 +848,74 @@ def parity_table(summary: dict) -> str:
 def classification_table(c: dict) -> str:
     head = ["system", "tweets/s", "accuracy", "macro-F1", "invalid", "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "|".join("---:" for _ in head[1:]) + "|"]
-    for name, key in (("PEFT generate (guide)", "peft"), ("softprompt classify", "softprompt")):
+    systems = (
+        ("PEFT generate (guide)", "peft"),
+        ("softprompt generate", "softprompt_generate"),
+        ("softprompt classify (rank)", "softprompt"),
+    )
+    for name, key in systems:
         r = c[key]
         lines.append(
             f"| {name} | {r['tweets_per_second']:.1f} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | "
             f"{r['invalid']} | {r['seconds']:.1f} |"
         )
     ratio = c["softprompt"]["tweets_per_second"] / c["peft"]["tweets_per_second"]
-    lines.append(f"\nsoftprompt/PEFT tweets/s: {ratio:.2f}x; prediction agreement: {c['agreement']:.3f} (n={c['n']})")
+    gen_ratio = c["softprompt_generate"]["tweets_per_second"] / c["peft"]["tweets_per_second"]
+    gp = c["generation_parity"]
+    lines.append(
+        f"\nsoftprompt classify / PEFT generate tweets/s: {ratio:.2f}x; softprompt generate / PEFT generate: "
+        f"{gen_ratio:.2f}x; classify vs PEFT prediction agreement: {c['agreement']:.3f} (n={c['n']})"
+    )
+    lines.append(
+        f"generation parity on {gp['n']} tweets (batch 1, greedy), equal to PEFT generate(use_cache=False): "
+        f"PEFT generate (cache on, as the guide) {gp['peft_cached_equals_reference']}/{gp['n']}, "
+        f"softprompt generate {gp['softprompt_equals_reference']}/{gp['n']}"
+    )
     return "\n".join(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="softprompt vs PEFT speed benchmark (see bench/README.md)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 16 train rows, 64 dev tweets, 1 timed epoch, 1 round")
-    ap.add_argument("--tokens", type=int, nargs="+", default=[8, 32, 100], help="numbers of virtual tokens P")
-    ap.add_argument("--epochs", type=int, default=None, help="timed epochs per run (default 3; 1 with --quick)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs this process may use)")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "speed.json"), help="JSON results file")
-    ap.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder with train.csv and dev.csv")
-    ap.add_argument("--device", default=None, help="cpu, cuda, ...; default: softprompt's pick (CUDA, MPS, CPU)")
-    ap.add_argument("--rounds", type=int, default=None, help="rounds of alternating runs (default 2; 1 with --quick)")
+    ap = argparse.ArgumentParser(
+        description="softprompt vs PEFT speed benchmark (see bench/README.md)"
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 16 train rows, 64 dev tweets, 1 timed epoch, 1 round",
+    )
+    ap.add_argument(
+        "--tokens", type=int, nargs="+", default=[8, 32, 100], help="numbers of virtual tokens P"
+    )
+    ap.add_argument(
+        "--epochs", type=int, default=None, help="timed epochs per run (default 3; 1 with --quick)"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: the CPUs this process may use)",
+    )
+    ap.add_argument(
+        "--out", default=str(REPO / "bench" / "results" / "speed.json"), help="JSON results file"
+    )
+    ap.add_argument(
+        "--data-dir", default=str(DEFAULT_DATA), help="folder with train.csv and dev.csv"
+    )
+    ap.add_argument(
+        "--device", default=None, help="cpu, cuda, ...; default: softprompt's pick (CUDA, MPS, CPU)"
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds of alternating runs (default 2; 1 with --quick)",
+    )
+    ap.add_argument(
+        "--rss-interval-ms",
+        type=float,
+        default=RSS_INTERVAL_S * 1000,
+        help="RSS sampling period (default 5)",
+    )
     ap.add_argument("--skip-classify", action="store_true", help="skip the classification section")
     ap.add_argument("--seed", type=int, default=SEED, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -800,6 +935,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         problems.append(f"--epochs must be at least 1 (got {args.epochs})")
     if args.rounds < 1:
         problems.append(f"--rounds must be at least 1 (got {args.rounds})")
+    if not args.rss_interval_ms > 0:
+        problems.append(f"--rss-interval-ms must be positive (got {args.rss_interval_ms})")
     if args.threads < 1:
         problems.append(f"--threads must be at least 1 (got {args.threads})")
     if any(p < 1 for p in args.tokens):
@@ -820,7 +957,9 @@ def main(argv=None) -> int:
     data_dir = Path(args.data_dir).expanduser().resolve()
     for name in ("train.csv", "dev.csv"):
         if not (data_dir / name).is_file():
-            raise SystemExit(f"speed.py: {data_dir / name} not found; pass --data-dir with train.csv and dev.csv")
+            raise SystemExit(
+                f"speed.py: {data_dir / name} not found; pass --data-dir with train.csv and dev.csv"
+            )
     info = machine_info(args.threads)
     log(f"machine: {info['cpu']}; {args.threads} threads; torch {info['torch']}")
     model_folder()  # convert the default model once, before the workers start
@@ -833,6 +972,7 @@ def main(argv=None) -> int:
         "dev_rows": QUICK_DEV_ROWS if args.quick else None,
         "warmup": 1,
         "epochs": args.epochs,
+        "rss_interval_ms": args.rss_interval_ms,
     }
     load_start = load_average()
     started = time.time()
@@ -864,7 +1004,9 @@ def main(argv=None) -> int:
     print(f"- CPU: {info['cpu']} ({info['cpu_count']} logical CPUs); torch threads: {args.threads}")
     if info["cuda"]:
         print(f"- GPU: {info['cuda']}")
-    print(f"- python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, peft {info['peft']}")
+    print(
+        f"- python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, peft {info['peft']}"
+    )
     print(f"- load average at start: {load_start}, at end: {load_average()}")
     print(
         f"- train rows: {rows}, batch {BATCH_SIZE}, 1 warm-up + {args.epochs} timed epochs, "
@@ -875,7 +1017,9 @@ def main(argv=None) -> int:
     print("\n## Parity at initialisation (same TEXT-init prompt, loss before training)\n")
     print(parity_table(summary))
     if classification is not None:
-        print(f"\n## Classification ({classification['n']} dev tweets, prompt: {classification['prompt_source']})\n")
+        print(
+            f"\n## Classification ({classification['n']} dev tweets, prompt: {classification['prompt_source']})\n"
+        )
         print(classification_table(classification))
 
     result = {
@@ -893,6 +1037,7 @@ def main(argv=None) -> int:
             "dev_rows": base["dev_rows"],
             "data_dir": str(data_dir),
             "seed": args.seed,
+            "rss_interval_ms": args.rss_interval_ms,
         },
         "load_average": {"start": load_start, "end": load_average()},
         "wall_seconds": time.time() - started,

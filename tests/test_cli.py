@@ -25,6 +25,7 @@ RUN_FILES = [
     "metrics.jsonl",
     "train_config.json",
     "last/adapter_model.safetensors",
+    "checkpoint/state.pt",
 ]
 METRIC_KEYS = {"train_loss", "eval_loss", "eval_ppl", "eval_accuracy", "eval_macro_f1"}
 LABELS = ["complaint", "no complaint"]

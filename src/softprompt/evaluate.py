@@ -10,7 +10,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .data import Task, collate_left, input_budget, input_token_ids, label_token_ids
-from .model import generate, prefix_kv, score_continuations
+from .model import KV, generate, prefix_kv, score_continuations
 
 
 def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -28,14 +28,16 @@ def label_probabilities(
     *,
     batch_size: int = 32,
     progress: bool = False,
+    kv: KV | None = None,
 ) -> Tensor:
     """Each label's probability for each text: [N, L] (rows sum to 1), by scoring every label's
-    tokens (with its end token) after the input. The prompt's KV is computed once."""
+    tokens (with its end token) after the input. The prompt's KV is computed once (or passed
+    in as `kv`, from `prefix_kv`, to reuse it across calls)."""
     device = model.get_input_embeddings().weight.device
     budget = input_budget(tokenizer, task)
     seqs = [input_token_ids(tokenizer, task, t, budget) for t in texts]
     labels = [label_token_ids(tokenizer, n) for n in task.label_names]
-    kv = prefix_kv(model, prompt.to(device))
+    kv = prefix_kv(model, prompt.to(device)) if kv is None else kv
     out = torch.empty(len(texts), len(labels))
     batches = _length_sorted_batches([len(s) for s in seqs], batch_size)
     for idx in tqdm(batches, desc="classify", disable=not progress, unit="batch"):
@@ -64,12 +66,13 @@ def generate_texts(
     max_new_tokens: int = 6,
     batch_size: int = 16,
     progress: bool = False,
+    kv: KV | None = None,
 ) -> list[str]:
     """Greedy free generation after the input, as in the guide (the output may be any text)."""
     device = model.get_input_embeddings().weight.device
     budget = task.max_length - 1 if not task.label_names else input_budget(tokenizer, task)
     seqs = [input_token_ids(tokenizer, task, t, budget) for t in texts]
-    kv = prefix_kv(model, prompt.to(device))
+    kv = prefix_kv(model, prompt.to(device)) if kv is None else kv
     out: list[str] = [""] * len(texts)
     batches = _length_sorted_batches([len(s) for s in seqs], batch_size)
     for idx in tqdm(batches, desc="generate", disable=not progress, unit="batch"):

@@ -6,11 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+import torch
+
 from .adapters import Adapter, check_fits, load_adapter
 from .data import DEFAULT_TEMPLATE, Task
 from .errors import SoftpromptError
 from .evaluate import classify, generate_texts, metrics
-from .model import load_base
+from .model import load_base, prefix_kv
 
 
 class SoftPrompt:
@@ -30,6 +32,15 @@ class SoftPrompt:
             text_column="text", label_names=[], template=DEFAULT_TEMPLATE
         )
         self.prompt = adapter.prompt.to(model.get_input_embeddings().weight.device)
+        self._kv = None
+
+    @property
+    def kv(self):
+        """The prompt's keys/values in every layer, computed once and reused by every call."""
+        if self._kv is None:
+            with torch.no_grad():
+                self._kv = prefix_kv(self.model, self.prompt)
+        return self._kv
 
     @classmethod
     def load(
@@ -84,6 +95,7 @@ class SoftPrompt:
             texts,
             batch_size=batch_size,
             progress=progress,
+            kv=self.kv,
         )
         names = self.task.label_names
         return [
@@ -109,6 +121,7 @@ class SoftPrompt:
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             progress=progress,
+            kv=self.kv,
         )
 
     def evaluate(

@@ -312,6 +312,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         print(_format_record(record))
 
         save_adapter(out / "last", prompt, adapter_conf, task)
+        save_checkpoint(out / "checkpoint", prompt, optimizer, scheduler, epoch, step, rng)
         if best is None or _better(record, best):
             best = record
             task.extra["metrics"] = {k: v for k, v in record.items() if k != "epoch_seconds"}
@@ -324,6 +325,28 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
             )
     _plot(out, history)
     return TrainResult(out=out, prompt=load_adapter(out).prompt, history=history, best=best)
+
+
+def save_checkpoint(
+    folder: Path, prompt, optimizer, scheduler, epoch: int, step: int, rng: random.Random
+) -> None:
+    """Training state after an epoch (prompt, optimiser, scheduler, RNG states), written atomically."""
+    import io
+
+    from .adapters import atomic_write_bytes
+
+    state = {
+        "prompt": prompt.detach().cpu(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "python_rng": rng.getstate(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(folder / "state.pt", buf.getvalue())
 
 
 def _evaluate(model, tokenizer, prompt, task, eval_rows, texts, labels, cfg) -> dict:
@@ -457,7 +480,8 @@ def _plot(out: Path, history: list[dict]) -> None:
     for ax, title in zip(axes, ("loss", "eval metrics"), strict=True):
         ax.set_xlabel("epoch")
         ax.set_title(title)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = out / ".loss.png.tmp"

