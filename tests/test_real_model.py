@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from softprompt.cli import main
+from softprompt.data import Task, collate_train, encode_rows
 from softprompt.model import concat_forward, label_loss, load_base
 from softprompt.prompt import init_prompt
 
@@ -32,19 +33,11 @@ def test_default_model_loads_offline_from_the_gguf_cache(base):
 
 def test_fast_loss_equals_reference_on_the_real_model(base):
     model, tok = base
-    seqs = [
-        tok("Tweet text : where is my parcel Label : ")["input_ids"],
-        tok("Tweet text : thanks! Label : ")["input_ids"],
-    ]
-    lab = [tok("complaint", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]] * 2
-    T = max(len(s) + len(l) for s, l in zip(seqs, lab, strict=True))
-    ids = torch.full((2, T), tok.pad_token_id)
-    mask = torch.zeros(2, T, dtype=torch.long)
-    labels = torch.full((2, T), -100)
-    for i, (s, l) in enumerate(zip(seqs, lab, strict=True)):
-        ids[i, : len(s) + len(l)] = torch.tensor(s + l)
-        mask[i, : len(s) + len(l)] = 1
-        labels[i, len(s) : len(s) + len(l)] = torch.tensor(l)
+    task = Task(text_column="Tweet text", label_names=["complaint", "no complaint"])
+    texts = ["where is my parcel, ordered two weeks ago", "thanks!"]
+    rows = encode_rows(tok, task, texts, ["complaint", "no complaint"])
+    b = collate_train(rows, tok.pad_token_id)
+    ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
     prompt = init_prompt(model, tok, 8, "text").requires_grad_(True)
     fast = label_loss(model, prompt, ids, mask, labels)
     logits = concat_forward(model, prompt, ids, mask)[:, 8:]
