@@ -463,6 +463,7 @@ def _plot(out: Path, history: list[dict]) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         print(
             "softprompt: no plot written; `pip install 'softprompt[plot]'` (matplotlib) to get loss.png"
@@ -479,6 +480,7 @@ def _plot(out: Path, history: list[dict]) -> None:
     axes[0].set_yscale("log")
     for ax, title in zip(axes, ("loss", "eval metrics"), strict=True):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
