@@ -476,3 +476,33 @@ def test_property_any_csv_loads_and_encodes(tokenizer, rows, max_length):
         assert (row.input_ids + row.label_ids)[-len(want) :] == want
         assert len(row) <= max_length
         assert row.input_ids[-len(suf) :] == suf
+
+
+def test_hub_dataset_path_passes_subset_and_split_and_maps_classlabels(monkeypatch):
+    """`--data ought/raft --subset twitter_complaints --split train` goes to datasets.load_dataset
+    (intercepted here: no network), and ClassLabel ids come back as names."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, **kw):
+        calls.append((path, name, split))
+        features = datasets.Features(
+            {
+                "Tweet text": datasets.Value("string"),
+                "ID": datasets.Value("int64"),
+                "Label": datasets.ClassLabel(names=["Unlabeled", "complaint", "no_complaint"]),
+            }
+        )
+        return datasets.Dataset.from_dict(
+            {"Tweet text": ["@x my bill is wrong", "nice day"], "ID": [0, 1], "Label": [1, 2]},
+            features=features,
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    table = load_table(
+        "ought/raft", "Tweet text", "Label", subset="twitter_complaints", split="train"
+    )
+    assert calls == [("ought/raft", "twitter_complaints", "train")]
+    assert table.labels == ["complaint", "no complaint"]
+    assert label_set(table) == ["complaint", "no complaint"]  # Unlabeled is not a trained class
