@@ -5,6 +5,7 @@ Reads top to bottom: data -> prompt -> optimiser -> epochs (train, evaluate, sav
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -16,7 +17,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import TASK_NAME, atomic_write_json, load_adapter, peft_config, save_adapter
+from .adapters import (
+    TASK_NAME,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_adapter,
+    peft_config,
+    save_adapter,
+)
 from .data import (
     DEFAULT_TEMPLATE,
     Task,
@@ -331,10 +339,6 @@ def save_checkpoint(
     folder: Path, prompt, optimizer, scheduler, epoch: int, step: int, rng: random.Random
 ) -> None:
     """Training state after an epoch (prompt, optimiser, scheduler, RNG states), written atomically."""
-    import io
-
-    from .adapters import atomic_write_bytes
-
     state = {
         "prompt": prompt.detach().cpu(),
         "optimizer": optimizer.state_dict(),
