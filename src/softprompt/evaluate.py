@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .calibrate import apply_bias
 from .data import Task, collate_left, input_budget, input_token_ids, label_token_ids
 from .model import KV, generate, prefix_kv, score_continuations
 
@@ -29,22 +30,37 @@ def label_probabilities(
     batch_size: int = 32,
     progress: bool = False,
     kv: KV | None = None,
+    bias: Sequence[float] | None = None,
 ) -> Tensor:
     """Each label's probability for each text: [N, L] (rows sum to 1), by scoring every label's
     tokens (with its end token) after the input. The prompt's KV is computed once (or passed
-    in as `kv`, from `prefix_kv`, to reuse it across calls)."""
+    in as `kv`, from `prefix_kv`, to reuse it across calls).
+
+    `prompt` is one prompt [P, H] or an ensemble [K, P, H]: each text then runs once per member
+    (in the same batch, each row with its member's prompt) and the probabilities are the mean
+    of the members'. `bias` [L] calibrates the (mean) probabilities (see calibrate.py).
+    """
     device = model.get_input_embeddings().weight.device
     budget = input_budget(tokenizer, task)
     seqs = [input_token_ids(tokenizer, task, t, budget) for t in texts]
     labels = [label_token_ids(tokenizer, n) for n in task.label_names]
     kv = prefix_kv(model, prompt.to(device)) if kv is None else kv
+    K = kv[0][0].shape[0]
     out = torch.empty(len(texts), len(labels))
-    batches = _length_sorted_batches([len(s) for s in seqs], batch_size)
+    batches = _length_sorted_batches([len(s) for s in seqs], max(1, batch_size // K))
     for idx in tqdm(batches, desc="classify", disable=not progress, unit="batch"):
         ids, mask = collate_left([seqs[i] for i in idx], tokenizer.pad_token_id)
-        scores = score_continuations(model, kv, ids.to(device), mask.to(device), labels)
-        out[idx] = torch.softmax(scores.float(), -1).cpu()
-    return out
+        ids, mask = ids.to(device), mask.to(device)
+        if K == 1:
+            scores = score_continuations(model, kv, ids, mask, labels)
+            out[idx] = torch.softmax(scores.float(), -1).cpu()
+        else:  # member k's rows are rows k*B .. (k+1)*B-1
+            rows = torch.arange(K, device=device).repeat_interleave(len(idx))
+            scores = score_continuations(
+                model, kv, ids.repeat(K, 1), mask.repeat(K, 1), labels, rows
+            )
+            out[idx] = torch.softmax(scores.float(), -1).view(K, len(idx), -1).mean(0).cpu()
+    return apply_bias(out, bias)
 
 
 def classify(

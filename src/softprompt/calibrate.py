@@ -1,0 +1,87 @@
+"""Calibrating label probabilities: a per-label bias added to the log-probabilities.
+
+Two ways to get the bias:
+- content-free (Zhao et al. 2021, "Calibrate before use"): score inputs that carry no content
+  ("", "N/A", ...); whatever the model prefers there is its prior, so divide it out;
+- fitted: the bias that maximises macro-F1 on held-out predictions (out-of-fold predictions of
+  k-fold cross-validation, or an eval set), i.e. a learned decision threshold.
+
+Calibrated probabilities are softmax(log p + bias); with bias = 0 they are the raw ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+CONTENT_FREE_INPUTS = ("", "N/A", "[MASK]")
+
+
+def apply_bias(probs: Tensor, bias: Sequence[float] | Tensor | None) -> Tensor:
+    """probs [N, L] -> calibrated probs [N, L] = softmax(log probs + bias [L])."""
+    if bias is None:
+        return probs
+    b = torch.as_tensor(bias, dtype=torch.float32)
+    return torch.softmax(probs.float().clamp_min(1e-30).log() + b, -1)
+
+
+def content_free_bias(cf_probs: Tensor) -> list[float]:
+    """Bias from the probabilities [K, L] of K content-free inputs: -log of their mean, centred.
+
+    After it, the mean content-free input gets equal probability for every label.
+    """
+    b = -cf_probs.float().mean(0).clamp_min(1e-30).log()
+    return (b - b.mean()).tolist()
+
+
+def _macro_f1(gold: Tensor, pred: Tensor, L: int) -> float:
+    f1s = []
+    for c in range(L):
+        tp = ((pred == c) & (gold == c)).sum().item()
+        fp = ((pred == c) & (gold != c)).sum().item()
+        fn = ((pred != c) & (gold == c)).sum().item()
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(f1s) / L
+
+
+def fit_bias(probs: Tensor, gold: Sequence[int], *, rounds: int = 3) -> list[float]:
+    """The bias [L] (first entry 0) that maximises macro-F1 of argmax(log probs + bias) on
+    held-out predictions probs [N, L] with gold label indices.
+
+    Coordinate ascent over each label's offset; every candidate is a midpoint between two
+    adjacent decision points, so for two labels this is the exact best threshold. Ties go to
+    the offset nearest 0 (the least change to the model's own probabilities).
+    """
+    logp = probs.float().clamp_min(1e-30).log()
+    y = torch.as_tensor(list(gold))
+    N, L = logp.shape
+    bias = torch.zeros(L)
+    for _ in range(rounds):
+        changed = False
+        for c in range(1, L):
+            others = logp + bias
+            others[:, c] = -float("inf")
+            # label c wins where logp[:, c] + b > best other: decision points are the gaps
+            gap = (others.max(-1).values - logp[:, c]).sort().values
+            gap = gap[torch.isfinite(gap)]
+            if len(gap) == 0:
+                continue
+            cands = torch.cat(
+                [(gap[1:] + gap[:-1]) / 2, gap[:1] - 1, gap[-1:] + 1, bias[c : c + 1]]
+            )
+            best, best_key = bias[c].item(), None
+            for b in cands.unique().tolist():
+                trial = bias.clone()
+                trial[c] = b
+                pred = (logp + trial).argmax(-1)
+                key = (_macro_f1(y, pred, L), -abs(b))
+                if best_key is None or key > best_key:
+                    best, best_key = b, key
+            if best != bias[c].item():
+                bias[c] = best
+                changed = True
+        if not changed:
+            break
+    return bias.tolist()

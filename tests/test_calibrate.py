@@ -1,0 +1,83 @@
+"""Calibration maths, and ensembles of prompts scored in one batch."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from softprompt.calibrate import apply_bias, content_free_bias, fit_bias
+from softprompt.data import Task
+from softprompt.evaluate import label_probabilities, metrics
+from softprompt.prompt import init_prompt
+
+
+def _probs(n: int, L: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(n, L, generator=g) * 2, -1)
+
+
+def test_apply_bias_is_softmax_of_shifted_log_probs():
+    p = _probs(20, 3, 0)
+    assert torch.allclose(apply_bias(p, [0.0, 0.0, 0.0]), p, atol=1e-6)
+    b = torch.tensor([0.5, -1.0, 2.0])
+    want = torch.exp(p.log() + b) / torch.exp(p.log() + b).sum(-1, keepdim=True)
+    assert torch.allclose(apply_bias(p, b), want, atol=1e-6)
+    assert apply_bias(p, None) is p
+
+
+def test_content_free_bias_makes_the_mean_content_free_input_uniform():
+    cf = torch.tensor([[0.9, 0.1], [0.7, 0.3], [0.8, 0.2]])
+    b = content_free_bias(cf)
+    mean = cf.mean(0, keepdim=True)
+    assert torch.allclose(apply_bias(mean, b), torch.full((1, 2), 0.5), atol=1e-6)
+    assert sum(b) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_fit_bias_binary_finds_the_best_threshold(seed):
+    rng = random.Random(seed)
+    gold = [0 if rng.random() < 0.35 else 1 for _ in range(80)]
+    # a skewed model: right more often than not, but biased towards label 1
+    logit = torch.tensor([(1.0 if y == 0 else -1.0) + rng.gauss(-1.2, 1.5) for y in gold])
+    p = torch.stack([torch.sigmoid(logit), 1 - torch.sigmoid(logit)], -1)
+    names = ["a", "b"]
+
+    def f1_with(b):
+        pred = apply_bias(p, b).argmax(-1).tolist()
+        return metrics([names[y] for y in gold], [names[i] for i in pred], names)["macro_f1"]
+
+    b = fit_bias(p, gold)
+    assert b[0] == 0.0
+    # brute force over every threshold on the log-odds
+    lo = (p[:, 1].log() - p[:, 0].log()).tolist()
+    best = max(f1_with([0.0, -t + d]) for t in lo for d in (-1e-4, 1e-4))
+    assert f1_with(b) == pytest.approx(best)
+    assert f1_with(b) >= f1_with([0.0, 0.0])
+
+
+def test_fit_bias_multiclass_never_worse_than_no_bias():
+    g = torch.Generator().manual_seed(5)
+    gold = torch.randint(0, 3, (120,), generator=g).tolist()
+    p = _probs(120, 3, 7) + torch.nn.functional.one_hot(torch.tensor(gold), 3) * 0.3
+    p = p / p.sum(-1, keepdim=True) * torch.tensor([0.2, 1.0, 1.0])  # label 0 under-predicted
+    p = p / p.sum(-1, keepdim=True)
+    names = ["x", "y", "z"]
+
+    def f1_with(b):
+        pred = apply_bias(p, b).argmax(-1).tolist()
+        return metrics([names[y] for y in gold], [names[i] for i in pred], names)["macro_f1"]
+
+    assert f1_with(fit_bias(p, gold)) > f1_with([0.0, 0.0, 0.0])
+
+
+def test_ensemble_equals_the_mean_of_its_members(tiny):
+    model, tok = tiny
+    task = Task(text_column="Tweet text", label_names=["complaint", "no complaint", "other"])
+    members = [init_prompt(model, tok, 4, "vocab", seed=s) for s in range(3)]
+    texts = ["my parcel never arrived and nobody answers", "thanks", "ok then", ""]
+    each = [label_probabilities(model, tok, m, task, texts, batch_size=3) for m in members]
+    ens = label_probabilities(model, tok, torch.stack(members), task, texts, batch_size=3)
+    assert torch.allclose(ens, torch.stack(each).mean(0), atol=1e-5)
+    assert not torch.allclose(each[0], each[1], atol=1e-3)  # the members do differ
