@@ -189,3 +189,27 @@ def test_base_model_weights_never_change(tiny):
         opt.zero_grad()
     assert all(not p.requires_grad for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@torch.no_grad()
+def test_stacked_kv_of_separate_prompts_equals_each_alone(tiny):
+    """KV computed once per prompt (as a server caches it), stacked, scored in one mixed batch;
+    generation too."""
+    from softprompt.model import stack_kv
+
+    model, tok = tiny
+    prompts = [init_prompt(model, tok, 4, "vocab", seed=s) for s in (1, 2, 3)]
+    kvs = [prefix_kv(model, p) for p in prompts]
+    seqs = [tok(f"Tweet text : {t} Label : ")["input_ids"] for t in TEXTS]
+    conts = [label_token_ids(tok, n) for n in ("complaint", "no complaint", "maybe")]
+    ids, mask = collate_left(seqs, tok.pad_token_id)
+    rows = torch.tensor([1, 0, 2, 1])
+    kv = stack_kv(kvs)
+    mixed = score_continuations(model, kv, ids, mask, conts, rows=rows)
+    gen = generate(model, kv, ids, mask, max_new_tokens=5, eos_token_id=None, rows=rows)
+    for i, k in enumerate(rows.tolist()):
+        one_ids, one_mask = collate_left([seqs[i]], tok.pad_token_id)
+        alone = score_continuations(model, kvs[k], one_ids, one_mask, conts)
+        assert torch.allclose(mixed[i], alone[0], rtol=1e-5, atol=1e-5)
+        g1 = generate(model, kvs[k], one_ids, one_mask, max_new_tokens=5, eos_token_id=None)
+        assert gen[i] == g1[0]

@@ -4,6 +4,7 @@ softprompt train   --data train.csv --text-column "Tweet text" --label-column La
 softprompt eval    runs/c --data dev.csv
 softprompt predict runs/c "some text"       |  --data new.csv --output preds.csv
 softprompt push    runs/c user/repo
+softprompt serve   --adapters runs/      (every adapter folder under runs/, over HTTP)
 """
 
 from __future__ import annotations
@@ -132,7 +133,33 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     pu.add_argument(
         "--token", default=None, help="Hub token (default: the logged-in one or HF_TOKEN)"
     )
-    return parser, {"train": t, "eval": e, "predict": pr, "push": pu}
+
+    s = sub.add_parser(
+        "serve", help="serve every adapter in a folder over HTTP (needs softprompt[serve])"
+    )
+    s.add_argument(
+        "--adapters", required=True, help="folder whose sub-folders are adapters (name = folder)"
+    )
+    s.add_argument("--model", default=None, help="base model (default: the built-in model)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch-size", type=int, default=32, help="most inputs per forward pass")
+    s.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="how long a request waits for a batch"
+    )
+    s.add_argument(
+        "--kv-cache-mb",
+        type=float,
+        default=256.0,
+        help="budget for cached prompt keys/values (LRU; the adapter in use is always kept)",
+    )
+    s.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger bodies get 413")
+    s.add_argument("--max-inputs", type=int, default=1024, help="most inputs per request")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--device", default=None)
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser, {"train": t, "eval": e, "predict": pr, "push": pu, "serve": s}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -268,7 +295,43 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "push": cmd_push}
+def cmd_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = [
+        m for m in ("fastapi", "uvicorn", "prometheus_client") if not importlib.util.find_spec(m)
+    ]
+    if missing:
+        raise SoftpromptError(
+            f"`softprompt serve` needs {', '.join(missing)}: pip install 'softprompt[serve]'"
+        )
+    from .serve import run_server
+
+    run_server(
+        args.adapters,
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        kv_cache_mb=args.kv_cache_mb,
+        max_body_bytes=args.max_body_bytes,
+        max_inputs=args.max_inputs,
+        log_level=args.log_level,
+    )
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "predict": cmd_predict,
+    "push": cmd_push,
+    "serve": cmd_serve,
+}
 
 
 def _quiet_loading() -> None:

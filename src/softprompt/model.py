@@ -135,6 +135,22 @@ def prefix_kv(model, prompts: Tensor) -> KV:
     return tuple((layer.keys, layer.values) for layer in _out_cache(out).layers)
 
 
+def stack_kv(kvs: Sequence[KV]) -> KV:
+    """Several prompts' KV (each from `prefix_kv`, all with the same P) as one KV of N prompts.
+
+    With `rows` [B] indexing into the result, each row of a batch runs after its own prompt
+    (one forward pass for many prompts). kvs: N tuples of per-layer (k, v) [n_i, heads, P, d].
+    """
+    if len(kvs) == 1:
+        return kvs[0]
+    P = {kv[0][0].shape[2] for kv in kvs}
+    assert len(P) == 1, f"prompts of different lengths {sorted(P)} cannot share a batch"
+    return tuple(
+        (torch.cat([kv[i][0] for kv in kvs]), torch.cat([kv[i][1] for kv in kvs]))
+        for i in range(len(kvs[0]))
+    )
+
+
 def _cache_from(kv: KV, rows: Tensor | int):
     """A fresh DynamicCache for a batch. `rows` is the batch size (one shared prompt) or
     an index tensor [B] choosing each row's prompt out of kv's N prompts."""

@@ -1,0 +1,349 @@
+"""Serving benchmark: `softprompt serve` (many adapters, one batched model) against PEFT serving
+the same requests one adapter at a time. By hand, not CI; run it on an otherwise idle machine.
+
+    python bench/serve.py                                   # 10,000 requests, 16 adapters, 64 clients
+    python bench/serve.py --requests 200 --peft-requests 100 # quick end-to-end check
+
+1. Setup: 16 adapters for the built-in default model in bench/results/serve_adapters/. By default
+   they are made with `init_prompt` (vocab init, one seed each) + `save_adapter`: untrained, but the
+   serving cost is the same. `--train-epochs N` trains each on the demo data instead (slow on CPU).
+2. softprompt: `softprompt serve` in a subprocess on loopback, started with ONE adapter; after a
+   warm-up its RSS and tensor bytes are read; then the other 15 are loaded through
+   POST /v1/adapters, warmed up, read again. Then `--requests` classification requests (one tweet
+   each, adapter chosen at random) from `--clients` concurrent asyncio + httpx clients.
+3. PEFT: `PeftModel.from_pretrained` + `load_adapter` for every adapter; the first
+   `--peft-requests` of the same requests grouped by adapter; per adapter `set_adapter`, then
+   batches of --max-batch-size inputs scored by label scoring with a plain forward (every input
+   once per label, prompt included, right-padded; the label tokens' log-probabilities summed,
+   softmax over labels). In-process and offline: no HTTP, no queueing, so it favours PEFT. Its
+   throughput is extrapolated to --requests when it runs on a subset (the output says so).
+
+The load generator and the server share the machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "src" / "softprompt" / "demo" / "complaints_train.csv"
+LABELS = ["complaint", "no complaint"]
+
+
+def log(msg: str) -> None:
+    print(f"[serve-bench] {msg}", file=sys.stderr, flush=True)
+
+
+def make_adapters(folder: Path, n: int, P: int, train_epochs: int) -> list[str]:
+    """a00 directly in `folder` (loaded at start), a01.. in folder/more (loaded later)."""
+    from softprompt.adapters import peft_config, save_adapter
+    from softprompt.data import Task
+    from softprompt.model import load_base
+    from softprompt.prompt import init_prompt
+
+    names = [f"a{i:02d}" for i in range(n)]
+    paths = [folder / names[0]] + [folder / "more" / x for x in names[1:]]
+    if all((p / "adapter_model.safetensors").is_file() for p in paths):
+        return names
+    model, tok, _ = load_base(None)
+    for i, path in enumerate(paths):
+        if train_epochs > 0:
+            from softprompt.train import TrainConfig, train
+
+            log(f"training {names[i]} ({train_epochs} epochs)")
+            train(TrainConfig(data=str(DEMO), text_column="Tweet text", label_column="Label",
+                              out=str(path), epochs=train_epochs, init="vocab", seed=i,
+                              num_virtual_tokens=P, overwrite=True, progress=False))  # fmt: skip
+            continue
+        prompt = init_prompt(model, tok, P, "vocab", seed=i)
+        conf = peft_config(model, prompt, base_model="default", init="vocab", init_text=None,
+                           tokenizer_name=None)  # fmt: skip
+        task = Task(text_column="Tweet text", label_names=LABELS, label_column="Label",
+                    extra={"base_model": "default"})  # fmt: skip
+        save_adapter(path, prompt, conf, task)
+    return names
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def load(url: str, requests: list[tuple[str, str]], clients: int) -> dict:
+    import httpx
+
+    lat: list[float] = []
+    failures: list[str] = []
+    answers: dict[int, dict] = {}
+    queue = list(enumerate(requests))
+    queue.reverse()
+
+    async def client(c: httpx.AsyncClient) -> None:
+        while queue:
+            i, (adapter, text) = queue.pop()
+            t0 = time.perf_counter()
+            try:
+                r = await c.post("/v1/classify", json={"adapter": adapter, "inputs": [text]})
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code}: {r.text[:200]}")
+                else:
+                    answers[i] = r.json()["results"][0]["probabilities"]
+            except Exception as e:  # noqa: BLE001 - count it
+                failures.append(repr(e))
+            lat.append(time.perf_counter() - t0)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    lat.sort()
+
+    def pct(p: float) -> float:
+        return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else float("nan")
+
+    return {
+        "requests": len(requests),
+        "seconds": wall,
+        "throughput_rps": len(requests) / wall,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "failed": len(failures),
+        "failures_sample": failures[:5],
+        "answers": answers,
+    }
+
+
+def run_softprompt(args, folder: Path, names: list[str], requests) -> dict:
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "softprompt.cli", "serve", "--adapters", str(folder),
+           "--port", str(port), "--max-batch-size", str(args.max_batch_size),
+           "--max-wait-ms", str(args.max_wait_ms), "--kv-cache-mb", str(args.kv_cache_mb),
+           "--log-level", "warning"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(cmd, env=env)
+    out: dict = {}
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit("the server exited during start-up")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("the server did not start in 300 s")
+            time.sleep(0.2)
+        texts = [t for _, t in requests]
+
+        def memory(tag: str) -> dict:
+            m = httpx.get(f"{url}/metrics").text
+            return {
+                "adapters": int(metric(m, "softprompt_adapters_loaded")),
+                "rss_bytes": rss_bytes(proc.pid),
+                "prompt_bytes": int(metric(m, "softprompt_prompt_bytes")),
+                "kv_cache_bytes": int(metric(m, "softprompt_kv_cache_bytes")),
+                "kv_cache_entries": int(metric(m, "softprompt_kv_cache_entries")),
+            }
+
+        warm = [(names[0], texts[i % len(texts)]) for i in range(args.clients)]
+        asyncio.run(load(url, warm, args.clients))
+        out["memory_1"] = memory("1")
+        for name in names[1:]:
+            r = httpx.post(f"{url}/v1/adapters", json={"path": f"more/{name}"}, timeout=60)
+            r.raise_for_status()
+        warm = [(names[i % len(names)], texts[i % len(texts)]) for i in range(4 * len(names))]
+        asyncio.run(load(url, warm, args.clients))
+        out["memory_n"] = memory("n")
+        m0 = httpx.get(f"{url}/metrics").text
+        log(f"softprompt: {len(requests)} requests, {args.clients} clients")
+        out["load"] = asyncio.run(load(url, requests, args.clients))
+        m1 = httpx.get(f"{url}/metrics").text
+        batches = metric(m1, "softprompt_batch_rows_count") - metric(
+            m0, "softprompt_batch_rows_count"
+        )
+        rows = metric(m1, "softprompt_batch_rows_sum") - metric(m0, "softprompt_batch_rows_sum")
+        adap = metric(m1, "softprompt_batch_adapters_sum") - metric(
+            m0, "softprompt_batch_adapters_sum"
+        )
+        out["mean_batch_rows"] = rows / batches if batches else 0
+        out["mean_batch_adapters"] = adap / batches if batches else 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return out
+
+
+def run_peft(args, folder: Path, names: list[str], requests) -> dict:
+    import torch
+    from peft import PeftModel
+
+    from softprompt.adapters import load_adapter
+    from softprompt.data import input_budget, input_token_ids, label_token_ids
+    from softprompt.model import load_base
+
+    model, tok, _ = load_base(None)
+    paths = {n: folder / n if i == 0 else folder / "more" / n for i, n in enumerate(names)}
+    pm = PeftModel.from_pretrained(model, str(paths[names[0]]), adapter_name=names[0])
+    for n in names[1:]:
+        pm.load_adapter(str(paths[n]), adapter_name=n)
+    pm.eval()
+    task = load_adapter(paths[names[0]]).task
+    budget = input_budget(tok, task)
+    labels = [label_token_ids(tok, x) for x in task.label_names]
+    by_adapter: dict[str, list[int]] = {}
+    for i, (a, _) in enumerate(requests):
+        by_adapter.setdefault(a, []).append(i)
+    answers: dict[int, dict] = {}
+    log(f"PEFT: {len(requests)} requests")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for a, idx in by_adapter.items():
+            pm.set_adapter(a)
+            for s in range(0, len(idx), args.max_batch_size):
+                part = idx[s : s + args.max_batch_size]
+                seqs = [input_token_ids(tok, task, requests[i][1], budget) for i in part]
+                rows = [
+                    (b, j, s_ + lab) for b, s_ in enumerate(seqs) for j, lab in enumerate(labels)
+                ]
+                T = max(len(r[2]) for r in rows)
+                ids = torch.full((len(rows), T), tok.pad_token_id)
+                mask = torch.zeros((len(rows), T), dtype=torch.long)
+                for r, (_, _, x) in enumerate(rows):
+                    ids[r, : len(x)] = torch.tensor(x)
+                    mask[r, : len(x)] = 1
+                logits = pm(input_ids=ids, attention_mask=mask).logits[
+                    :, -T:
+                ]  # drop virtual tokens
+                logp = torch.log_softmax(logits.float(), -1)
+                scores = torch.zeros(len(part), len(labels))
+                for r, (b, j, _) in enumerate(rows):
+                    n_in = len(seqs[b])
+                    lab = labels[j]
+                    pos = torch.arange(n_in - 1, n_in - 1 + len(lab))
+                    scores[b, j] = logp[r, pos, torch.tensor(lab)].sum()
+                probs = torch.softmax(scores, -1)
+                for b, i in enumerate(part):
+                    answers[i] = dict(zip(task.label_names, probs[b].tolist(), strict=True))
+    wall = time.perf_counter() - t0
+    return {"requests": len(requests), "seconds": wall, "throughput_rps": len(requests) / wall,
+            "answers": answers}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--requests", type=int, default=10_000, help="classification requests for softprompt"
+    )
+    p.add_argument("--peft-requests", type=int, default=None,
+                   help="the first N of the same requests for PEFT (default: all; fewer is extrapolated)")  # fmt: skip
+    p.add_argument("--adapters", type=int, default=16)
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--num-virtual-tokens", type=int, default=8)
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--kv-cache-mb", type=float, default=256.0,
+                   help="server KV cache budget (1 keeps ~2 adapters' KV for the default model)")  # fmt: skip
+    p.add_argument(
+        "--train-epochs", type=int, default=0, help="train the adapters (default: init only)"
+    )
+    p.add_argument("--adapters-dir", default=str(ROOT / "bench" / "results" / "serve_adapters"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+
+    folder = Path(args.adapters_dir)
+    names = make_adapters(folder, args.adapters, args.num_virtual_tokens, args.train_epochs)
+    with open(DEMO, newline="") as f:
+        texts = [row["Tweet text"] for row in csv.DictReader(f)]
+    rng = random.Random(args.seed)
+    requests = [(rng.choice(names), texts[i % len(texts)]) for i in range(args.requests)]
+    peft_n = min(args.peft_requests or args.requests, args.requests)
+
+    sp = run_softprompt(args, folder, names, requests)
+    pf = run_peft(args, folder, names, requests[:peft_n])
+    both = [i for i in pf["answers"] if i in sp["load"]["answers"]]
+    diff = max(
+        (abs(sp["load"]["answers"][i][k] - pf["answers"][i][k]) for i in both for k in LABELS),
+        default=float("nan"),
+    )
+    extrapolated = peft_n < args.requests
+    m1, mn = sp["memory_1"], sp["memory_n"]
+    result = {
+        "settings": vars(args) | {"peft_requests": peft_n},
+        "adapters_made_by": f"training {args.train_epochs} epochs" if args.train_epochs else "init_prompt(vocab, seed=i) + save_adapter (untrained)",
+        "softprompt": {k: v for k, v in sp["load"].items() if k != "answers"}
+        | {"mean_batch_rows": sp["mean_batch_rows"], "mean_batch_adapters": sp["mean_batch_adapters"]},
+        "peft": {k: v for k, v in pf.items() if k != "answers"}
+        | {"extrapolated_seconds_for_all": args.requests / pf["throughput_rps"], "extrapolated": extrapolated},
+        "throughput_ratio": sp["load"]["throughput_rps"] / pf["throughput_rps"],
+        "max_abs_probability_difference": diff,
+        "compared_requests": len(both),
+        "memory": {"one_adapter": m1, "all_adapters": mn,
+                   "rss_delta_bytes": mn["rss_bytes"] - m1["rss_bytes"],
+                   "prompt_delta_bytes": mn["prompt_bytes"] - m1["prompt_bytes"],
+                   "kv_cache_delta_bytes": mn["kv_cache_bytes"] - m1["kv_cache_bytes"]},
+    }  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    s, m = result["softprompt"], result["memory"]
+    note = f" (measured on {peft_n}, extrapolated to {args.requests})" if extrapolated else ""
+    print(
+        f"adapters: {len(names)} x {args.num_virtual_tokens} virtual tokens, {result['adapters_made_by']}"
+    )
+    print(f"softprompt serve: {s['requests']} requests, {args.clients} clients: "
+          f"{s['throughput_rps']:.1f} req/s, p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms, "
+          f"failed {s['failed']}, mean batch {s['mean_batch_rows']:.1f} rows / "
+          f"{s['mean_batch_adapters']:.1f} adapters")  # fmt: skip
+    print(f"PEFT, one adapter at a time (offline, no HTTP): {pf['throughput_rps']:.1f} req/s{note}; "
+          f"{args.requests} requests would take {result['peft']['extrapolated_seconds_for_all']:.0f} s")  # fmt: skip
+    print(f"throughput ratio softprompt/PEFT: {result['throughput_ratio']:.2f}x")
+    print(f"agreement: max |p_softprompt - p_PEFT| = {diff:.2e} over {len(both)} requests")
+    print(f"memory, 1 adapter -> {len(names)}: RSS {m1['rss_bytes'] / 1e6:.1f} -> {mn['rss_bytes'] / 1e6:.1f} MB "
+          f"(+{m['rss_delta_bytes'] / 1e6:.2f} MB); prompts {m1['prompt_bytes'] / 1e3:.0f} -> "
+          f"{mn['prompt_bytes'] / 1e3:.0f} kB (+{m['prompt_delta_bytes'] / 1e3:.0f} kB); KV cache "
+          f"{m1['kv_cache_bytes'] / 1e3:.0f} -> {mn['kv_cache_bytes'] / 1e3:.0f} kB "
+          f"(+{m['kv_cache_delta_bytes'] / 1e3:.0f} kB, {mn['kv_cache_entries']} entries)")  # fmt: skip
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""`softprompt serve`: one frozen model serving many soft prompts over HTTP.
+
+Needs the serve extra (`pip install 'softprompt[serve]'`): FastAPI, uvicorn, prometheus-client.
+`batcher.py` and `registry.py` use only torch; `app.py` is the web layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+
+def run_server(
+    adapters: str,
+    *,
+    model: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    dtype: str = "float32",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    max_batch_size: int = 32,
+    max_wait_ms: float = 5.0,
+    kv_cache_mb: float = 256.0,
+    max_body_bytes: int = 1_000_000,
+    max_inputs: int = 1024,
+    log_level: str = "info",
+) -> None:
+    """Load the base model and every adapter under `adapters` that fits it, then serve until
+    SIGINT/SIGTERM (in-flight requests finish first)."""
+    import uvicorn
+
+    from ..model import load_base
+    from .app import ServeConfig, create_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    base, tokenizer, name = load_base(
+        model, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+    )
+    config = ServeConfig(
+        adapters=Path(adapters),
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        kv_cache_mb=kv_cache_mb,
+        max_body_bytes=max_body_bytes,
+        max_inputs=max_inputs,
+    )
+    app = create_app(base, tokenizer, config, model_name=name)
+    state = app.state.softprompt
+    logging.getLogger("softprompt.serve").info(
+        "serving %d adapter(s) on %s (%d refused): %s",
+        len(state.entries),
+        name,
+        len(state.refused),
+        ", ".join(sorted(state.entries)) or "(none yet: POST /v1/adapters)",
+    )
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)

@@ -1,0 +1,607 @@
+"""The HTTP server: one frozen model, many soft prompts, each request with its own.
+
+Endpoints (every error is JSON: {"error": {"message", "type", ...}}):
+    POST   /v1/classify          {adapter, inputs: [...], strict?}: label and probabilities
+    POST   /v1/completions       OpenAI-compatible (model = adapter name), n=1, no streaming
+    GET    /v1/models            OpenAI-compatible list of the loaded adapters
+    POST   /v1/adapters          {path, name?}: load an adapter from under the adapters folder
+    DELETE /v1/adapters/{name}   unload (its queued requests still finish)
+    GET    /health, /metrics     status; Prometheus text
+    GET    /                     the playground page
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..data import Task, input_token_ids
+from ..errors import SoftpromptError
+from .batcher import Batcher, ClassifyRow, Closed, CompleteRow, Engine
+from .registry import Entry, KVCache, load_entry, scan_folder
+
+log = logging.getLogger("softprompt.serve")
+
+RAW = Task(text_column="text", label_names=[], template="{text}")
+"""Completions: the client's text goes straight after the soft prompt, no template."""
+
+
+@dataclass
+class ServeConfig:
+    """Server settings (each is a `softprompt serve` flag)."""
+
+    adapters: Path
+    """Folder whose sub-folders are adapters; an adapter's name is its folder's name (`--adapters`)."""
+    max_batch_size: int = 32
+    """Most rows (inputs) in one forward pass (`--max-batch-size`)."""
+    max_wait_ms: float = 5.0
+    """How long the first queued row waits for others to join its batch (`--max-wait-ms`)."""
+    kv_cache_mb: float = 256.0
+    """Budget for cached prompt keys/values, least recently used out first; at least the
+    adapter in use is kept (`--kv-cache-mb`)."""
+    max_body_bytes: int = 1_000_000
+    """Larger request bodies get 413 (`--max-body-bytes`)."""
+    max_inputs: int = 1024
+    """Most inputs (or prompts) in one request (`--max-inputs`)."""
+
+    def validate(self) -> None:
+        """Every problem at once, naming the flag to change."""
+        problems = [
+            msg
+            for bad, msg in (
+                (self.max_batch_size < 1, "--max-batch-size must be at least 1"),
+                (self.max_wait_ms < 0, "--max-wait-ms must be 0 or more"),
+                (self.kv_cache_mb < 0, "--kv-cache-mb must be 0 or more"),
+                (self.max_body_bytes < 1, "--max-body-bytes must be at least 1"),
+                (self.max_inputs < 1, "--max-inputs must be at least 1"),
+            )
+            if bad
+        ]
+        if problems:
+            raise SoftpromptError("; ".join(problems))
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", **extra):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.extra = extra
+
+
+def error_body(message: str, type_: str, **extra) -> dict:
+    return {"error": {"message": message, "type": type_, **extra}}
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    adapter: str
+    inputs: list[str]
+    strict: bool = False
+    """True: an input longer than the adapter allows gets 413 instead of being cut."""
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+    strict: bool = False
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    name: str | None = None
+
+
+class Metrics:
+    """Prometheus metrics in a registry of their own (one per app)."""
+
+    def __init__(self, state: ServerState):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "softprompt_requests",
+            "HTTP requests by method, route and status (499: client went away)",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "softprompt_request_seconds",
+            "HTTP request latency by route",
+            ["route"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "softprompt_batch_rows",
+            "Rows (inputs) per forward batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.batch_adapters = Histogram(
+            "softprompt_batch_adapters",
+            "Distinct adapters per forward batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "softprompt_batch_seconds",
+            "Model time per batch",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.truncated = Counter(
+            "softprompt_truncated_inputs", "Inputs cut to fit the adapter", registry=r
+        )
+        self.disconnects = Counter(
+            "softprompt_client_disconnects",
+            "Requests whose client went away before the answer",
+            registry=r,
+        )
+        gauges = {
+            "softprompt_queue_depth": ("Rows waiting for the model", lambda: state.queue_depth),
+            "softprompt_adapters_loaded": ("Adapters loaded", lambda: len(state.entries)),
+            "softprompt_prompt_bytes": (
+                "Bytes of the loaded prompts",
+                lambda: sum(e.prompt_bytes for e in state.entries.values()),
+            ),
+            "softprompt_kv_cache_bytes": ("Bytes of cached prompt KV", lambda: state.kv.bytes),
+            "softprompt_kv_cache_entries": ("Adapters with cached KV", lambda: len(state.kv)),
+            "softprompt_kv_cache_hits": ("KV cache hits (per batch)", lambda: state.kv.hits),
+            "softprompt_kv_cache_misses": ("KV cache misses", lambda: state.kv.misses),
+        }
+        for name, (doc, fn) in gauges.items():
+            Gauge(name, doc, registry=r).set_function(fn)
+
+    def on_batch(self, rows: int, adapters: int, seconds: float) -> None:
+        self.batch_rows.observe(rows)
+        self.batch_adapters.observe(adapters)
+        self.batch_seconds.observe(seconds)
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class ServerState:
+    """Everything the endpoints share. Mutated only on the event loop (the worker thread reads
+    entries through the rows it is given)."""
+
+    def __init__(self, model, tokenizer, config: ServeConfig, model_name: str):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.model_name = model_name
+        config.validate()
+        self.root = Path(config.adapters).expanduser().resolve()
+        if not self.root.is_dir():
+            raise SoftpromptError(
+                f"--adapters {config.adapters}: no such folder (give a folder whose sub-folders are adapters)"
+            )
+        self.entries, self.refused = scan_folder(self.root, model, tokenizer)
+        self.created = {name: int(time.time()) for name in self.entries}
+        self.kv = KVCache(model, int(config.kv_cache_mb * 1e6))
+        self.metrics = Metrics(self)
+        self.batcher = Batcher(
+            Engine(model, tokenizer, self.kv),
+            max_batch_size=config.max_batch_size,
+            max_wait_ms=config.max_wait_ms,
+            on_batch=self.metrics.on_batch,
+        )
+        self.started = False
+        cfg = model.config
+        self.context = (
+            getattr(cfg, "max_position_embeddings", None)
+            or getattr(cfg, "n_positions", None)
+            or 2048
+        )
+
+    @property
+    def queue_depth(self) -> int:
+        return self.batcher.queue_depth
+
+    def start(self) -> None:
+        if not self.started:
+            self.started = True
+            self.batcher.start()
+
+    def get(self, name: str) -> Entry:
+        entry = self.entries.get(name)
+        if entry is None:
+            known = sorted(self.entries)
+            raise ApiError(
+                404,
+                f"unknown adapter {name!r}; known adapters: {', '.join(known) or '(none)'}",
+                "not_found_error",
+                known_adapters=known,
+            )
+        return entry
+
+    def encode(self, task: Task, text: str, budget: int, strict: bool, what: str):
+        """(token ids, truncated?) cut as in training (`data.input_token_ids`), or 413 if strict."""
+        ids = self.tokenizer(task.render(text))["input_ids"]
+        if len(ids) <= budget:
+            return list(ids), False
+        if strict:
+            raise ApiError(
+                413,
+                f"{what} has {len(ids)} tokens, more than the {budget} allowed; shorten it, or "
+                "leave strict off to have it cut as in training",
+                "input_too_long",
+            )
+        try:
+            return input_token_ids(self.tokenizer, task, text, budget), True
+        except SoftpromptError as e:
+            raise ApiError(400, str(e)) from None
+
+    async def run(self, rows, request: Request) -> list:
+        """Queue rows and wait for them; a client that goes away cancels its queued rows."""
+        self.start()
+        try:
+            job = self.batcher.submit(rows)
+        except Closed as e:
+            raise ApiError(503, str(e), "unavailable") from None
+        gone = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not job.future.done():
+            job.future.cancel()
+            self.metrics.disconnects.inc()
+            raise ApiError(499, "client closed the request", "client_closed")
+        try:
+            return job.future.result()
+        except Exception as e:  # noqa: BLE001
+            log.error("request failed: %s", e)
+            raise ApiError(500, f"the model failed on this request: {e}", "server_error") from None
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class Guard:
+    """ASGI middleware: refuse bodies over the limit (413) before anything parses them, and
+    count every request in the metrics."""
+
+    def __init__(self, app, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            body = await self._read_body(scope, receive)
+            if isinstance(body, JSONResponse):
+                await body(scope, receive, send_status)
+                return
+            if body is None:  # client left while sending
+                status[0] = 499
+                return
+            sent = [False]
+
+            async def replay():
+                if not sent[0]:
+                    sent[0] = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            m = self.state.metrics
+            m.requests.labels(scope["method"], route, str(status[0])).inc()
+            m.latency.labels(route).observe(time.perf_counter() - start)
+
+    async def _read_body(self, scope, receive):
+        limit = self.state.config.max_body_bytes
+        too_big = JSONResponse(
+            error_body(
+                f"request body is over the limit of {limit} bytes; send fewer or shorter inputs "
+                "per request",
+                "request_too_large",
+            ),
+            status_code=413,
+        )
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                if int(length) > limit:
+                    return too_big
+            except ValueError:
+                return JSONResponse(
+                    error_body("bad Content-Length header", "invalid_request_error"), 400
+                )
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return too_big
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            return f"the body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}"
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        if err.get("type") == "missing":
+            parts.append(f"missing field {loc!r}")
+        else:
+            parts.append(f"{loc or 'body'}: {err['msg']}")
+    return "; ".join(parts) or "invalid request"
+
+
+def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default") -> FastAPI:
+    """The FastAPI app serving every adapter under config.adapters on (model, tokenizer)."""
+    state = ServerState(model, tokenizer, config, model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.start()
+        yield
+        # uvicorn has already let in-flight requests finish; drain anything left.
+        await asyncio.to_thread(state.batcher.close)
+
+    app = FastAPI(title="softprompt", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.softprompt = state
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return JSONResponse(error_body(exc.message, exc.type, **exc.extra), exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError):
+        return JSONResponse(error_body(_validation_message(exc), "invalid_request_error"), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(str(exc.detail), "http_error"), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(error_body(f"internal error: {exc}", "server_error"), 500)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground():
+        return resources.files(__package__).joinpath("static/index.html").read_text()
+
+    @app.get("/health")
+    async def health():
+        return {
+            "status": "shutting_down" if state.batcher._closed else "ok",
+            "model": state.model_name,
+            "adapters": sorted(state.entries),
+            "refused": state.refused,
+            "queue_depth": state.queue_depth,
+            "kv_cache": {"entries": len(state.kv), "bytes": state.kv.bytes},
+        }
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(state.metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+    def model_card(name: str, entry: Entry) -> dict:
+        return {
+            "id": name,
+            "object": "model",
+            "created": state.created.get(name, 0),
+            "owned_by": "softprompt",
+            "softprompt": entry.describe(),
+        }
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {
+            "object": "list",
+            "data": [model_card(n, e) for n, e in sorted(state.entries.items())],
+        }
+
+    @app.get("/v1/models/{name}")
+    async def get_model(name: str):
+        return model_card(name, state.get(name))
+
+    @app.post("/v1/classify")
+    async def classify(req: ClassifyRequest, request: Request):
+        entry = state.get(req.adapter)
+        if not req.inputs:
+            raise ApiError(400, "inputs is empty; give at least one text")
+        if len(req.inputs) > config.max_inputs:
+            raise ApiError(
+                413, f"{len(req.inputs)} inputs, more than the {config.max_inputs} allowed"
+            )
+        if not entry.task.label_names:
+            raise ApiError(
+                400,
+                f"adapter {entry.name!r} has no label names (a plain PEFT adapter without "
+                "softprompt.json); use /v1/completions",
+            )
+        rows, warnings, cut = [], [], []
+        for i, text in enumerate(req.inputs):
+            ids, truncated = state.encode(entry.task, text, entry.budget, req.strict, f"input {i}")
+            rows.append(ClassifyRow(entry, ids))
+            cut.append(truncated)
+            if truncated:
+                warnings.append(
+                    f"input {i} was cut to fit {entry.budget} tokens (the adapter's max_length "
+                    f"{entry.task.max_length} minus its longest label), as in training"
+                )
+        state.metrics.truncated.inc(sum(cut))
+        probs = await state.run(rows, request)
+        names = entry.task.label_names
+        results = [
+            {
+                "label": names[max(range(len(p)), key=p.__getitem__)],
+                "probabilities": dict(zip(names, p, strict=True)),
+                "truncated": t,
+            }
+            for p, t in zip(probs, cut, strict=True)
+        ]
+        body = {"adapter": entry.name, "results": results}
+        if warnings:
+            body["warnings"] = warnings
+        return body
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        entry = state.get(req.model)
+        for flag, bad, what in (
+            ("n", req.n != 1, "n must be 1 (one completion per prompt)"),
+            ("stream", req.stream, "streaming is not supported; send stream=false"),
+            ("echo", req.echo, "echo is not supported"),
+            ("logprobs", req.logprobs is not None, "logprobs are not supported"),
+            ("best_of", req.best_of not in (None, 1), "best_of must be 1"),
+            ("suffix", req.suffix is not None, "suffix is not supported"),
+        ):
+            if bad:
+                raise ApiError(400, what, param=flag)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not prompts:
+            raise ApiError(400, "prompt is an empty list", param="prompt")
+        if len(prompts) > config.max_inputs:
+            raise ApiError(
+                413, f"{len(prompts)} prompts, more than the {config.max_inputs} allowed"
+            )
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ApiError(400, "stop: up to 4 non-empty strings", param="stop")
+        budget = state.context - entry.num_virtual_tokens - req.max_tokens
+        if budget < 1:
+            raise ApiError(
+                400,
+                f"max_tokens {req.max_tokens} leaves no room in the model's context of "
+                f"{state.context} tokens ({entry.num_virtual_tokens} virtual tokens)",
+                param="max_tokens",
+            )
+        greedy = req.temperature == 0
+        rows, warnings = [], []
+        for i, text in enumerate(prompts):
+            ids, truncated = state.encode(RAW, text, budget, req.strict, f"prompt {i}")
+            if truncated:
+                state.metrics.truncated.inc()
+                warnings.append(f"prompt {i} was cut at the end to fit {budget} tokens")
+            if not ids:  # as OpenAI: an empty prompt is the end-of-text token
+                ids = [state.tokenizer.eos_token_id]
+            rows.append(
+                CompleteRow(
+                    entry, ids, req.max_tokens, req.temperature, 1.0 if greedy else req.top_p
+                )
+            )
+        outs = await state.run(rows, request)
+        choices = []
+        for i, (toks, hit_eos) in enumerate(outs):
+            text = state.tokenizer.decode(toks, skip_special_tokens=True)
+            finish = "stop" if hit_eos else "length"
+            cuts = [text.find(s) for s in stops if s in text]
+            if cuts:
+                text, finish = text[: min(cuts)], "stop"
+            choices.append({"text": text, "index": i, "logprobs": None, "finish_reason": finish})
+        prompt_tokens = sum(len(r.ids) for r in rows)
+        completion_tokens = sum(len(t) for t, _ in outs)
+        body = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": entry.name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+        if warnings:
+            body["warnings"] = warnings
+        return body
+
+    @app.post("/v1/adapters", status_code=201)
+    async def load(req: LoadRequest):
+        raw = Path(req.path).expanduser()
+        target = (raw if raw.is_absolute() else state.root / raw).resolve()
+        if state.root not in target.parents:
+            raise ApiError(
+                403,
+                f"path {req.path!r} is outside the adapters folder {state.root}; only adapters "
+                "under it can be loaded",
+                "forbidden",
+            )
+        if not target.is_dir():
+            raise ApiError(
+                404, f"no adapter folder at {req.path!r} under {state.root}", "not_found_error"
+            )
+        name = req.name or target.name
+        if name in state.entries:
+            raise ApiError(409, f"adapter {name!r} is already loaded; unload it first", "conflict")
+        try:
+            entry = await asyncio.to_thread(load_entry, target, name, state.model, state.tokenizer)
+        except SoftpromptError as e:
+            raise ApiError(400, str(e), "invalid_adapter") from None
+        if name in state.entries:  # loaded by a concurrent request meanwhile
+            raise ApiError(409, f"adapter {name!r} is already loaded; unload it first", "conflict")
+        state.entries[name] = entry
+        state.created[name] = int(time.time())
+        log.info("loaded adapter %s (%s)", name, target)
+        return {"loaded": name, **model_card(name, entry)}
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload(name: str):
+        entry = state.get(name)
+        del state.entries[name]
+        state.created.pop(name, None)
+        entry.unloaded = True
+        state.kv.discard(entry)
+        log.info("unloaded adapter %s", name)
+        return {"deleted": name}
+
+    app.add_middleware(Guard, state=state)
+    return app

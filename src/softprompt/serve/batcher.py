@@ -1,0 +1,271 @@
+"""Dynamic batching: one worker thread owns the model; the asyncio side queues rows.
+
+A request is a Job of one or more rows (one per input). Rows of any requests, for any
+adapters, that arrive within `max_wait_ms` of each other (up to `max_batch_size` rows) run
+together: rows with prompts of the same length share one forward pass, each row after its
+own adapter's prompt (cached KV stacked, `rows=` picks each row's prompt). A row's result
+does not depend on the other rows of its batch (up to float rounding).
+
+No web framework here; `app.py` turns HTTP requests into Jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..data import collate_left
+from ..model import generate, score_continuations, stack_kv
+from .registry import Entry, KVCache
+
+log = logging.getLogger("softprompt.serve")
+
+
+@dataclass(eq=False)
+class ClassifyRow:
+    entry: Entry
+    ids: list[int]
+    """Rendered, tokenised (and if needed truncated) input."""
+
+
+@dataclass(eq=False)
+class CompleteRow:
+    entry: Entry
+    ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+
+
+Row = ClassifyRow | CompleteRow
+
+
+class Engine:
+    """Runs a batch of rows on the frozen model. Only the worker thread calls `run`."""
+
+    def __init__(self, model, tokenizer, kv_cache: KVCache):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.kv_cache = kv_cache
+        self.device = model.get_input_embeddings().weight.device
+
+    @torch.no_grad()
+    def run(self, rows: Sequence[Row]) -> list:
+        """Each classify row's probabilities (list of floats, in its labels' order); each
+        complete row's (new tokens, finished_by_eos)."""
+        out: list = [None] * len(rows)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rows):
+            P = r.entry.num_virtual_tokens
+            key = ("c", P) if isinstance(r, ClassifyRow) else ("g", P, r.temperature, r.top_p)
+            groups.setdefault(key, []).append(i)
+        for key, idx in groups.items():
+            part = [rows[i] for i in idx]
+            res = self._classify(part) if key[0] == "c" else self._complete(part)
+            for i, x in zip(idx, res, strict=True):
+                out[i] = x
+        return out
+
+    def _prompts(self, rows: Sequence[Row]):
+        """(stacked KV of the distinct adapters, rows [B] index into it)."""
+        slot: dict[int, int] = {}
+        kvs = []
+        for r in rows:
+            if r.entry.uid not in slot:
+                slot[r.entry.uid] = len(kvs)
+                kvs.append(self.kv_cache.get(r.entry))
+        index = torch.tensor([slot[r.entry.uid] for r in rows], device=self.device)
+        return stack_kv(kvs), index
+
+    def _classify(self, rows: Sequence[ClassifyRow]) -> list[list[float]]:
+        # Score the union of the rows' label sequences after every row; each row then keeps
+        # its own labels (a continuation's score does not depend on the others).
+        conts: dict[tuple[int, ...], int] = {}
+        for r in rows:
+            for c in r.entry.label_ids:
+                conts.setdefault(tuple(c), len(conts))
+        kv, index = self._prompts(rows)
+        ids, mask = collate_left([r.ids for r in rows], self.tokenizer.pad_token_id)
+        scores = score_continuations(
+            self.model, kv, ids.to(self.device), mask.to(self.device), list(conts), rows=index
+        )
+        out = []
+        for b, r in enumerate(rows):
+            cols = [conts[tuple(c)] for c in r.entry.label_ids]
+            out.append(torch.softmax(scores[b, cols].float(), -1).tolist())
+        return out
+
+    def _complete(self, rows: Sequence[CompleteRow]) -> list[tuple[list[int], bool]]:
+        kv, index = self._prompts(rows)
+        ids, mask = collate_left([r.ids for r in rows], self.tokenizer.pad_token_id)
+        most = max(r.max_tokens for r in rows)
+        eos = self.tokenizer.eos_token_id
+        new = generate(
+            self.model,
+            kv,
+            ids.to(self.device),
+            mask.to(self.device),
+            max_new_tokens=most,
+            eos_token_id=eos,
+            rows=index,
+            temperature=rows[0].temperature,
+            top_p=rows[0].top_p,
+        )
+        # generate drops the eos: a row that stopped short of the batch's most tokens hit it.
+        return [
+            (toks[: r.max_tokens], len(toks) < r.max_tokens)
+            for r, toks in zip(rows, new, strict=True)
+        ]
+
+
+class Closed(Exception):
+    """The batcher no longer accepts work (the server is shutting down)."""
+
+
+class Job:
+    """One request's rows; its asyncio future gets every row's result, in order."""
+
+    def __init__(self, rows: Sequence[Row], loop: asyncio.AbstractEventLoop):
+        self.rows = list(rows)
+        self.results: list = [None] * len(rows)
+        self.remaining = len(rows)
+        self.loop = loop
+        self.future: asyncio.Future = loop.create_future()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.future.done()
+
+    def _settle(self, fn: Callable, *args) -> None:
+        def apply() -> None:
+            if not self.future.done():
+                fn(*args)
+
+        try:
+            self.loop.call_soon_threadsafe(apply)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is waiting
+            pass
+
+    def row_done(self, i: int, value) -> None:
+        self.results[i] = value
+        self.remaining -= 1
+        if self.remaining == 0:
+            self._settle(self.future.set_result, self.results)
+
+    def fail(self, exc: BaseException) -> None:
+        self.remaining = -1
+        self._settle(self.future.set_exception, exc)
+
+
+_STOP = object()
+
+
+class Batcher:
+    """Collects rows from the event loop into batches for one model-owning worker thread.
+
+    `on_batch(rows, adapters, seconds)` is called after every batch (metrics).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+        on_batch: Callable[[int, int, float], None] | None = None,
+    ):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.on_batch = on_batch
+        self._q: queue.Queue = queue.Queue()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.in_flight = 0
+        """Rows taken from the queue and not yet answered."""
+
+    @property
+    def queue_depth(self) -> int:
+        """Rows waiting for the worker."""
+        return self._q.qsize()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="softprompt-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, rows: Sequence[Row]) -> Job:
+        """Queue a request's rows; await `job.future` for the results. Call from the loop."""
+        if self._closed:
+            raise Closed("the server is shutting down")
+        job = Job(rows, asyncio.get_running_loop())
+        for i in range(len(rows)):
+            self._q.put((job, i))
+        return job
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Refuse new work, finish every queued row, stop the worker."""
+        if self._closed:
+            return
+        self._closed = True
+        self._q.put(_STOP)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _next_batch(self) -> tuple[list[tuple[Job, int]], bool]:
+        first = self._q.get()
+        if first is _STOP:
+            return [], True
+        batch = [first]
+        deadline = time.monotonic() + self.max_wait
+        while len(batch) < self.max_batch_size:
+            left = deadline - time.monotonic()
+            try:
+                item = self._q.get(timeout=left) if left > 0 else self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _work(self) -> None:
+        stop = False
+        while not stop:
+            batch, stop = self._next_batch()
+            batch = [(job, i) for job, i in batch if not job.cancelled]
+            if not batch:
+                continue
+            self.in_flight = len(batch)
+            start = time.perf_counter()
+            self._run(batch)
+            if self.on_batch is not None:
+                adapters = len({job.rows[i].entry.uid for job, i in batch})
+                self.on_batch(len(batch), adapters, time.perf_counter() - start)
+            self.in_flight = 0
+
+    def _run(self, batch: list[tuple[Job, int]]) -> None:
+        try:
+            results = self.engine.run([job.rows[i] for job, i in batch])
+        except Exception:  # noqa: BLE001 - find the request at fault; the others still get answers
+            if len({id(job) for job, _ in batch}) == 1:
+                log.exception("batch failed")
+                batch[0][0].fail(RuntimeError("the model failed on this request"))
+                return
+            by_job: dict[int, list[tuple[Job, int]]] = {}
+            for item in batch:
+                by_job.setdefault(id(item[0]), []).append(item)
+            for part in by_job.values():
+                self._run(part)
+            return
+        for (job, i), value in zip(batch, results, strict=True):
+            if job.remaining > 0:
+                job.row_done(i, value)

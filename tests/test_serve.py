@@ -1,0 +1,519 @@
+"""`softprompt serve`: the batcher against single runs, the HTTP API (TestClient and a real
+uvicorn server), the openai client, faults, graceful shutdown, and the playground in a browser."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from conftest import make_model  # noqa: E402
+from softprompt.adapters import save_adapter  # noqa: E402
+from softprompt.data import Task, input_token_ids  # noqa: E402
+from softprompt.model import generate, prefix_kv  # noqa: E402
+from softprompt.pipeline import SoftPrompt  # noqa: E402
+from softprompt.prompt import init_prompt  # noqa: E402
+from softprompt.serve.app import ServeConfig, create_app  # noqa: E402
+from softprompt.serve.batcher import ClassifyRow, CompleteRow, Engine  # noqa: E402
+from softprompt.serve.registry import KVCache, load_entry  # noqa: E402
+
+TEXTS = [
+    "@ZephyrMobile no signal for three days and nobody answers",
+    "thanks!",
+    "@NorthRailUK the 8:05 was cancelled again, third time this week. Refund please",
+    "ok",
+]
+LONG = "my parcel never arrived and nobody answers the phone " * 20
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return make_model("llama", len(tokenizer))
+
+
+def _write_adapters(folder: Path, model, tok) -> Path:
+    binary = ["complaint", "no complaint"]
+    specs = {  # name: (P, seed, labels)
+        "alpha": (4, 1, binary),
+        "beta": (4, 2, binary),
+        "gamma": (4, 3, ["yes", "no", "maybe so"]),
+        "delta": (6, 4, binary),  # another prompt length: a batch of its own
+    }
+    for name, (P, seed, labels) in specs.items():
+        prompt = init_prompt(model, tok, P, "vocab", seed=seed)
+        task = Task(text_column="Tweet text", label_names=labels, max_length=64)
+        save_adapter(
+            folder / name, prompt, {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": P}, task
+        )
+    # refused at start: another model's width
+    save_adapter(folder / "wide", torch.zeros(4, 48), {"peft_type": "PROMPT_TUNING"}, None)
+    (folder / "notes").mkdir()  # not an adapter: skipped
+    # loadable later through POST /v1/adapters
+    extra = folder / "more" / "eps"
+    save_adapter(extra, init_prompt(model, tok, 4, "vocab", seed=5), {"peft_type": "PROMPT_TUNING"},
+                 Task(text_column="Tweet text", label_names=binary, max_length=64))  # fmt: skip
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(tmp_path_factory, model, tokenizer) -> Path:
+    return _write_adapters(tmp_path_factory.mktemp("adapters"), model, tokenizer)
+
+
+def _app(model, tok, folder, **kw):
+    return create_app(model, tok, ServeConfig(adapters=folder, **kw), model_name="tiny")
+
+
+@pytest.fixture
+def client(model, tokenizer, adapters_dir):
+    with TestClient(_app(model, tokenizer, adapters_dir, max_body_bytes=20_000)) as c:
+        yield c
+
+
+def _alone(model, tok, folder, name, texts):
+    return SoftPrompt.load(str(folder / name), model, tok).classify(texts)
+
+
+def _err(r) -> dict:
+    return r.json()["error"]
+
+
+# --------------------------------------------------------------------------- batching
+
+
+@torch.no_grad()
+def test_mixed_batch_equals_each_request_alone(model, tokenizer, adapters_dir):
+    entries = {n: load_entry(adapters_dir / n, n, model, tokenizer) for n in ("alpha", "beta", "gamma", "delta")}  # fmt: skip
+    engine = Engine(model, tokenizer, KVCache(model, 10**9))
+    order = ["alpha", "gamma", "beta", "delta", "gamma", "alpha", "beta", "delta"]
+    texts = [TEXTS[i % 4] for i in range(len(order))]
+    rows = [
+        ClassifyRow(entries[n], input_token_ids(tokenizer, entries[n].task, t, entries[n].budget))
+        for n, t in zip(order, texts, strict=True)
+    ]
+    mixed = engine.run(rows)
+    for row, text, got in zip(rows, texts, mixed, strict=True):
+        (alone,) = engine.run([row])
+        assert len(got) == len(row.entry.task.label_names)
+        assert torch.allclose(torch.tensor(got), torch.tensor(alone), atol=1e-5)
+        ref = SoftPrompt(row.entry.adapter, model, tokenizer).classify([text])[0]
+        assert torch.allclose(torch.tensor(got), torch.tensor(list(ref["probabilities"].values())), atol=1e-5)  # fmt: skip
+    # greedy completions, mixed adapters and lengths, each row its own max_tokens
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    comp = [CompleteRow(entries[n], ids[i], 3 + i % 3, 0.0, 1.0) for i, n in enumerate(order)]
+    outs = engine.run(comp)
+    for row, (toks, _) in zip(comp, outs, strict=True):
+        x = torch.tensor([row.ids])
+        ref = generate(model, prefix_kv(model, row.entry.prompt), x, torch.ones_like(x),
+                       max_new_tokens=row.max_tokens, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        assert toks == ref[0]
+        assert engine.run([row])[0][0] == toks
+
+
+def test_kv_cache_is_bounded_lru(model, tokenizer, adapters_dir):
+    entries = [
+        load_entry(adapters_dir / n, n, model, tokenizer) for n in ("alpha", "beta", "gamma")
+    ]
+    one = KVCache(model, 10**9)
+    size = (one.get(entries[0]), one.bytes)[1]
+    cache = KVCache(model, 2 * size)
+    for e in entries:
+        cache.get(e)
+    assert len(cache) == 2 and cache.bytes == 2 * size and cache.misses == 3
+    cache.get(entries[2])
+    assert cache.hits == 1
+    cache.get(entries[0])  # evicted earlier: recomputed
+    assert cache.misses == 4
+    tiny_budget = KVCache(model, 0)  # keeps only the adapter in use
+    for e in entries:
+        tiny_budget.get(e)
+    assert len(tiny_budget) == 1
+
+
+# --------------------------------------------------------------------------- HTTP, TestClient
+
+
+def test_models_health_and_refused(client):
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["alpha", "beta", "delta", "gamma"]
+    assert models["data"][2]["softprompt"]["num_virtual_tokens"] == 6
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and "wide" in health["refused"]
+    assert "hidden size" in health["refused"]["wide"]
+    assert client.get("/v1/models/gamma").json()["softprompt"]["labels"][2] == "maybe so"
+
+
+def test_classify_equals_softprompt_classify(client, model, tokenizer, adapters_dir):
+    for name in ("alpha", "gamma", "delta"):
+        r = client.post("/v1/classify", json={"adapter": name, "inputs": TEXTS})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        ref = _alone(model, tokenizer, adapters_dir, name, TEXTS)
+        for got, want in zip(body["results"], ref, strict=True):
+            assert got["label"] == want["label"] and got["truncated"] is False
+            for k, p in want["probabilities"].items():
+                assert abs(got["probabilities"][k] - p) < 1e-5
+        assert "warnings" not in body
+
+
+def test_bad_requests_get_clear_json_errors(client):
+    r = client.post(
+        "/v1/classify", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and "not valid JSON" in _err(r)["message"]
+    r = client.post("/v1/classify", json={"adapter": "alpha"})
+    assert r.status_code == 400 and "inputs" in _err(r)["message"]
+    r = client.post("/v1/classify", json={"adapter": "alpha", "inputs": []})
+    assert r.status_code == 400 and "empty" in _err(r)["message"]
+    r = client.post("/v1/classify", json={"adapter": "alpha", "inputs": "one string"})
+    assert r.status_code == 400
+    r = client.post("/v1/classify", json={"adapter": "nope", "inputs": ["x"]})
+    assert r.status_code == 404
+    assert _err(r)["known_adapters"] == ["alpha", "beta", "delta", "gamma"]
+    assert "alpha" in _err(r)["message"]
+    r = client.post("/v1/classify", json={"adapter": "alpha", "inputs": ["x" * 30_000]})
+    assert r.status_code == 413 and "limit" in _err(r)["message"]
+    r = client.get("/no/such/route")
+    assert r.status_code == 404 and "error" in r.json()
+    r = client.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "n": 2})
+    assert r.status_code == 400 and "n must be 1" in _err(r)["message"]
+    r = client.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "stream": True})
+    assert r.status_code == 400
+    r = client.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 10**6})
+    assert r.status_code == 400 and "max_tokens" in _err(r)["message"]
+    assert client.get("/health").json()["status"] == "ok"  # still serving
+
+
+def test_long_input_is_cut_as_in_training_or_413_when_strict(
+    client, model, tokenizer, adapters_dir
+):
+    r = client.post("/v1/classify", json={"adapter": "alpha", "inputs": ["ok", LONG]})
+    assert r.status_code == 200
+    body = r.json()
+    assert [x["truncated"] for x in body["results"]] == [False, True]
+    assert "input 1 was cut" in body["warnings"][0]
+    ref = _alone(model, tokenizer, adapters_dir, "alpha", [LONG])[
+        0
+    ]  # classify cuts it the same way
+    for k, p in ref["probabilities"].items():
+        assert abs(body["results"][1]["probabilities"][k] - p) < 1e-5
+    r = client.post(
+        "/v1/classify", json={"adapter": "alpha", "inputs": ["ok", LONG], "strict": True}
+    )
+    assert r.status_code == 413 and "input 1" in _err(r)["message"]
+
+
+def test_load_and_unload_adapters(client, adapters_dir):
+    r = client.post("/v1/adapters", json={"path": "../../etc"})
+    assert r.status_code == 403 and "outside" in _err(r)["message"]
+    r = client.post("/v1/adapters", json={"path": "/etc"})
+    assert r.status_code == 403
+    r = client.post("/v1/adapters", json={"path": "more/missing"})
+    assert r.status_code == 404
+    r = client.post("/v1/adapters", json={"path": "wide"})
+    assert r.status_code == 400 and "hidden size" in _err(r)["message"]
+    r = client.post("/v1/adapters", json={"path": "more/eps"})
+    assert r.status_code == 201 and r.json()["loaded"] == "eps"
+    r = client.post("/v1/adapters", json={"path": str(adapters_dir / "more" / "eps")})
+    assert r.status_code == 409
+    r = client.post("/v1/adapters", json={"path": "more/eps", "name": "../bad"})
+    assert r.status_code == 400 and "name" in _err(r)["message"]
+    r = client.post("/v1/classify", json={"adapter": "eps", "inputs": ["hello"]})
+    assert r.status_code == 200
+    assert client.delete("/v1/adapters/eps").json() == {"deleted": "eps"}
+    assert client.delete("/v1/adapters/eps").status_code == 404
+    r = client.post("/v1/classify", json={"adapter": "eps", "inputs": ["hello"]})
+    assert r.status_code == 404
+
+
+def test_metrics_are_prometheus_text(client):
+    client.post("/v1/classify", json={"adapter": "alpha", "inputs": TEXTS})
+    text = client.get("/metrics").text
+    for name in (
+        "softprompt_requests_total",
+        "softprompt_request_seconds_bucket",
+        "softprompt_batch_rows_bucket",
+        "softprompt_queue_depth",
+        "softprompt_kv_cache_bytes",
+        "softprompt_prompt_bytes",
+    ):
+        assert name in text
+    assert 'route="/v1/classify",status="200"' in text
+
+
+def test_playground_page_is_served(client):
+    r = client.get("/")
+    assert r.status_code == 200 and "softprompt playground" in r.text
+
+
+# --------------------------------------------------------------------------- real server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(app):
+    """A real uvicorn server in a thread on a free port; stopped (gracefully) on exit."""
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+
+
+@pytest.fixture(scope="module")
+def slow_server(model, tokenizer, adapters_dir):
+    """Batches wait 300 ms to fill: requests sent together share a batch."""
+    app = _app(model, tokenizer, adapters_dir, max_wait_ms=300, max_batch_size=64)
+    with running(app) as url:
+        yield url
+
+
+def test_concurrent_requests_share_a_batch_and_match_alone(
+    slow_server, model, tokenizer, adapters_dir
+):
+    jobs = [("alpha", TEXTS[:2]), ("gamma", TEXTS[2:]), ("beta", [TEXTS[1]]), ("alpha", [LONG])]
+
+    async def go():
+        async with httpx.AsyncClient(base_url=slow_server, timeout=30) as c:
+            return await asyncio.gather(
+                *(c.post("/v1/classify", json={"adapter": a, "inputs": x}) for a, x in jobs)
+            )
+
+    before = httpx.get(f"{slow_server}/metrics").text
+    replies = asyncio.run(go())
+    for (name, texts), r in zip(jobs, replies, strict=True):
+        assert r.status_code == 200, r.text
+        for got, want in zip(r.json()["results"], _alone(model, tokenizer, adapters_dir, name, texts), strict=True):  # fmt: skip
+            assert got["label"] == want["label"]
+            for k, p in want["probabilities"].items():
+                assert abs(got["probabilities"][k] - p) < 1e-5
+    after = httpx.get(f"{slow_server}/metrics").text
+    assert _metric(after, "softprompt_batch_adapters_sum") - _metric(before, "softprompt_batch_adapters_sum") >= 3  # fmt: skip
+    assert _metric(after, "softprompt_batch_adapters_count") - _metric(before, "softprompt_batch_adapters_count") == 1  # fmt: skip
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_openai_client_completions(slow_server, model, tokenizer, adapters_dir):
+    openai = pytest.importorskip("openai")
+    c = openai.OpenAI(base_url=f"{slow_server}/v1", api_key="unused", timeout=30, max_retries=0)
+    assert {m.id for m in c.models.list()} == {"alpha", "beta", "gamma", "delta"}
+    out = c.completions.create(model="gamma", prompt=TEXTS[0], max_tokens=5, temperature=0)
+    prompt = SoftPrompt.load(str(adapters_dir / "gamma"), model, tokenizer).prompt
+    x = torch.tensor([tokenizer(TEXTS[0])["input_ids"]])
+    ref = generate(model, prefix_kv(model, prompt), x, torch.ones_like(x), max_new_tokens=5,
+                   eos_token_id=tokenizer.eos_token_id)[0]  # fmt: skip
+    assert out.choices[0].text == tokenizer.decode(ref, skip_special_tokens=True)
+    assert out.usage.completion_tokens == len(ref) and out.model == "gamma"
+    if len(out.choices[0].text) > 1:
+        stop = out.choices[0].text[1:3]
+        cut = c.completions.create(
+            model="gamma", prompt=TEXTS[0], max_tokens=5, temperature=0, stop=[stop]
+        )
+        assert cut.choices[0].text == out.choices[0].text[: out.choices[0].text.find(stop)]
+        assert cut.choices[0].finish_reason == "stop"
+    sampled = c.completions.create(
+        model="alpha", prompt=["a", "b"], max_tokens=3, temperature=0.8, top_p=0.9
+    )
+    assert [ch.index for ch in sampled.choices] == [0, 1]
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="alpha", prompt="hi", n=2)
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="nope", prompt="hi")
+
+
+def test_unload_while_requests_are_queued(slow_server):
+    with httpx.Client(base_url=slow_server, timeout=30) as c:
+        assert c.post("/v1/adapters", json={"path": "more/eps"}).status_code == 201
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault("r", c.post("/v1/classify", json={"adapter": "eps", "inputs": TEXTS})))  # fmt: skip
+        t.start()
+        time.sleep(0.1)  # queued, waiting for its batch
+        assert c.delete("/v1/adapters/eps").status_code == 200
+        t.join(30)
+        assert box["r"].status_code == 200  # queued before the unload: it finishes
+        assert c.post("/v1/classify", json={"adapter": "eps", "inputs": ["x"]}).status_code == 404
+        assert c.get("/health").json()["kv_cache"]["entries"] <= 4
+
+
+def test_client_disconnect_does_not_hurt_others(slow_server):
+    before = _metric(
+        httpx.get(f"{slow_server}/metrics").text, "softprompt_client_disconnects_total"
+    )
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(
+            f"{slow_server}/v1/classify", json={"adapter": "beta", "inputs": TEXTS}, timeout=0.05
+        )
+    r = httpx.post(
+        f"{slow_server}/v1/classify", json={"adapter": "beta", "inputs": TEXTS}, timeout=30
+    )
+    assert r.status_code == 200
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{slow_server}/metrics").text
+        if _metric(text, "softprompt_client_disconnects_total") > before:
+            break
+        time.sleep(0.05)
+    assert _metric(text, "softprompt_client_disconnects_total") == before + 1
+    assert 'status="499"' in text
+
+
+def test_cli_serve_sigint_finishes_in_flight_requests(tiny_model_dir, adapters_dir, tmp_path):
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    cmd = [sys.executable, "-m", "softprompt.cli", "serve", "--model", str(tiny_model_dir),
+           "--adapters", str(adapters_dir), "--port", str(port), "--max-wait-ms", "700",
+           "--log-level", "warning"]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log.read_text()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "server did not start: " + log.read_text()
+            time.sleep(0.1)
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault("r", httpx.post(f"{url}/v1/classify", json={"adapter": "alpha", "inputs": TEXTS}, timeout=30)))  # fmt: skip
+        t.start()
+        time.sleep(0.2)  # the request waits in the batcher
+        proc.send_signal(signal.SIGINT)
+        t.join(30)
+        assert box["r"].status_code == 200, box["r"].text
+        assert len(box["r"].json()["results"]) == 4
+        assert proc.wait(30) == 0, log.read_text()
+        assert "refused adapter wide" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_serve_without_extra_names_the_extra(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    from softprompt.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "fastapi" else real(n, *a)
+    )
+    assert main(["serve", "--adapters", str(tmp_path)]) == 2
+    assert "pip install 'softprompt[serve]'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- browser
+
+
+def _chrome():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("chromium and chromedriver are not installed (scripts/setup.sh installs them)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        opts.add_argument(a)
+    return webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver))
+
+
+def test_playground_in_a_headless_browser(model, tokenizer, adapters_dir):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser = _chrome()
+    try:
+        with running(_app(model, tokenizer, adapters_dir)) as url:
+            browser.set_page_load_timeout(30)
+            browser.get(url + "/")
+            wait = WebDriverWait(browser, 30)
+            wait.until(
+                lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1"
+            )
+            Select(browser.find_element(By.ID, "adapter")).select_by_value("gamma")
+            browser.find_element(By.ID, "text").send_keys(TEXTS[0])
+            browser.find_element(By.ID, "run").click()
+            wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#probabilities td.prob"))
+            shown = {
+                row.get_attribute("data-label"): float(
+                    row.find_element(By.CSS_SELECTOR, ".prob").text
+                )
+                for row in browser.find_elements(By.CSS_SELECTOR, "#probabilities tr[data-label]")
+            }
+            want = _alone(model, tokenizer, adapters_dir, "gamma", [TEXTS[0]])[0]
+            assert set(shown) == {"yes", "no", "maybe so"}
+            for k, p in want["probabilities"].items():
+                assert abs(shown[k] - p) < 1e-4
+            assert browser.find_element(By.ID, "label").text == want["label"]
+            # completion mode
+            browser.find_element(By.ID, "mode-complete").click()
+            browser.find_element(By.ID, "run").click()
+            wait.until(lambda b: b.find_elements(By.ID, "completion"))
+    finally:
+        browser.quit()
+
+
+def test_json_error_shape_matches_openai(client):
+    r = client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    err = _err(r)
+    assert set(err) >= {"message", "type"} and json.dumps(err)
+
+
+def test_bad_settings_are_reported_together(model, tokenizer, tmp_path):
+    from softprompt.errors import SoftpromptError
+
+    with pytest.raises(SoftpromptError, match="--max-batch-size.*--kv-cache-mb"):
+        _app(model, tokenizer, tmp_path, max_batch_size=0, kv_cache_mb=-1)
+    with pytest.raises(SoftpromptError, match="no such folder"):
+        _app(model, tokenizer, tmp_path / "missing")
