@@ -85,6 +85,11 @@ def _adapter_flags(p: argparse.ArgumentParser) -> None:
         "--generate", action="store_true", help="free generation instead of label scoring"
     )
     p.add_argument("--max-new-tokens", type=int, default=6)
+    p.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="ignore the decision bias saved by `softprompt cv` (raw label probabilities)",
+    )
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -98,6 +103,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     t = sub.add_parser("train", help="train a soft prompt; the --out folder becomes an adapter")
     _add_train_flags(t)
 
+    c = sub.add_parser(
+        "cv",
+        help="k-fold cross-validation: choose epochs and a decision bias, then train on all rows",
+    )
+    _add_train_flags(c)
+    c.add_argument("--folds", type=int, default=5, help="number of folds [default: 5]")
+    c.add_argument(
+        "--no-retrain",
+        action="store_true",
+        help="only report; don't train the final run on all rows",
+    )
     e = sub.add_parser(
         "eval", help="accuracy, macro-F1 and confusion matrix on labeled data (JSON)"
     )
@@ -159,7 +175,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     s.add_argument("--device", default=None)
     s.add_argument("--trust-remote-code", action="store_true")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return parser, {"train": t, "eval": e, "predict": pr, "push": pu, "serve": s}
+    return parser, {"train": t, "cv": c, "eval": e, "predict": pr, "push": pu, "serve": s}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -173,6 +189,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(TrainConfig(**kwargs, progress=not args.no_progress))
     best = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.best.items()}
     print(f"best prompt (epoch {best['epoch']}) saved in {result.out}: {json.dumps(best)}")
+    return 0
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from .cv import cross_validate
+    from .train import TrainConfig
+
+    kwargs = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if hasattr(args, f.name)
+    }
+    r = cross_validate(
+        TrainConfig(**kwargs, progress=not args.no_progress),
+        args.folds,
+        retrain=not args.no_retrain,
+    )
+    where = f"; final run (calibrated) in {r.final.out}" if r.final else ""
+    print(f"cross-validation report in {r.out / 'cv.json'}: best epoch {r.best_epoch}{where}")
     return 0
 
 
@@ -222,6 +257,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        calibrated=not args.no_calibration,
     )
     print(json.dumps(m, indent=2))
     if args.output:
@@ -253,7 +289,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
         rows = [{"text": t, "generated": o} for t, o in zip(texts, outs, strict=True)]
     else:
-        preds = sp.classify(texts, batch_size=args.batch_size, progress=progress)
+        preds = sp.classify(
+            texts,
+            batch_size=args.batch_size,
+            progress=progress,
+            calibrated=not args.no_calibration,
+        )
         rows = [
             {
                 "text": t,
@@ -327,6 +368,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "train": cmd_train,
+    "cv": cmd_cv,
     "eval": cmd_eval,
     "predict": cmd_predict,
     "push": cmd_push,

@@ -293,6 +293,20 @@ def stratified_split(
     return sorted(train), sorted(held)
 
 
+def stratified_folds(labels: Sequence[str], k: int, seed: int) -> list[list[int]]:
+    """k seeded folds of row indices; each class is dealt round-robin so every fold gets its share."""
+    rng = random.Random(seed)
+    folds: list[list[int]] = [[] for _ in range(k)]
+    start = 0
+    for lab in sorted(set(labels)):
+        idx = [i for i, v in enumerate(labels) if v == lab]
+        rng.shuffle(idx)
+        for j, i in enumerate(idx):
+            folds[(start + j) % k].append(i)
+        start += len(idx)  # the next class starts where this one stopped: fold sizes stay even
+    return [sorted(f) for f in folds]
+
+
 def batch_order(
     lengths: Sequence[int], batch_size: int, rng: random.Random, group_by_length: bool = True
 ) -> list[list[int]]:

@@ -82,10 +82,29 @@ class SoftPrompt:
                 "(e.g. --labels 'complaint,no complaint') or use --generate"
             )
 
+    @property
+    def bias(self) -> list[float] | None:
+        """The decision bias saved with the adapter (`softprompt cv`), if any: see calibrate.py."""
+        cal = self.task.extra.get("calibration") or {}
+        bias = cal.get("bias")
+        if bias is not None and len(bias) != len(self.task.label_names):
+            raise SoftpromptError(
+                f"{self.adapter.path}: the calibration bias has {len(bias)} entries for "
+                f"{len(self.task.label_names)} labels; remove 'calibration' from softprompt.json"
+            )
+        return bias
+
     def classify(
-        self, texts: Sequence[str], *, batch_size: int = 32, progress: bool = False
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int = 32,
+        progress: bool = False,
+        calibrated: bool = True,
     ) -> list[dict]:
-        """Score every label after each text: [{'label', 'probabilities': {label: p}}]."""
+        """Score every label after each text: [{'label', 'probabilities': {label: p}}].
+
+        With `calibrated` (default) the adapter's saved decision bias, if any, is applied."""
         self._need_labels()
         pred, probs = classify(
             self.model,
@@ -96,6 +115,7 @@ class SoftPrompt:
             batch_size=batch_size,
             progress=progress,
             kv=self.kv,
+            bias=self.bias if calibrated else None,
         )
         names = self.task.label_names
         return [
@@ -133,6 +153,7 @@ class SoftPrompt:
         max_new_tokens: int = 6,
         batch_size: int = 32,
         progress: bool = False,
+        calibrated: bool = True,
     ) -> dict:
         """accuracy, macro_f1, per_class, confusion_matrix (and invalid outputs for generation)."""
         self._need_labels()
@@ -142,8 +163,13 @@ class SoftPrompt:
             )
         else:
             pred = [
-                r["label"] for r in self.classify(texts, batch_size=batch_size, progress=progress)
+                r["label"]
+                for r in self.classify(
+                    texts, batch_size=batch_size, progress=progress, calibrated=calibrated
+                )
             ]
         m = metrics(gold, pred, self.task.label_names)
         m["method"] = "generation" if generate else "label_scoring"
+        if not generate:
+            m["calibrated"] = bool(calibrated and self.bias is not None)
         return m

@@ -42,7 +42,7 @@ from .evaluate import classify, metrics
 from .model import count_parameters, format_trainable, label_loss, load_base
 from .prompt import DEFAULT_INIT_TEXT, INIT_METHODS, init_prompt
 
-RUN_MARKERS = (TASK_NAME, "metrics.jsonl", "train_config.json")
+RUN_MARKERS = (TASK_NAME, "metrics.jsonl", "train_config.json", "cv.json")
 """Files only softprompt writes: a folder holding one is a run (a bare PEFT adapter is not)."""
 
 
@@ -104,6 +104,8 @@ class TrainConfig:
     """Allow models with custom code from the Hub (--trust-remote-code)."""
     overwrite: bool = False
     """Replace an existing run in --out (--overwrite)."""
+    save_every_epoch: bool = False
+    """Also keep each epoch's prompt as an adapter in epochs/NNN (--save-every-epoch)."""
     progress: bool = True
     """Show progress bars."""
     extra: dict = field(default_factory=dict)
@@ -320,6 +322,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         print(_format_record(record))
 
         save_adapter(out / "last", prompt, adapter_conf, task)
+        if cfg.save_every_epoch:
+            save_adapter(out / "epochs" / f"{epoch:03d}", prompt, adapter_conf, task)
         save_checkpoint(out / "checkpoint", prompt, optimizer, scheduler, epoch, step, rng)
         if best is None or _better(record, best):
             best = record

@@ -1,0 +1,194 @@
+"""k-fold cross-validation on a training file: how many epochs generalise, and a fitted
+decision bias, chosen from out-of-fold predictions instead of a fixed recipe.
+
+    out/cv.json           per-epoch out-of-fold metrics, the chosen epoch and bias
+    out/folds/<i>/        fold i's run (trained on the other folds, evaluated on fold i)
+    out/final/            (unless --no-retrain) a run on all rows for the chosen number of
+                          epochs, with the fitted bias in softprompt.json; use it like any run
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .adapters import TASK_NAME, atomic_write_json, load_adapter
+from .calibrate import apply_bias, fit_bias
+from .data import Task, label_set, load_table, stratified_folds
+from .errors import SoftpromptError
+from .evaluate import label_probabilities, metrics
+from .model import load_base
+from .train import TrainConfig, TrainResult, prepare_run_folder, train
+
+
+@dataclass
+class CVResult:
+    out: Path
+    best_epoch: int
+    bias: list[float]
+    epochs: list[dict]
+    """Per epoch: out-of-fold accuracy, macro-F1, log-loss; mean and spread of fold macro-F1."""
+    final: TrainResult | None
+
+
+def _write_jsonl(path: Path, col_text: str, col_label: str, texts, labels) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for t, y in zip(texts, labels, strict=True):
+            f.write(json.dumps({col_text: t, col_label: y}, ensure_ascii=False) + "\n")
+
+
+def cross_validate(
+    cfg: TrainConfig, folds: int = 5, *, retrain: bool = True, model=None, tokenizer=None
+) -> CVResult:
+    """Train `folds` runs as `cfg` says, each holding out one stratified fold; score every held-out
+    row after every epoch; pick the epoch with the best pooled out-of-fold macro-F1, fit the bias
+    on those predictions, then (retrain) train on all rows for that many epochs."""
+    cfg.validate()
+    if cfg.eval_data:
+        raise SoftpromptError(
+            "--eval-data is not used by cross-validation (every row is held out once); drop it"
+        )
+    table = load_table(
+        cfg.data, cfg.text_column, cfg.label_column, subset=cfg.subset, split=cfg.split
+    )
+    names = label_set(table)
+    counts = {n: table.labels.count(n) for n in names}
+    if folds < 2 or folds > min(counts.values()):
+        raise SoftpromptError(
+            f"--folds must be between 2 and the size of the smallest class ({counts}); got {folds}"
+        )
+    out = prepare_run_folder(cfg.out, cfg.overwrite)
+    atomic_write_json(out / "cv.json", {"status": "running", "folds": folds, "config": asdict(cfg)})
+    if model is None:
+        model, tokenizer, _ = load_base(
+            cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code
+        )
+    gold = [names.index(y) for y in table.labels]
+    oof = torch.zeros(cfg.epochs, len(gold), len(names))  # [E, N, L]
+    fold_f1 = [[0.0] * folds for _ in range(cfg.epochs)]
+    parts = stratified_folds(table.labels, folds, cfg.seed)
+    with tempfile.TemporaryDirectory(prefix="softprompt-cv-") as tmp:
+        for i, held in enumerate(parts):
+            keep = sorted(set(range(len(gold))) - set(held))
+            files = {}
+            for name, idx in (("train", keep), ("eval", held)):
+                files[name] = Path(tmp) / f"fold{i}-{name}.jsonl"
+                _write_jsonl(
+                    files[name],
+                    cfg.text_column,
+                    cfg.label_column,
+                    [table.texts[j] for j in idx],
+                    [table.labels[j] for j in idx],
+                )
+            print(f"--- fold {i + 1}/{folds}: train {len(keep)} rows, held out {len(held)} ---")
+            run = train(
+                replace(
+                    cfg,
+                    data=str(files["train"]),
+                    eval_data=str(files["eval"]),
+                    out=str(out / "folds" / str(i)),
+                    overwrite=False,
+                    save_every_epoch=True,
+                ),
+                model,
+                tokenizer,
+            )
+            texts = [table.texts[j] for j in held]
+            for e in range(cfg.epochs):
+                a = load_adapter(run.out / "epochs" / f"{e + 1:03d}")
+                task = a.task or Task(text_column=cfg.text_column, label_names=names)
+                p = label_probabilities(model, tokenizer, a.prompt, task, texts)
+                oof[e, held] = p
+                m = metrics([names[gold[j]] for j in held], _pred(p, names), names)
+                fold_f1[e][i] = m["macro_f1"]
+
+    rows = []
+    for e in range(cfg.epochs):
+        m = metrics(table.labels, _pred(oof[e], names), names)
+        nll = -oof[e][torch.arange(len(gold)), torch.tensor(gold)].clamp_min(1e-12).log().mean()
+        rows.append(
+            {
+                "epoch": e + 1,
+                "oof_accuracy": m["accuracy"],
+                "oof_macro_f1": m["macro_f1"],
+                "oof_log_loss": nll.item(),
+                "fold_macro_f1_mean": statistics.mean(fold_f1[e]),
+                "fold_macro_f1_std": statistics.stdev(fold_f1[e]),
+            }
+        )
+    best = max(rows, key=lambda r: (r["oof_macro_f1"], -r["oof_log_loss"]))
+    bias = fit_bias(oof[best["epoch"] - 1], gold)
+    calibrated = metrics(
+        table.labels, _pred(apply_bias(oof[best["epoch"] - 1], bias), names), names
+    )
+    report = {
+        "status": "done",
+        "folds": folds,
+        "labels": names,
+        "best_epoch": best["epoch"],
+        "bias": bias,
+        "oof_macro_f1_with_bias": calibrated["macro_f1"],
+        "epochs": rows,
+        "config": asdict(cfg),
+    }
+    atomic_write_json(out / "cv.json", report)
+    _print_table(rows, best["epoch"], bias, calibrated["macro_f1"])
+
+    final = None
+    if retrain:
+        print(f"--- final: all {len(gold)} rows, {best['epoch']} epochs ---")
+        final = train(
+            replace(
+                cfg,
+                out=str(out / "final"),
+                epochs=best["epoch"],
+                eval_fraction=0.0,
+                overwrite=False,
+                save_every_epoch=False,
+            ),
+            model,
+            tokenizer,
+        )
+        set_calibration(final.out, bias, f"fitted on {folds}-fold out-of-fold predictions")
+    return CVResult(out=out, best_epoch=best["epoch"], bias=bias, epochs=rows, final=final)
+
+
+def set_calibration(folder: Path, bias: list[float] | None, how: str) -> None:
+    """Record a decision bias in an adapter's softprompt.json (None removes it)."""
+    path = Path(folder) / TASK_NAME
+    if not path.exists():
+        raise SoftpromptError(f"{folder} has no {TASK_NAME}; calibration needs a softprompt run")
+    data = json.loads(path.read_text())
+    extra = data.setdefault("extra", {})
+    if bias is None:
+        extra.pop("calibration", None)
+    else:
+        extra["calibration"] = {"bias": [float(b) for b in bias], "how": how}
+    atomic_write_json(path, data)
+
+
+def _pred(probs: torch.Tensor, names: list[str]) -> list[str]:
+    return [names[i] for i in probs.argmax(-1).tolist()]
+
+
+def _print_table(rows: list[dict], best: int, bias: list[float], f1_bias: float) -> None:
+    print("epoch  oof_acc  oof_macro_f1  oof_log_loss  fold_f1 (mean ± std)")
+    for r in rows:
+        mark = "  <- best" if r["epoch"] == best else ""
+        print(
+            f"{r['epoch']:5d}  {r['oof_accuracy']:7.3f}  {r['oof_macro_f1']:12.3f}  "
+            f"{r['oof_log_loss']:12.4f}  {r['fold_macro_f1_mean']:.3f} ± "
+            f"{r['fold_macro_f1_std']:.3f}{mark}"
+        )
+    shown = ", ".join(f"{b:+.3f}" for b in bias)
+    print(
+        f"fitted bias [{shown}]: out-of-fold macro-F1 {f1_bias:.3f} (optimistic: fitted on the same rows)"
+    )
+    if not all(math.isfinite(b) for b in bias):
+        raise SoftpromptError("the fitted bias is not finite; the out-of-fold scores are broken")

@@ -1,0 +1,121 @@
+"""k-fold cross-validation (`softprompt cv`) and the saved decision bias, on a tiny model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from softprompt.adapters import load_adapter
+from softprompt.calibrate import apply_bias
+from softprompt.cli import main
+from softprompt.data import stratified_folds
+from softprompt.evaluate import label_probabilities, metrics
+from softprompt.pipeline import SoftPrompt
+
+LABELS = ["complaint", "no complaint"]
+
+
+@pytest.mark.parametrize("k,seed", [(2, 0), (3, 1), (5, 2)])
+def test_stratified_folds_partition_the_rows_and_share_each_class(k, seed):
+    labels = ["a"] * 17 + ["b"] * 33 + ["c"] * 5
+    folds = stratified_folds(labels, k, seed)
+    assert sorted(i for f in folds for i in f) == list(range(len(labels)))
+    for lab in "abc":
+        per_fold = [sum(labels[i] == lab for i in f) for f in folds]
+        assert max(per_fold) - min(per_fold) <= 1
+    assert max(map(len, folds)) - min(map(len, folds)) <= 1
+    assert folds == stratified_folds(labels, k, seed)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, demo_train) -> Path:
+    """12 rows of each class from the demo data."""
+    with open(demo_train, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    picked = [r for r in rows if r["Label"] == LABELS[0]][:12]
+    picked += [r for r in rows if r["Label"] == LABELS[1]][:12]
+    path = tmp_path_factory.mktemp("cvdata") / "small.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["Tweet text", "Label"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(picked)
+    return path
+
+
+def cv_args(data: Path, model_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "cv", "--data", str(data), "--text-column", "Tweet text", "--label-column", "Label",
+        "--model", str(model_dir), "--epochs", "2", "--batch-size", "4", "--no-progress",
+        "--lr", "0.3", "--out", str(out), "--folds", "3", *extra,
+    ]  # fmt: skip
+
+
+def test_cv_reports_out_of_fold_metrics_and_trains_a_calibrated_final_run(
+    tmp_path, tiny_model_dir, small_data, capsys
+):
+    torch.set_num_threads(1)
+    out = tmp_path / "cv"
+    assert main(cv_args(small_data, tiny_model_dir, out)) == 0
+    report = json.loads((out / "cv.json").read_text())
+    assert report["status"] == "done" and report["folds"] == 3
+    assert [r["epoch"] for r in report["epochs"]] == [1, 2]
+    best = report["best_epoch"]
+    assert (
+        best
+        == max(report["epochs"], key=lambda r: (r["oof_macro_f1"], -r["oof_log_loss"]))["epoch"]
+    )
+
+    # the out-of-fold numbers are those of each fold's prompt on the rows it never saw
+    with open(small_data, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    texts, gold = [r["Tweet text"] for r in rows], [r["Label"] for r in rows]
+    folds = stratified_folds(gold, 3, 42)
+    a0 = load_adapter(out / "folds" / "0")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    oof = torch.zeros(len(texts), 2)
+    for i, held in enumerate(folds):
+        a = load_adapter(out / "folds" / str(i) / "epochs" / f"{best:03d}")
+        oof[held] = label_probabilities(model, tok, a.prompt, a0.task, [texts[j] for j in held])
+    pred = [LABELS[j] for j in oof.argmax(-1).tolist()]
+    row = report["epochs"][best - 1]
+    assert row["oof_macro_f1"] == pytest.approx(metrics(gold, pred, LABELS)["macro_f1"])
+    assert row["oof_accuracy"] == pytest.approx(metrics(gold, pred, LABELS)["accuracy"])
+
+    # the final run: all rows, the chosen epochs, the fitted bias in softprompt.json
+    final = out / "final"
+    lines = (final / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == best
+    task = json.loads((final / "softprompt.json").read_text())
+    assert task["extra"]["calibration"]["bias"] == report["bias"]
+    sp = SoftPrompt(load_adapter(final), model, tok)
+    raw = label_probabilities(model, tok, sp.prompt, sp.task, texts[:5])
+    got = torch.tensor([[o["probabilities"][n] for n in LABELS] for o in sp.classify(texts[:5])])
+    assert torch.allclose(got, apply_bias(raw, report["bias"]), atol=1e-5)
+    plain = sp.classify(texts[:5], calibrated=False)
+    assert torch.allclose(
+        torch.tensor([[o["probabilities"][n] for n in LABELS] for o in plain]), raw, atol=1e-5
+    )
+    # eval says whether the bias was used
+    capsys.readouterr()
+    argv = ["eval", str(final), "--data", str(small_data), "--no-progress"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["calibrated"] is True
+    assert main([*argv, "--no-calibration"]) == 0
+    assert json.loads(capsys.readouterr().out)["calibrated"] is False
+
+
+def test_cv_refuses_more_folds_than_the_smallest_class(
+    tmp_path, tiny_model_dir, small_data, capsys
+):
+    rc = main(cv_args(small_data, tiny_model_dir, tmp_path / "x", "--folds", "13"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "--folds" in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("softprompt: error: --folds")
+    assert not (tmp_path / "x").exists()  # refused before anything was written
