@@ -506,3 +506,96 @@ def test_hub_dataset_path_passes_subset_and_split_and_maps_classlabels(monkeypat
     assert calls == [("ought/raft", "twitter_complaints", "train")]
     assert table.labels == ["complaint", "no complaint"]
     assert label_set(table) == ["complaint", "no complaint"]  # Unlabeled is not a trained class
+
+
+_csv_soup = st.lists(
+    st.sampled_from(list("ab ,\"'\n\r\t;|\\é☕\x00") + ["text", "label", '""', ',"', '",']),
+    max_size=40,
+).map("".join)
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(
+    body=_csv_soup, header=st.sampled_from(["text,label\n", "label,text\n", "", '"text","label"\n'])
+)
+def test_property_raw_csv_loads_or_says_why(body, header):
+    """Hand-made CSVs with odd quoting (unbalanced quotes, embedded newlines and commas, ragged
+    rows, NUL bytes): load_table either reads them or raises a SoftpromptError naming the file."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "odd.csv"
+        path.write_bytes((header + body).encode("utf-8"))
+        try:
+            table = load_table(str(path), "text", "label")
+        except SoftpromptError as e:
+            assert str(path) in str(e) and "\n" not in str(e).strip()
+            return
+    assert len(table.texts) == len(table.labels) > 0
+    assert all(isinstance(t, str) for t in table.texts)
+    assert all(isinstance(lab, str) and lab and lab == lab.strip() for lab in table.labels)
+
+
+_json_value = st.one_of(
+    st.text(max_size=20),
+    st.integers(-5, 5),
+    st.floats(allow_nan=False, allow_infinity=False, width=32),
+    st.booleans(),
+    st.none(),
+)
+
+
+@settings(max_examples=25, deadline=None, database=None)
+@given(rows=st.lists(st.tuples(_json_value, _json_value), min_size=1, max_size=5))
+def test_property_jsonl_any_values_load_or_say_why(rows):
+    """JSONL cells of any JSON type (mixed across rows, nulls): strings out, or a clear error."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "data.jsonl"
+        lines = [json.dumps({"text": t, "label": lab}, ensure_ascii=False) for t, lab in rows]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        try:
+            table = load_table(str(path), "text", "label")
+        except SoftpromptError as e:
+            assert str(path) in str(e)
+            return
+    assert len(table.texts) == len(rows)
+    assert all(isinstance(t, str) for t in table.texts)
+    assert all(isinstance(lab, str) and lab.strip() == lab != "" for lab in table.labels)
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    rows=st.lists(st.tuples(_text, _label), min_size=1, max_size=5),
+    max_length=st.integers(min_value=12, max_value=64),
+    template=st.sampled_from([DEFAULT_TEMPLATE, "{text}", "Q: {text}\nA:", "{text} → "]),
+)
+def test_property_collated_labels_are_each_rows_tail(tokenizer, rows, max_length, template):
+    """Through encode_rows and collate_train, the positions scored are exactly each row's label
+    tokens, at the end of the row, never cut; the count the trainer divides by matches them."""
+    from softprompt.train import label_token_count
+
+    labels = [lab.strip() or "x" for _, lab in rows]
+    task = Task(
+        text_column="c",
+        label_names=sorted(set(labels)),
+        template=template,
+        max_length=max_length,
+    )
+    try:
+        encoded = encode_rows(tokenizer, task, [t for t, _ in rows], labels)
+    except SoftpromptError as e:
+        assert "--max-length" in str(e)
+        return
+    batch = collate_train(encoded, tokenizer.pad_token_id)
+    for i, (row, lab) in enumerate(zip(encoded, labels, strict=True)):
+        want = label_token_ids(tokenizer, lab)
+        n = len(row)
+        assert n <= max_length
+        assert batch["attention_mask"][i].sum() == n
+        assert batch["input_ids"][i, n - len(want) : n].tolist() == want
+        assert batch["labels"][i, n - len(want) : n].tolist() == want
+        assert (batch["labels"][i] != -100).sum() == len(want)
+    assert (batch["labels"][:, 1:] != -100).sum() == label_token_count(encoded)

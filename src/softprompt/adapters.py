@@ -164,6 +164,10 @@ def load_adapter(path: str | Path) -> Adapter:
         config = json.loads(conf_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SoftpromptError(f"{conf_path}: not valid JSON ({e}); the file is corrupt") from None
+    if not isinstance(config, dict):
+        raise SoftpromptError(
+            f"{conf_path}: holds a {type(config).__name__}, not a settings object; the file is corrupt"
+        )
     ptype = config.get("peft_type")
     if ptype != "PROMPT_TUNING":
         raise SoftpromptError(
@@ -215,6 +219,8 @@ def load_adapter(path: str | Path) -> Adapter:
             raise SoftpromptError(
                 f"{task_path}: not valid JSON ({e}); the file is corrupt"
             ) from None
+        if not isinstance(data, dict):
+            raise SoftpromptError(f"{task_path}: not a settings object; the file is corrupt")
         task = Task.from_dict(data)
         base = task.extra.get("base_model", base)
     return Adapter(prompt=prompt, config=config, task=task, path=str(folder), base_model=base)

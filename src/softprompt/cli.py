@@ -51,14 +51,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
         default = None if f.default is dataclasses.MISSING else f.default
-        req = f.default is dataclasses.MISSING
-        p.add_argument(
-            flag,
-            type=kind,
-            default=default,
-            required=req,
-            help=f"{help_} [default: {default}]" if not req else help_,
-        )
+        # the parsed value stays None unless the flag is given: --resume tells given from default
+        p.add_argument(flag, type=kind, default=None, help=f"{help_} [default: {default}]")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -179,16 +173,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from .train import TrainConfig, end_processes, resume_config, train
 
-    kwargs = {
+    given = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(TrainConfig)
-        if hasattr(args, f.name)
+        if getattr(args, f.name, None) is not None and getattr(args, f.name) is not False
     }
-    result = train(TrainConfig(**kwargs, progress=not args.no_progress))
-    best = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.best.items()}
-    print(f"best prompt (epoch {best['epoch']}) saved in {result.out}: {json.dumps(best)}")
+    try:
+        if args.resume:
+            cfg = resume_config(args.resume, **given)
+        else:
+            cfg = TrainConfig(**{"data": None, **given})
+        cfg.progress = not args.no_progress
+        result = train(cfg)
+    finally:
+        end_processes()
+    if result.main_process:
+        best = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.best.items()}
+        print(f"best prompt (epoch {best['epoch']}) saved in {result.out}: {json.dumps(best)}")
     return 0
 
 
@@ -196,16 +199,16 @@ def cmd_cv(args: argparse.Namespace) -> int:
     from .cv import cross_validate
     from .train import TrainConfig
 
-    kwargs = {
+    given = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(TrainConfig)
-        if hasattr(args, f.name)
+        if getattr(args, f.name, None) is not None and getattr(args, f.name) is not False
     }
-    r = cross_validate(
-        TrainConfig(**kwargs, progress=not args.no_progress),
-        args.folds,
-        retrain=not args.no_retrain,
-    )
+    for flag in ("resume", "save_every_epoch", "eval_data"):
+        if flag in given:
+            raise SoftpromptError(f"--{flag.replace('_', '-')} cannot be used with `softprompt cv`")
+    cfg = TrainConfig(**{"data": None, **given}, progress=not args.no_progress)
+    r = cross_validate(cfg, args.folds, retrain=not args.no_retrain)
     where = f"; final run (calibrated) in {r.final.out}" if r.final else ""
     print(f"cross-validation report in {r.out / 'cv.json'}: best epoch {r.best_epoch}{where}")
     return 0

@@ -83,6 +83,37 @@ def load_base(
     return model, tokenizer, "default" if is_default_model(name) else name
 
 
+def set_gradient_checkpointing(model, enable: bool = True) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them (less
+    memory, about a third more compute). Non-reentrant, so inputs need not require grad.
+
+    Hugging Face checkpoints a layer only while that layer is in train mode: only the layer
+    modules themselves are switched to train mode; everything inside them (attention, dropout)
+    stays in eval mode, so dropout stays off and the loss equals the one without checkpointing.
+    A checkpointed layer runs without a KV cache: train with `label_loss(..., shared_prefix=False)`.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.eval()
+    if not enable:
+        off = getattr(model, "activation_checkpointing_disable", None)
+        (off or model.gradient_checkpointing_disable)()
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise SoftpromptError(
+            f"{type(model).__name__} does not support gradient checkpointing; drop --gradient-checkpointing"
+        )
+    on = getattr(model, "activation_checkpointing_enable", None)
+    if on is not None:  # transformers >= 5.x
+        on(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.disable_input_require_grads()  # the prompt requires grad; the embeddings need not
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer):
+            m.training = True
+
+
 def hidden_size(model) -> int:
     return model.get_input_embeddings().weight.shape[1]
 
@@ -203,19 +234,39 @@ def run_after_prefix(
 
 
 def label_loss(
-    model, prompt: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
+    model,
+    prompt: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    *,
+    reduction: str = "mean",
+    shared_prefix: bool = True,
 ) -> Tensor:
-    """Mean cross-entropy over label tokens (labels [B, T], -100 elsewhere), shared-prefix path.
+    """Cross-entropy over label tokens (labels [B, T], -100 elsewhere): their mean, or their sum
+    with reduction="sum" (a data-parallel shard divides the sum by the global token count).
 
-    The prompt [P, H] runs once; the LM head is applied only where a label token is predicted.
-    Equals `reference_loss` (and PEFT's loss) up to float rounding.
+    shared_prefix=True: the prompt [P, H] runs once and its KV is broadcast to the rows.
+    shared_prefix=False: prompt and tokens run concatenated through the model with no KV cache,
+    which is what gradient checkpointing needs (a checkpointed layer runs without a cache).
+    Either way the LM head is applied only where a label token is predicted, and the loss
+    equals `reference_loss` (and PEFT's loss) up to float rounding.
     """
-    kv = prefix_kv(model, prompt)
-    hidden, _ = run_after_prefix(model, kv, input_ids, attention_mask)
+    if shared_prefix:
+        kv = prefix_kv(model, prompt)
+        hidden, _ = run_after_prefix(model, kv, input_ids, attention_mask)
+    else:
+        B, P = input_ids.shape[0], prompt.shape[-2]
+        emb = model.get_input_embeddings()(input_ids)
+        embeds = torch.cat([prompt.expand(B, -1, -1).to(emb.dtype), emb], dim=1)
+        mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)
+        hidden = model.get_decoder()(
+            inputs_embeds=embeds, attention_mask=mask, use_cache=False
+        ).last_hidden_state[:, P:]
     target = labels[:, 1:]
     keep = target != -100
     logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), target[keep])
+    return F.cross_entropy(logits.float(), target[keep], reduction=reduction)
 
 
 def reference_loss(

@@ -8,10 +8,11 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -37,9 +38,15 @@ from .data import (
     stratified_split,
     validate_template,
 )
-from .errors import SoftpromptError
+from .errors import SoftpromptError, first_line
 from .evaluate import classify, metrics
-from .model import count_parameters, format_trainable, label_loss, load_base
+from .model import (
+    count_parameters,
+    format_trainable,
+    label_loss,
+    load_base,
+    set_gradient_checkpointing,
+)
 from .prompt import DEFAULT_INIT_TEXT, INIT_METHODS, init_prompt
 
 RUN_MARKERS = (TASK_NAME, "metrics.jsonl", "train_config.json", "cv.json")
@@ -50,7 +57,7 @@ RUN_MARKERS = (TASK_NAME, "metrics.jsonl", "train_config.json", "cv.json")
 class TrainConfig:
     """Everything `softprompt train` takes. Each field is the CLI flag of the same name."""
 
-    data: str
+    data: str | None
     """Training data: a CSV/TSV/JSONL/Parquet file or a Hub dataset id (--data)."""
     out: str = "runs/softprompt"
     """Run folder; it becomes a loadable adapter folder holding the best prompt (--out)."""
@@ -106,6 +113,12 @@ class TrainConfig:
     """Replace an existing run in --out (--overwrite)."""
     save_every_epoch: bool = False
     """Also keep each epoch's prompt as an adapter in epochs/NNN (--save-every-epoch)."""
+    gradient_checkpointing: bool = False
+    """Recompute layer activations in backward: less memory, ~1/3 more compute (--gradient-checkpointing)."""
+    save_steps: int = 0
+    """Also checkpoint every N optimiser steps within an epoch; 0: after each epoch only (--save-steps)."""
+    resume: str | None = None
+    """Continue the run in this folder from its last checkpoint, with its saved settings (--resume)."""
     progress: bool = True
     """Show progress bars."""
     extra: dict = field(default_factory=dict)
@@ -133,6 +146,10 @@ class TrainConfig:
             p.append(f"--max-length must be at least 4 (got {self.max_length})")
         if self.init not in INIT_METHODS:
             p.append(f"--init must be one of {', '.join(INIT_METHODS)} (got {self.init!r})")
+        if self.save_steps < 0:
+            p.append(f"--save-steps must be 0 or more (got {self.save_steps})")
+        if not self.data and not self.resume:
+            p.append("--data is required (or --resume RUN to continue a run)")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             p.append(f"--dtype must be float32, bfloat16 or float16 (got {self.dtype!r})")
         try:
@@ -175,11 +192,22 @@ class TrainResult:
     """The best prompt [P, H] (by eval macro-F1; the last one when there is no eval set)."""
     history: list[dict]
     best: dict
+    main_process: bool = True
+    """False in the other processes of a data-parallel run (they write and print nothing)."""
 
 
 def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
-    """Train a soft prompt as `cfg` says; write the run folder. A loaded (model, tokenizer) may be passed."""
+    """Train a soft prompt as `cfg` says; write the run folder. A loaded (model, tokenizer) may be passed.
+
+    Under `torchrun` or `accelerate launch` each process trains on its share of every batch
+    (data parallel); the result equals a one-process run with the same --batch-size and --seed.
+    With cfg.resume, the run continues from its last checkpoint (see `resume_config`).
+    """
     cfg.validate()
+    procs = _start_processes(cfg.device)
+    say = print if procs.main else _silent
+    if cfg.resume:
+        _check_resume(cfg)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
 
@@ -217,15 +245,25 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         template=cfg.template,
         max_length=cfg.max_length,
     )
-    out = prepare_run_folder(cfg.out, cfg.overwrite)
+    if cfg.resume:  # the main process reads the checkpoint and trims metrics.jsonl to it
+        out = Path(cfg.resume)
+        ckpt = procs.from_main(lambda: open_checkpoint(out))
+    else:
+        out = procs.from_main(lambda: prepare_run_folder(cfg.out, cfg.overwrite))
+        ckpt = None
 
     # --- model and prompt ---
     if model is None:
         model, tokenizer, model_name = load_base(
-            cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code
+            cfg.model,
+            dtype=cfg.dtype,
+            device=procs.device or cfg.device,
+            trust_remote_code=cfg.trust_remote_code,
         )
     else:
         model_name = cfg.model or getattr(model.config, "_name_or_path", None)
+    if cfg.gradient_checkpointing:
+        set_gradient_checkpointing(model)
     device = model.get_input_embeddings().weight.device
     train_rows = encode_rows(
         tokenizer, task, [table.texts[i] for i in train_idx], [table.labels[i] for i in train_idx]
@@ -240,9 +278,11 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         label_names=labels_all,
         seed=cfg.seed,
     ).to(device)
-    prompt = torch.nn.Parameter(prompt)
-    print(format_trainable(*count_parameters(model, prompt.numel())))
-    print(f"train rows: {len(train_rows)}, eval rows: {len(eval_rows)}, labels: {labels_all}")
+    prompt = torch.nn.Parameter(prompt)  # float32 whatever the model's dtype; cast where it enters
+    say(format_trainable(*count_parameters(model, prompt.numel())))
+    say(f"train rows: {len(train_rows)}, eval rows: {len(eval_rows)}, labels: {labels_all}")
+    if procs.world > 1:
+        say(f"data parallel: {procs.world} processes, {cfg.batch_size} rows per batch in all")
 
     base_record, hub_name = _base_names(model_name)
     adapter_conf = peft_config(
@@ -254,7 +294,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         tokenizer_name=hub_name,
     )
     task.extra = {"base_model": base_record, "init": cfg.init, "softprompt_version": _version()}
-    atomic_write_json(out / "train_config.json", asdict(cfg))
+    if procs.main and not cfg.resume:
+        atomic_write_json(out / "train_config.json", asdict(cfg))
 
     # --- optimiser ---
     from transformers import get_linear_schedule_with_warmup
@@ -266,43 +307,118 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         optimizer, int(cfg.warmup_ratio * total_steps), total_steps
     )
 
-    # --- epochs ---
+    # --- state: fresh, or restored from the checkpoint ---
     history: list[dict] = []
     best: dict | None = None
+    step, first_epoch = 0, 1
+    batches: list[list[int]] | None = None  # this epoch's order; None: draw the next epoch's
+    done, total, count = 0, 0.0, 0  # batches done in this epoch; its train loss so far
+    if ckpt is not None:
+        with torch.no_grad():
+            prompt.copy_(ckpt["prompt"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        rng.setstate(ckpt["python_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        history, best, step = ckpt["history"], ckpt["best"], ckpt["step"]
+        batches, done, total, count = ckpt["batches"], ckpt["done"], ckpt["total"], ckpt["count"]
+        first_epoch = ckpt["epoch"] + (1 if batches is None else 0)
+        if best is not None:
+            task.extra["metrics"] = {k: v for k, v in best.items() if k != "epoch_seconds"}
+        say(f"resuming {out} at epoch {first_epoch}, batch {done + 1}, optimiser step {step}")
+
+    def checkpoint(epoch: int) -> None:
+        if procs.main:
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "prompt": prompt.detach().cpu(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "python_rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(),
+                **dict(epoch=epoch, step=step, batches=batches, done=done),
+                **dict(total=total, count=count, history=history, best=best),
+            }
+            save_checkpoint(out / "checkpoint", state)
+
+    def stop(why: str, where: str, good: torch.Tensor | None):
+        """A non-finite loss or prompt: save the last good prompt, then stop with a message."""
+        kept = "no prompt was saved (the first batch already failed)"
+        if good is not None:
+            if procs.main:
+                save_adapter(out / "last", good, adapter_conf, task)
+                if best is None:  # make the run folder loadable too
+                    save_adapter(out, good, adapter_conf, task)
+            kept = f"the last good prompt is saved in {out / 'last'}"
+            if best is not None:
+                kept += f", the best one (epoch {best['epoch']}) in {out}"
+        raise SoftpromptError(
+            f"{why} at {where}; training stopped and "
+            f"{kept}. Lower --lr (now {cfg.lr}) or use --dtype float32 (now {cfg.dtype})"
+        )
+
+    # --- epochs ---
     pad = tokenizer.pad_token_id
     lengths = [len(r) for r in train_rows]
-    step = 0
-    for epoch in range(1, cfg.epochs + 1):
+    good = prompt.detach().clone() if ckpt else None  # the prompt when the loss was last finite
+    for epoch in range(first_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
-        batches = batch_order(lengths, cfg.batch_size, rng)
-        total, count = 0.0, 0
+        if batches is None:  # the same order in every process: one seeded RNG
+            batches, done, total, count = batch_order(lengths, cfg.batch_size, rng), 0, 0.0, 0
         bar = tqdm(
-            batches,
+            total=len(batches),
+            initial=done,
             desc=f"epoch {epoch}/{cfg.epochs}",
-            disable=not cfg.progress,
+            disable=not (cfg.progress and procs.main),
             unit="batch",
             leave=False,
         )
         optimizer.zero_grad(set_to_none=True)
-        for i, idx in enumerate(bar):
-            batch = {
-                k: v.to(device) for k, v in collate_train([train_rows[j] for j in idx], pad).items()
-            }
-            loss = label_loss(model, prompt, **batch)
-            if not torch.isfinite(loss):
-                raise SoftpromptError(
-                    f"loss became {loss.item()} at epoch {epoch}, batch {i + 1} (optimiser step {step + 1}); "
-                    f"the last good prompt is in {out}. Lower --lr (now {cfg.lr}) or use --dtype float32"
+        for i in range(done, len(batches)):
+            rows = [train_rows[j] for j in batches[i]]
+            mine = rows[procs.rank :: procs.world]  # this process's share of the batch
+            # each share's loss is its label tokens' summed loss over the whole batch's count:
+            # the shares add up to the batch mean, as in one process
+            loss = torch.zeros((), device=device)
+            if mine:
+                batch = {k: v.to(device) for k, v in collate_train(mine, pad).items()}
+                loss = label_loss(
+                    model,
+                    prompt,
+                    **batch,
+                    reduction="sum",
+                    shared_prefix=not cfg.gradient_checkpointing,
                 )
-            (loss / cfg.grad_accum).backward()
-            if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches):
+                loss = loss / label_token_count(rows)
+            batch_loss = procs.sum(loss.detach().clone()).item()  # the whole batch's mean
+            if not math.isfinite(batch_loss):
+                stop(
+                    f"loss became {batch_loss}",
+                    f"epoch {epoch}, batch {i + 1} (step {step + 1})",
+                    good,
+                )
+            good = prompt.detach().clone()
+            if mine:
+                (loss / cfg.grad_accum).backward()
+            total += batch_loss * len(rows)
+            count += len(rows)
+            done = i + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{batch_loss:.4f}")
+            if done % cfg.grad_accum == 0 or done == len(batches):
+                if prompt.grad is None:  # a process whose shares of these batches were empty
+                    prompt.grad = torch.zeros_like(prompt)
+                procs.sum(prompt.grad)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if not torch.isfinite(prompt).all():
+                    stop("the prompt became NaN or infinite", f"optimiser step {step + 1}", good)
                 step += 1
-            total += loss.item() * len(idx)
-            count += len(idx)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+                if cfg.save_steps and step % cfg.save_steps == 0:
+                    checkpoint(epoch)
+                _test_delay()
+        bar.close()
         train_loss = total / count
         record = {
             "epoch": epoch,
@@ -314,69 +430,262 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         }
         if eval_rows:
             record.update(
-                _evaluate(model, tokenizer, prompt, task, eval_rows, eval_texts, eval_labels, cfg)
+                _evaluate(
+                    model, tokenizer, prompt, task, eval_rows, eval_texts, eval_labels, cfg, procs
+                )
             )
         history.append(record)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(_format_record(record))
-
-        save_adapter(out / "last", prompt, adapter_conf, task)
-        if cfg.save_every_epoch:
-            save_adapter(out / "epochs" / f"{epoch:03d}", prompt, adapter_conf, task)
-        save_checkpoint(out / "checkpoint", prompt, optimizer, scheduler, epoch, step, rng)
-        if best is None or _better(record, best):
+        say(_format_record(record))
+        is_best = best is None or _better(record, best)
+        if is_best:
             best = record
             task.extra["metrics"] = {k: v for k, v in record.items() if k != "epoch_seconds"}
-            save_adapter(
-                out,
-                prompt,
-                adapter_conf,
-                task,
-                card=model_card(task, adapter_conf, record, base_record),
-            )
-    _plot(out, history)
-    return TrainResult(out=out, prompt=load_adapter(out).prompt, history=history, best=best)
+        if procs.main:  # the checkpoint comes last: it says all of the epoch is on disk
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            save_adapter(out / "last", prompt, adapter_conf, task)
+            if cfg.save_every_epoch:
+                save_adapter(out / "epochs" / f"{epoch:03d}", prompt, adapter_conf, task)
+            if is_best:
+                card = model_card(task, adapter_conf, record, base_record)
+                save_adapter(out, prompt, adapter_conf, task, card=card)
+        batches, done = None, 0
+        checkpoint(epoch)
+    if cfg.gradient_checkpointing:
+        set_gradient_checkpointing(model, False)
+    if procs.main:
+        _plot(out, history)
+    best_prompt = procs.from_main(lambda: load_adapter(out).prompt)
+    return TrainResult(out, best_prompt, history, best, main_process=procs.main)
 
 
-def save_checkpoint(
-    folder: Path, prompt, optimizer, scheduler, epoch: int, step: int, rng: random.Random
-) -> None:
-    """Training state after an epoch (prompt, optimiser, scheduler, RNG states), written atomically."""
-    state = {
-        "prompt": prompt.detach().cpu(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": epoch,
-        "step": step,
-        "python_rng": rng.getstate(),
-        "torch_rng": torch.get_rng_state(),
-    }
+CHECKPOINT_FORMAT = 2
+"""Version of checkpoint/state.pt; a run with another version cannot be resumed."""
+
+
+def save_checkpoint(folder: Path, state: dict) -> None:
+    """Write the training state (prompt, optimiser, scheduler, RNG states, epoch, step, this
+    epoch's batch order and how much of it is done, history, best) atomically."""
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(folder / "state.pt", buf.getvalue())
 
 
-def _evaluate(model, tokenizer, prompt, task, eval_rows, texts, labels, cfg) -> dict:
+def label_token_count(rows) -> int:
+    """How many label tokens `label_loss` scores in these rows (the first token of a row has
+    no prediction, which matters only for a row with an empty input)."""
+    return sum(len(r.label_ids) - (0 if r.input_ids else 1) for r in rows)
+
+
+def resume_config(folder: str, **given) -> TrainConfig:
+    """The saved settings of the run in `folder`, with `given` (flags passed again) on top.
+
+    `train` refuses a given value that contradicts the saved one (see RESUME_MAY_CHANGE).
+    """
+    if given.get("overwrite"):
+        raise SoftpromptError(
+            f"--overwrite cannot be used with --resume {folder}: resume never deletes a run "
+            "(to start over, drop --resume)"
+        )
+    if given.get("out") is not None and Path(given["out"]).resolve() != Path(folder).resolve():
+        raise SoftpromptError(
+            f"--out {given['out']} is not the resumed run {folder}; drop --out (resume writes in place)"
+        )
+    saved = _saved_config(Path(folder))
+    known = {f.name for f in fields(TrainConfig)}
+    merged = {k: v for k, v in saved.items() if k in known}
+    merged.update({k: v for k, v in given.items() if k in known and k != "out"})
+    merged.update(resume=str(folder), out=str(folder), overwrite=False)
+    return TrainConfig(**merged)
+
+
+RESUME_MAY_CHANGE = {
+    "resume", "out", "overwrite", "progress", "extra", "device", "eval_batch_size", "save_steps"
+}  # fmt: skip
+"""Settings a resumed run may change: they do not change the prompt it trains."""
+
+
+def _saved_config(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise SoftpromptError(f"--resume {folder}: folder not found")
+    path = folder / "train_config.json"
+    if not path.is_file():
+        raise SoftpromptError(
+            f"--resume {folder}: no train_config.json, so this is not a softprompt run; "
+            "give the --out folder of a run"
+        )
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SoftpromptError(f"{path}: not valid JSON ({e}); the file is corrupt") from None
+    if not isinstance(saved, dict):
+        raise SoftpromptError(f"{path}: not a settings object; the file is corrupt")
+    return saved
+
+
+def _check_resume(cfg: TrainConfig) -> None:
+    """Refuse settings that contradict the resumed run's, naming each flag."""
+    saved = _saved_config(Path(cfg.resume))
+    now = asdict(cfg)
+    clash = [
+        f"--{k.replace('_', '-')} {now[k]} (the run has {saved[k]})"
+        for k in now
+        if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]
+    ]
+    if clash:
+        raise SoftpromptError(
+            f"--resume {cfg.resume}: these flags contradict the run's train_config.json: "
+            + "; ".join(clash)
+            + ". Drop them to resume with the run's settings, or start a new run with another --out"
+        )
+
+
+def open_checkpoint(out: Path) -> dict:
+    """Read a run's checkpoint to resume it; trim metrics.jsonl to the checkpoint's records and
+    remove temp files a kill may have left."""
+    path = out / "checkpoint" / "state.pt"
+    if not path.is_file():
+        raise SoftpromptError(
+            f"--resume {out}: no checkpoint ({path}); the run stopped before its first one. "
+            f"Start it again with --out {out} --overwrite (--save-steps N checkpoints within epochs)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise SoftpromptError(
+            f"{path}: corrupt or truncated checkpoint ({first_line(e)}); "
+            f"start the run again with --out {out} --overwrite"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise SoftpromptError(
+            f"{path}: written by another softprompt version; it cannot be resumed. "
+            f"Start the run again with --out {out} --overwrite"
+        )
+    lines = "".join(json.dumps(r) + "\n" for r in state["history"])
+    atomic_write_bytes(out / "metrics.jsonl", lines.encode())
+    for folder in (out, out / "last", out / "checkpoint"):
+        for tmp in folder.glob(".*.*"):  # atomic_write_bytes' temp files: .<name>.<random>
+            if tmp.is_file() and tmp.name[1:].startswith(RUN_FILE_NAMES):
+                tmp.unlink()
+    return state
+
+
+RUN_FILE_NAMES = (
+    "adapter_model.safetensors", "adapter_config.json", TASK_NAME, "README.md", "state.pt",
+    "metrics.jsonl",
+)  # fmt: skip
+
+
+def _evaluate(model, tokenizer, prompt, task, eval_rows, texts, labels, cfg, procs) -> dict:
+    """Eval loss (mean over all label tokens), accuracy and macro-F1. Each process takes every
+    world-th row; the sums and predictions are gathered, so any process count gives the same."""
     pad = tokenizer.pad_token_id
     device = prompt.device
+    mine = list(range(procs.rank, len(eval_rows), procs.world))
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, label tokens]
     with torch.no_grad():
-        total, n = 0.0, 0
-        for s in range(0, len(eval_rows), cfg.eval_batch_size):
-            rows = eval_rows[s : s + cfg.eval_batch_size]
+        for s in range(0, len(mine), cfg.eval_batch_size):
+            rows = [eval_rows[j] for j in mine[s : s + cfg.eval_batch_size]]
             batch = {k: v.to(device) for k, v in collate_train(rows, pad).items()}
-            total += label_loss(model, prompt, **batch).item() * len(rows)
-            n += len(rows)
-        pred, _ = classify(
-            model, tokenizer, prompt.detach(), task, texts, batch_size=cfg.eval_batch_size
-        )
-    m = metrics(labels, pred, task.label_names)
+            sums[0] += label_loss(model, prompt, **batch, reduction="sum").double()
+            sums[1] += label_token_count(rows)
+        pred = []
+        if mine:
+            pred, _ = classify(
+                model,
+                tokenizer,
+                prompt.detach(),
+                task,
+                [texts[j] for j in mine],
+                batch_size=cfg.eval_batch_size,
+            )
+    loss = (procs.sum(sums)[0] / sums[1]).item()
+    gathered = dict(procs.gather(list(zip(mine, pred, strict=True))))
+    m = metrics(labels, [gathered[j] for j in range(len(labels))], task.label_names)
     return {
-        "eval_loss": total / n,
-        "eval_ppl": math.exp(min(total / n, 50)),
+        "eval_loss": loss,
+        "eval_ppl": math.exp(min(loss, 50)),
         "eval_accuracy": m["accuracy"],
         "eval_macro_f1": m["macro_f1"],
     }
+
+
+@dataclass
+class Processes:
+    """This process's place among data-parallel processes; one process is rank 0 of 1."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device | None = None
+    """This process's device; None with one process (then --device or the first available)."""
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over the processes, in place; returns it."""
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def gather(self, items: list) -> list:
+        """Every process's items, concatenated in rank order."""
+        if self.world == 1:
+            return items
+        parts = [None] * self.world
+        torch.distributed.all_gather_object(parts, items)
+        return [x for part in parts for x in part]
+
+    def from_main(self, fn):
+        """Run fn in the main process only; every process gets its result (or its error)."""
+        if self.world == 1:
+            return fn()
+        box = [None, None]
+        if self.main:
+            try:
+                box = [fn(), None]
+            except SoftpromptError as e:
+                box = [None, str(e)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if box[1] is not None:
+            raise SoftpromptError(box[1])
+        return box[0]
+
+
+def _start_processes(device: str | None) -> Processes:
+    """Join the processes that `torchrun` / `accelerate launch` started (Accelerate sets up
+    torch.distributed: NCCL on GPUs, gloo on CPUs); one process when launched plainly."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Processes()
+    from accelerate import PartialState
+
+    cpu = (
+        device == "cpu"
+        or not torch.cuda.is_available()
+        or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    )
+    state = PartialState(cpu=cpu)
+    dev = torch.device("cpu") if state.device.type == "cpu" else state.device
+    return Processes(rank=state.process_index, world=state.num_processes, device=dev)
+
+
+def end_processes() -> None:
+    """Leave the process group, if this process joined one (call once, at exit)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def _test_delay() -> None:
+    """Tests only: SOFTPROMPT_TEST_STEP_DELAY seconds of sleep after each optimiser step, so a
+    test can kill a run mid-epoch."""
+    delay = os.environ.get("SOFTPROMPT_TEST_STEP_DELAY")
+    if delay:
+        time.sleep(float(delay))
 
 
 def _better(new: dict, old: dict) -> bool:

@@ -1,0 +1,340 @@
+"""Training that scales out and survives: data parallel, precision, checkpointing, resume after
+a kill, non-finite losses, failed writes (tiny Llama, CPU)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from softprompt.adapters import load_adapter
+from softprompt.cli import main
+from softprompt.model import label_loss, pick_device, set_gradient_checkpointing
+from test_cli import cli_error, train_args
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def prompt_of(folder: Path) -> torch.Tensor:
+    return load_file(str(folder / "adapter_model.safetensors"))["prompt_embeddings"]
+
+
+def records(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def subprocess_env(**extra: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+def without(argv: list[str], *flags: str) -> list[str]:
+    out = list(argv)
+    for flag in flags:
+        i = out.index(flag)
+        del out[i : i + 2]
+    return out
+
+
+# --------------------------------------------------------------------------- data parallel
+
+
+def test_two_processes_train_the_same_prompt_as_one(tmp_path, tiny_model_dir, demo_train):
+    """torchrun, 2 CPU processes (gloo): same global batch and seed, same prompt (1e-5).
+    120 training rows in batches of 7 end with a 1-row batch: process 1's share is empty."""
+    extra = ["--batch-size", "7", "--grad-accum", "2", "--eval-fraction", "0.25"]
+    one = tmp_path / "one"
+    argv = train_args(demo_train, tiny_model_dir, one, *extra)
+    argv = without(argv, "--batch-size") + ["--batch-size", "7"]
+    assert main(argv) == 0
+    two = tmp_path / "two"
+    argv2 = [a if a != str(one) else str(two) for a in argv]
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        + ["--master_port", "29517", "-m", "softprompt.cli", *argv2],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=subprocess_env(),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "data parallel: 2 processes" in r.stdout
+    assert r.stdout.count("best prompt (epoch") == 1  # only the main process prints
+    assert "train rows: 120" in r.stdout
+    for sub in ("", "last"):
+        a, b = prompt_of(one / sub), prompt_of(two / sub)
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
+    for ra, rb in zip(records(one), records(two), strict=True):
+        for key in ("train_loss", "eval_loss"):
+            assert ra[key] == pytest.approx(rb[key], abs=1e-5)
+        for key in ("step", "eval_accuracy", "eval_macro_f1"):
+            assert ra[key] == rb[key]
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_kill_mid_epoch_then_resume_is_bit_identical(tmp_path, tiny_model_dir, demo_train):
+    """SIGKILL a real training process after a mid-epoch checkpoint; --resume finishes it; the
+    prompt equals that of an uninterrupted run bit for bit."""
+    extra = ["--epochs", "3", "--save-steps", "3", "--grad-accum", "2"]
+    killed = tmp_path / "killed"
+    argv = without(train_args(demo_train, tiny_model_dir, killed), "--epochs") + extra
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "softprompt.cli", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(SOFTPROMPT_TEST_STEP_DELAY="0.15"),
+    )
+    state_path = killed / "checkpoint" / "state.pt"
+    deadline = time.monotonic() + 300
+    try:
+        while True:  # wait for a mid-epoch checkpoint of epoch 2
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no mid-epoch checkpoint appeared"
+            if state_path.is_file():
+                state = torch.load(state_path, weights_only=True)
+                # early in epoch 2 (of 16 batches), so the kill lands before the epoch ends
+                if state["epoch"] == 2 and state["batches"] is not None and state["done"] <= 8:
+                    break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert len(records(killed)) < 3
+    state = torch.load(state_path, weights_only=True)
+    assert state["batches"] is not None and 0 < state["done"] < len(state["batches"])  # mid-epoch
+
+    assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
+    straight = tmp_path / "straight"
+    assert main(without(train_args(demo_train, tiny_model_dir, straight), "--epochs") + extra) == 0
+    for sub in ("", "last"):
+        assert torch.equal(prompt_of(killed / sub), prompt_of(straight / sub))
+    drop = {"epoch_seconds"}
+    got = [{k: v for k, v in r.items() if k not in drop} for r in records(killed)]
+    want = [{k: v for k, v in r.items() if k not in drop} for r in records(straight)]
+    assert got == want
+    assert not [p for p in killed.rglob(".*") if p.is_file()]  # no temp files left
+
+    # resuming a finished run changes nothing
+    before = prompt_of(killed)
+    assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
+    assert torch.equal(prompt_of(killed), before)
+    assert len(records(killed)) == 3
+
+
+def test_resume_refuses_contradicting_flags(tmp_path, tiny_model_dir, demo_train, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(demo_train, tiny_model_dir, out, "--epochs", "1")) == 0
+    line = cli_error(capsys, ["train", "--resume", str(out), "--lr", "0.5", "--seed", "3"])
+    assert "--lr 0.5 (the run has 0.03)" in line and "--seed 3 (the run has 42)" in line
+    cli_error(capsys, ["train", "--resume", str(out), "--overwrite"], "--overwrite", "--resume")
+    cli_error(capsys, ["train", "--resume", str(out), "--out", str(tmp_path / "x")], "--out")
+    # flags equal to the saved ones, and harmless ones, are fine
+    argv = ["train", "--resume", str(out), "--lr", "0.03", "--eval-batch-size", "4"]
+    assert main([*argv, "--no-progress"]) == 0
+
+
+def test_resume_without_checkpoint_says_what_to_do(tmp_path, tiny_model_dir, demo_train, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(demo_train, tiny_model_dir, out, "--epochs", "1")) == 0
+    (out / "checkpoint" / "state.pt").unlink()
+    cli_error(capsys, ["train", "--resume", str(out)], "no checkpoint", "--overwrite")
+    (out / "checkpoint" / "state.pt").write_bytes(b"garbage")
+    cli_error(capsys, ["train", "--resume", str(out)], "corrupt", "--overwrite")
+    cli_error(capsys, ["train", "--resume", str(tmp_path)], "not a softprompt run")
+    cli_error(capsys, ["train", "--resume", str(tmp_path / "nope")], "not found")
+    cli_error(capsys, ["train", "--epochs", "1"], "--data is required")
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_prompt(
+    tmp_path, tiny_model_dir, demo_train, capsys
+):
+    out = tmp_path / "run"
+    argv = train_args(demo_train, tiny_model_dir, out, "--lr", "1e30", "--epochs", "1")
+    line = cli_error(capsys, argv, "training stopped", "step", "--lr")
+    assert "last good prompt is saved in" in line
+    for folder in (out, out / "last"):  # no best yet: the run folder holds it too
+        adapter = load_adapter(folder)
+        assert torch.isfinite(adapter.prompt).all()
+
+
+def test_nan_loss_later_keeps_best_and_last_good(
+    tmp_path, tiny_model_dir, demo_train, capsys, monkeypatch
+):
+    train_mod = importlib.import_module("softprompt.train")  # the package's `train` is the function
+    calls = {"n": 0}
+    real = train_mod.label_loss
+
+    def flaky(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 20:  # epoch 2 (16 batches per epoch), batch 4
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(train_mod, "label_loss", flaky)
+    out = tmp_path / "run"
+    line = cli_error(capsys, train_args(demo_train, tiny_model_dir, out), "loss became nan")
+    assert "epoch 2, batch 4 (step 20)" in line
+    assert "the best one (epoch 1)" in line
+    last = load_adapter(out / "last").prompt
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert not torch.equal(last, state["prompt"])  # 3 more steps were taken and kept
+    assert torch.equal(load_adapter(out).prompt, state["prompt"])
+
+
+def test_failed_write_keeps_the_previous_adapter(tmp_path, tiny_model_dir, demo_train, monkeypatch):
+    """A crash while saving (here: the rename fails) leaves the old, valid adapter."""
+    import softprompt.adapters as adapters
+
+    out = tmp_path / "run"
+    assert main(train_args(demo_train, tiny_model_dir, out, "--epochs", "1")) == 0
+    before = load_adapter(out)
+    renames = {"n": 0}
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        renames["n"] += 1
+        if renames["n"] == 1:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(adapters.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        adapters.save_adapter(out, torch.zeros_like(before.prompt), before.config, before.task)
+    after = load_adapter(out)
+    assert torch.equal(after.prompt, before.prompt)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+    def failing_write(*args, **kwargs):
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(adapters.os, "fsync", failing_write)
+    with pytest.raises(OSError):
+        adapters.save_adapter(out, torch.zeros_like(before.prompt), before.config, before.task)
+    assert torch.equal(load_adapter(out).prompt, before.prompt)
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_damaged_adapter_files_are_one_line_errors(tmp_path, tiny_model_dir, demo_train, demo_test, command, capsys):  # fmt: skip
+    out = tmp_path / "run"
+    assert main(train_args(demo_train, tiny_model_dir, out, "--epochs", "1")) == 0
+    tail = ["--data", str(demo_test)] if command == "eval" else ["hello"]
+    weights = out / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 3])
+    cli_error(capsys, [command, str(out), *tail], str(weights), "corrupt or truncated")
+    weights.write_bytes(b"")
+    cli_error(capsys, [command, str(out), *tail], str(weights), "corrupt or truncated")
+    weights.write_bytes(good)
+    config = out / "adapter_config.json"
+    for garbage in (b"\x00\xff garbage {{", b"[1, 2, 3]", b'"a string"', b""):
+        config.write_bytes(garbage)
+        cli_error(capsys, [command, str(out), *tail], str(config), "corrupt")
+
+
+# --------------------------------------------------------------------------- precision, memory
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_base_keeps_prompt_and_optimizer_in_float32(
+    tmp_path, tiny_model_dir, demo_train, dtype
+):
+    out = tmp_path / dtype
+    assert main(train_args(demo_train, tiny_model_dir, out, "--dtype", dtype, "--epochs", "1")) == 0
+    prompt = load_file(str(out / "adapter_model.safetensors"))["prompt_embeddings"]
+    assert prompt.dtype == torch.float32 and torch.isfinite(prompt).all()
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+    assert state["prompt"].dtype == torch.float32
+    assert all(
+        t.dtype == torch.float32
+        for s in state["optimizer"]["state"].values()
+        for t in s.values()
+        if t.dim() > 0
+    )
+    assert json.loads((out / "train_config.json").read_text())["dtype"] == dtype
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradient(tiny, monkeypatch):
+    """Checkpointed layers (recomputed in backward, dropout off) give exactly the loss and
+    prompt gradient of the same forward without checkpointing, and those equal the fast path's."""
+    from test_model import _batch
+
+    model, tokenizer = tiny
+    _, batch = _batch(tokenizer)
+    prompt = torch.nn.Parameter(torch.randn(5, model.config.hidden_size) * 0.1)
+    layer = model.get_decoder().layers[0] if hasattr(model.get_decoder(), "layers") else None
+    layer = layer or model.get_decoder().h[0]
+    mlp = layer.mlp
+    calls = {"n": 0}
+    real_forward = mlp.forward
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(mlp, "forward", counting)
+    results = {}
+    try:
+        for name, ckpt, shared in [("fast", False, True), ("plain", False, False), ("ckpt", True, False)]:  # fmt: skip
+            set_gradient_checkpointing(model, ckpt)
+            prompt.grad = None
+            calls["n"] = 0
+            loss = label_loss(model, prompt, **batch, shared_prefix=shared)
+            loss.backward()
+            results[name] = (loss.detach(), prompt.grad.clone(), calls["n"])
+    finally:
+        set_gradient_checkpointing(model, False)
+    assert not model.training and not any(m.training for m in model.modules())
+    assert results["ckpt"][2] == 2 and results["plain"][2] == 1  # recomputed in backward
+    assert torch.equal(results["ckpt"][0], results["plain"][0])
+    assert torch.equal(results["ckpt"][1], results["plain"][1])
+    assert torch.allclose(results["fast"][0], results["plain"][0], atol=1e-5)
+    assert torch.allclose(results["fast"][1], results["plain"][1], atol=1e-6)
+
+
+def test_gradient_checkpointing_flag_trains(tmp_path, tiny_model_dir, demo_train):
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    assert main(train_args(demo_train, tiny_model_dir, plain, "--epochs", "1")) == 0
+    argv = train_args(demo_train, tiny_model_dir, ckpt, "--epochs", "1", "--gradient-checkpointing")
+    assert main(argv) == 0
+    assert torch.allclose(prompt_of(plain), prompt_of(ckpt), atol=1e-4)
+    assert json.loads((ckpt / "train_config.json").read_text())["gradient_checkpointing"] is True
+
+
+def test_device_is_chosen_automatically(monkeypatch):
+    assert pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device() == torch.device("cuda")
+    assert pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if getattr(torch.backends, "mps", None) is not None:
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device() == torch.device("cpu")
