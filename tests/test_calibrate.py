@@ -81,3 +81,39 @@ def test_ensemble_equals_the_mean_of_its_members(tiny):
     ens = label_probabilities(model, tok, torch.stack(members), task, texts, batch_size=3)
     assert torch.allclose(ens, torch.stack(each).mean(0), atol=1e-5)
     assert not torch.allclose(each[0], each[1], atol=1e-3)  # the members do differ
+
+
+def _adapter(tmp_path, name, model, tok, P, seed, labels=("complaint", "no complaint")):
+    from softprompt.adapters import peft_config, save_adapter
+
+    prompt = init_prompt(model, tok, P, "vocab", seed=seed)
+    conf = peft_config(
+        model, prompt, base_model=None, init="vocab", init_text=None, tokenizer_name=None
+    )
+    save_adapter(tmp_path / name, prompt, conf, Task(text_column="text", label_names=list(labels)))
+    return str(tmp_path / name)
+
+
+def test_softprompt_ensemble_classifies_by_the_mean_and_refuses_mismatches(tiny, tmp_path):
+    from softprompt.adapters import load_adapter
+    from softprompt.errors import SoftpromptError
+    from softprompt.pipeline import SoftPrompt
+
+    model, tok = tiny
+    paths = [_adapter(tmp_path, f"m{i}", model, tok, 4, seed=i) for i in range(3)]
+    texts = ["the train is late again", "lovely day", ""]
+    alone = [SoftPrompt(load_adapter(p), model, tok).classify(texts) for p in paths]
+    first = load_adapter(paths[0])
+    ens = SoftPrompt(first, model, tok, [load_adapter(p) for p in paths[1:]])
+    assert ens.ensemble_size == 3
+    for i, out in enumerate(ens.classify(texts)):
+        for name, p in out["probabilities"].items():
+            assert p == pytest.approx(sum(a[i]["probabilities"][name] for a in alone) / 3, abs=1e-5)
+    with pytest.raises(SoftpromptError, match="ensemble"):
+        ens.generate(texts)
+    longer = _adapter(tmp_path, "long", model, tok, 5, seed=9)
+    with pytest.raises(SoftpromptError, match="num-virtual-tokens"):
+        SoftPrompt(first, model, tok, [load_adapter(longer)])
+    other = _adapter(tmp_path, "other", model, tok, 4, seed=9, labels=("a", "b"))
+    with pytest.raises(SoftpromptError, match="labels"):
+        SoftPrompt(first, model, tok, [load_adapter(other)])

@@ -80,6 +80,14 @@ def _adapter_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-new-tokens", type=int, default=6)
     p.add_argument(
+        "--ensemble",
+        action="append",
+        default=[],
+        metavar="ADAPTER",
+        help="another adapter for the same task (repeatable): label probabilities are the mean "
+        "of all prompts'",
+    )
+    p.add_argument(
         "--no-calibration",
         action="store_true",
         help="ignore the decision bias saved by `softprompt cv` (raw label probabilities)",
@@ -227,6 +235,7 @@ def _load(args):
         template=args.template,
         text_column=args.text_column,
         trust_remote_code=args.trust_remote_code,
+        ensemble=args.ensemble,
     )
 
 

@@ -23,7 +23,7 @@ class SoftPrompt:
     [{'label': 'complaint', 'probabilities': {'complaint': 0.93, 'no complaint': 0.07}}]
     """
 
-    def __init__(self, adapter: Adapter, model, tokenizer):
+    def __init__(self, adapter: Adapter, model, tokenizer, members: Sequence[Adapter] = ()):
         check_fits(adapter, model)
         self.adapter = adapter
         self.model = model
@@ -31,8 +31,19 @@ class SoftPrompt:
         self.task = adapter.task or Task(
             text_column="text", label_names=[], template=DEFAULT_TEMPLATE
         )
-        self.prompt = adapter.prompt.to(model.get_input_embeddings().weight.device)
+        device = model.get_input_embeddings().weight.device
+        self.prompt = adapter.prompt.to(device)
+        """The prompt [P, H], or with ensemble members the stacked prompts [K, P, H]."""
+        if members:
+            for m in members:
+                check_fits(m, model)
+                _check_member(adapter, m)
+            self.prompt = torch.stack([self.prompt, *(m.prompt.to(device) for m in members)])
         self._kv = None
+
+    @property
+    def ensemble_size(self) -> int:
+        return 1 if self.prompt.dim() == 2 else self.prompt.shape[0]
 
     @property
     def kv(self):
@@ -56,8 +67,12 @@ class SoftPrompt:
         template: str | None = None,
         text_column: str | None = None,
         trust_remote_code: bool = False,
+        ensemble: Sequence[str] = (),
     ) -> SoftPrompt:
-        """Load an adapter folder (or Hub repo) and its base model (or use the one given)."""
+        """Load an adapter folder (or Hub repo) and its base model (or use the one given).
+
+        `ensemble`: more adapters for the same task; label probabilities are then the mean of
+        all prompts' (each text runs once per prompt, all in the same batches)."""
         adapter = load_adapter(path)
         if model is None:
             name = base_model or adapter.base_model
@@ -73,7 +88,10 @@ class SoftPrompt:
         if text_column:
             changes["text_column"] = text_column
         adapter.task = replace(task, **changes)
-        return cls(adapter, model, tokenizer)
+        members = [load_adapter(p) for p in ensemble]
+        for m in members:
+            m.task = replace(m.task or task, **changes)
+        return cls(adapter, model, tokenizer, members)
 
     def _need_labels(self) -> None:
         if not self.task.label_names:
@@ -132,6 +150,10 @@ class SoftPrompt:
         progress: bool = False,
     ) -> list[str]:
         """Free generation after each text (greedy), as in the PEFT guide."""
+        if self.ensemble_size > 1:
+            raise SoftpromptError(
+                "generation uses one prompt; drop --ensemble (ensembles work with label scoring)"
+            )
         return generate_texts(
             self.model,
             self.tokenizer,
@@ -173,3 +195,23 @@ class SoftPrompt:
         if not generate:
             m["calibrated"] = bool(calibrated and self.bias is not None)
         return m
+
+
+def _check_member(first: Adapter, other: Adapter) -> None:
+    """Ensemble members must do the same task with prompts of the same shape."""
+    what = []
+    if other.prompt.shape != first.prompt.shape:
+        what.append(
+            f"prompt shape {tuple(other.prompt.shape)} (not {tuple(first.prompt.shape)}; "
+            "use members trained with the same --num-virtual-tokens)"
+        )
+    a, b = first.task, other.task
+    if a is not None and b is not None:
+        if list(a.label_names) != list(b.label_names):
+            what.append(f"labels {b.label_names} (not {a.label_names})")
+        if a.template != b.template:
+            what.append(f"template {b.template!r} (not {a.template!r})")
+    if what:
+        raise SoftpromptError(
+            f"--ensemble {other.path} cannot join {first.path}: it has " + "; ".join(what)
+        )
