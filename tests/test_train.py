@@ -338,3 +338,40 @@ def test_device_is_chosen_automatically(monkeypatch):
     if getattr(torch.backends, "mps", None) is not None:
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert pick_device() == torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- reparameterisation
+
+
+def test_prompt_encoder_starts_at_the_init_and_trains_its_mlp():
+    from softprompt.prompt import PromptEncoder
+
+    init = torch.randn(4, 16)
+    enc = PromptEncoder(init, "mlp", hidden=8)
+    assert torch.equal(enc.export(), init)  # zero last layer: the init, exactly
+    (enc() ** 2).sum().backward()
+    assert enc.mlp[2].weight.grad.abs().sum() > 0 and enc.embedding.grad is not None
+    plain = PromptEncoder(init)
+    assert plain.mlp is None and torch.equal(plain(), init)
+    assert [n for n, _ in plain.named_parameters()] == ["embedding"]
+
+
+def test_reparam_mlp_saves_the_encoded_prompt(tmp_path, tiny_model_dir, demo_train):
+    """The adapter holds exactly what the trained encoder outputs, and it is a plain prompt."""
+    from softprompt.prompt import PromptEncoder
+
+    out = tmp_path / "mlp"
+    argv = train_args(demo_train, tiny_model_dir, out, "--reparam", "mlp", "--eval-fraction", "0")
+    assert main(argv) == 0
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    enc = PromptEncoder(state["encoder"]["embedding"], "mlp")
+    enc.load_state_dict(state["encoder"])
+    assert enc.mlp[2].weight.abs().sum() > 0  # the encoder did train
+    exported = enc.export()
+    assert torch.equal(prompt_of(out / "last"), exported)
+    assert torch.equal(prompt_of(out), exported)  # no eval set: best = last
+    assert not torch.equal(exported, enc.embedding)  # the MLP changes what is saved
+    a = load_adapter(out)
+    assert a.config["peft_type"] == "PROMPT_TUNING" and tuple(a.prompt.shape) == tuple(
+        exported.shape
+    )

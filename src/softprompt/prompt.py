@@ -74,3 +74,43 @@ def init_prompt(
         std = emb.float().std().item()
         return (torch.randn(num_virtual_tokens, H, generator=gen) * std).to(emb.device)
     raise SoftpromptError(f"--init {method!r} is not one of {', '.join(INIT_METHODS)}")
+
+
+REPARAM_METHODS = ("none", "mlp")
+"""`--reparam` choices: none (train the embeddings directly) or mlp (P-tuning's encoder)."""
+
+
+class PromptEncoder(torch.nn.Module):
+    """What training optimises: the prompt embeddings E [P, H], optionally reparameterised as
+    E + MLP(E) (a residual two-layer MLP, as P-tuning / residual prompt tuning do).
+
+    `forward()` gives the prompt [P, H] that enters the model; that tensor is what gets saved,
+    so the adapter stays a plain PEFT prompt whatever the encoder. The MLP's last layer starts
+    at zero: the encoded prompt equals the init at step 0.
+    """
+
+    def __init__(self, init: Tensor, reparam: str = "none", hidden: int = 256):
+        super().__init__()
+        if reparam not in REPARAM_METHODS:
+            raise SoftpromptError(
+                f"--reparam must be one of {', '.join(REPARAM_METHODS)} (got {reparam!r})"
+            )
+        self.embedding = torch.nn.Parameter(init.float().clone())
+        self.mlp = None
+        if reparam == "mlp":
+            H = init.shape[-1]
+            self.mlp = torch.nn.Sequential(
+                torch.nn.Linear(H, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, H)
+            ).to(init.device)
+            torch.nn.init.zeros_(self.mlp[2].weight)
+            torch.nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self) -> Tensor:
+        if self.mlp is None:
+            return self.embedding
+        return self.embedding + self.mlp(self.embedding)
+
+    @torch.no_grad()
+    def export(self) -> Tensor:
+        """The prompt [P, H] as it enters the model, detached (what an adapter stores)."""
+        return self().detach().clone()

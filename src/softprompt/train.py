@@ -47,7 +47,7 @@ from .model import (
     load_base,
     set_gradient_checkpointing,
 )
-from .prompt import DEFAULT_INIT_TEXT, INIT_METHODS, init_prompt
+from .prompt import DEFAULT_INIT_TEXT, INIT_METHODS, REPARAM_METHODS, PromptEncoder, init_prompt
 
 RUN_MARKERS = (TASK_NAME, "metrics.jsonl", "train_config.json", "cv.json")
 """Files only softprompt writes: a folder holding one is a run (a bare PEFT adapter is not)."""
@@ -87,6 +87,9 @@ class TrainConfig:
     """Prompt init: text, labels, vocab or random (--init)."""
     init_text: str = DEFAULT_INIT_TEXT
     """Text for --init text (--init-text)."""
+    reparam: str = "none"
+    """Train the prompt through an encoder: none, or mlp (P-tuning's residual MLP); the saved
+    adapter is always the plain prompt (--reparam)."""
     lr: float = 3e-2
     """AdamW learning rate (--lr)."""
     weight_decay: float = 0.01
@@ -144,6 +147,10 @@ class TrainConfig:
             p.append(f"--num-virtual-tokens must be at least 1 (got {self.num_virtual_tokens})")
         if self.max_length < 4:
             p.append(f"--max-length must be at least 4 (got {self.max_length})")
+        if self.reparam not in REPARAM_METHODS:
+            p.append(
+                f"--reparam must be one of {', '.join(REPARAM_METHODS)} (got {self.reparam!r})"
+            )
         if self.init not in INIT_METHODS:
             p.append(f"--init must be one of {', '.join(INIT_METHODS)} (got {self.init!r})")
         if self.save_steps < 0:
@@ -278,8 +285,13 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         label_names=labels_all,
         seed=cfg.seed,
     ).to(device)
-    prompt = torch.nn.Parameter(prompt)  # float32 whatever the model's dtype; cast where it enters
-    say(format_trainable(*count_parameters(model, prompt.numel())))
+    # float32 whatever the model's dtype; cast where it enters the model
+    encoder = PromptEncoder(prompt, cfg.reparam)
+    prompt = encoder.export()  # the prompt as saved; refreshed after every optimiser step
+    trainable = sum(p.numel() for p in encoder.parameters())
+    say(format_trainable(*count_parameters(model, trainable)))
+    if encoder.mlp is not None:
+        say(f"reparameterised: {trainable:,} trainable, saved as a {tuple(prompt.shape)} prompt")
     say(f"train rows: {len(train_rows)}, eval rows: {len(eval_rows)}, labels: {labels_all}")
     if procs.world > 1:
         say(f"data parallel: {procs.world} processes, {cfg.batch_size} rows per batch in all")
@@ -302,7 +314,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
 
     steps_per_epoch = math.ceil(math.ceil(len(train_rows) / cfg.batch_size) / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
-    optimizer = torch.optim.AdamW([prompt], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(cfg.warmup_ratio * total_steps), total_steps
     )
@@ -314,8 +326,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
     batches: list[list[int]] | None = None  # this epoch's order; None: draw the next epoch's
     done, total, count = 0, 0.0, 0  # batches done in this epoch; its train loss so far
     if ckpt is not None:
-        with torch.no_grad():
-            prompt.copy_(ckpt["prompt"])
+        encoder.load_state_dict(ckpt["encoder"])
+        prompt = encoder.export()
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         rng.setstate(ckpt["python_rng"])
@@ -331,7 +343,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         if procs.main:
             state = {
                 "format": CHECKPOINT_FORMAT,
-                "prompt": prompt.detach().cpu(),
+                "prompt": prompt.cpu(),
+                "encoder": encoder.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "python_rng": rng.getstate(),
@@ -360,7 +373,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
     # --- epochs ---
     pad = tokenizer.pad_token_id
     lengths = [len(r) for r in train_rows]
-    good = prompt.detach().clone() if ckpt else None  # the prompt when the loss was last finite
+    good = prompt.clone() if ckpt else None  # the prompt when the loss was last finite
     for epoch in range(first_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
         if batches is None:  # the same order in every process: one seeded RNG
@@ -384,7 +397,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
                 batch = {k: v.to(device) for k, v in collate_train(mine, pad).items()}
                 loss = label_loss(
                     model,
-                    prompt,
+                    encoder(),
                     **batch,
                     reduction="sum",
                     shared_prefix=not cfg.gradient_checkpointing,
@@ -397,7 +410,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
                     f"epoch {epoch}, batch {i + 1} (step {step + 1})",
                     good,
                 )
-            good = prompt.detach().clone()
+            good = prompt.clone()
             if mine:
                 (loss / cfg.grad_accum).backward()
             total += batch_loss * len(rows)
@@ -406,12 +419,14 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
             bar.update(1)
             bar.set_postfix(loss=f"{batch_loss:.4f}")
             if done % cfg.grad_accum == 0 or done == len(batches):
-                if prompt.grad is None:  # a process whose shares of these batches were empty
-                    prompt.grad = torch.zeros_like(prompt)
-                procs.sum(prompt.grad)
+                for p in encoder.parameters():
+                    if p.grad is None:  # a process whose shares of these batches were empty
+                        p.grad = torch.zeros_like(p)
+                    procs.sum(p.grad)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                prompt = encoder.export()
                 if not torch.isfinite(prompt).all():
                     stop("the prompt became NaN or infinite", f"optimiser step {step + 1}", good)
                 step += 1
@@ -459,7 +474,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
     return TrainResult(out, best_prompt, history, best, main_process=procs.main)
 
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 """Version of checkpoint/state.pt; a run with another version cannot be resumed."""
 
 
