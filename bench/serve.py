@@ -17,6 +17,8 @@ the same requests one adapter at a time. By hand, not CI; run it on an otherwise
    once per label, prompt included, right-padded; the label tokens' log-probabilities summed,
    softmax over labels). In-process and offline: no HTTP, no queueing, so it favours PEFT. Its
    throughput is extrapolated to --requests when it runs on a subset (the output says so).
+4. PEFT generate: the guide's own inference (`generate`, batch 16, 6 new tokens, the text
+   matched to a label), one adapter at a time, on the first `--peft-generate-requests`.
 
 The load generator and the server share the machine's cores.
 """
@@ -264,6 +266,40 @@ def run_peft(args, folder: Path, names: list[str], requests) -> dict:
             "answers": answers}  # fmt: skip
 
 
+def run_peft_generate(folder: Path, names: list[str], requests) -> dict:
+    """The PEFT guide's own inference, one adapter at a time: `generate` (batch 16, 6 new tokens)
+    after the guide's template, then the text is matched to a label."""
+    import torch
+    from peft import PeftModel
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from speed import peft_generate
+
+    from softprompt.model import load_base
+
+    model, tok, _ = load_base(None)
+    tok.padding_side = "left"
+    paths = {n: folder / n if i == 0 else folder / "more" / n for i, n in enumerate(names)}
+    pm = PeftModel.from_pretrained(model, str(paths[names[0]]), adapter_name=names[0])
+    for n in names[1:]:
+        pm.load_adapter(str(paths[n]), adapter_name=n)
+    pm.eval()
+    by_adapter: dict[str, list[int]] = {}
+    for i, (a, _) in enumerate(requests):
+        by_adapter.setdefault(a, []).append(i)
+    log(f"PEFT generate: {len(requests)} requests")
+    valid = 0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for a, idx in by_adapter.items():
+            pm.set_adapter(a)
+            outs = peft_generate(pm, tok, [requests[i][1] for i in idx], torch.device("cpu"))
+            valid += sum(o in LABELS for o in outs)
+    wall = time.perf_counter() - t0
+    return {"requests": len(requests), "seconds": wall, "throughput_rps": len(requests) / wall,
+            "valid_labels": valid}  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -273,6 +309,8 @@ def main() -> None:
     )
     p.add_argument("--peft-requests", type=int, default=None,
                    help="the first N of the same requests for PEFT (default: all; fewer is extrapolated)")  # fmt: skip
+    p.add_argument("--peft-generate-requests", type=int, default=200,
+                   help="the first N requests also through PEFT's generate (the guide's inference); 0: skip")  # fmt: skip
     p.add_argument("--adapters", type=int, default=16)
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--num-virtual-tokens", type=int, default=8)
@@ -299,6 +337,8 @@ def main() -> None:
 
     sp = run_softprompt(args, folder, names, requests)
     pf = run_peft(args, folder, names, requests[:peft_n])
+    gen_n = min(args.peft_generate_requests, args.requests)
+    pg = run_peft_generate(folder, names, requests[:gen_n]) if gen_n else None
     both = [i for i in pf["answers"] if i in sp["load"]["answers"]]
     diff = max(
         (abs(sp["load"]["answers"][i][k] - pf["answers"][i][k]) for i in both for k in LABELS),
@@ -314,6 +354,8 @@ def main() -> None:
         "peft": {k: v for k, v in pf.items() if k != "answers"}
         | {"extrapolated_seconds_for_all": args.requests / pf["throughput_rps"], "extrapolated": extrapolated},
         "throughput_ratio": sp["load"]["throughput_rps"] / pf["throughput_rps"],
+        "peft_generate": pg,
+        "throughput_ratio_vs_peft_generate": sp["load"]["throughput_rps"] / pg["throughput_rps"] if pg else None,
         "max_abs_probability_difference": diff,
         "compared_requests": len(both),
         "memory": {"one_adapter": m1, "all_adapters": mn,
@@ -336,6 +378,10 @@ def main() -> None:
     print(f"PEFT, one adapter at a time (offline, no HTTP): {pf['throughput_rps']:.1f} req/s{note}; "
           f"{args.requests} requests would take {result['peft']['extrapolated_seconds_for_all']:.0f} s")  # fmt: skip
     print(f"throughput ratio softprompt/PEFT: {result['throughput_ratio']:.2f}x")
+    if pg:
+        print(f"PEFT generate (the guide's inference), one adapter at a time: {pg['throughput_rps']:.1f} "
+              f"req/s on {pg['requests']} requests ({pg['valid_labels']} valid labels); ratio "
+              f"softprompt/PEFT generate: {result['throughput_ratio_vs_peft_generate']:.2f}x")  # fmt: skip
     print(f"agreement: max |p_softprompt - p_PEFT| = {diff:.2e} over {len(both)} requests")
     print(f"memory, 1 adapter -> {len(names)}: RSS {m1['rss_bytes'] / 1e6:.1f} -> {mn['rss_bytes'] / 1e6:.1f} MB "
           f"(+{m['rss_delta_bytes'] / 1e6:.2f} MB); prompts {m1['prompt_bytes'] / 1e3:.0f} -> "
