@@ -213,3 +213,29 @@ def test_stacked_kv_of_separate_prompts_equals_each_alone(tiny):
         assert torch.allclose(mixed[i], alone[0], rtol=1e-5, atol=1e-5)
         g1 = generate(model, kvs[k], one_ids, one_mask, max_new_tokens=5, eos_token_id=None)
         assert gen[i] == g1[0]
+
+
+def test_weighted_label_loss_is_the_weighted_mean_of_each_rows_tokens(tiny):
+    """--balance: row i's tokens count w[i] times; checked against each row run alone."""
+    from softprompt.train import _row_weights
+
+    model, tok = tiny
+    _, b = _batch(tok)
+    prompt = init_prompt(model, tok, 5, "random", seed=4)
+    w = torch.tensor(_row_weights(LABELS[:3] + ["no complaint"] * 3, True)[:4])
+    got = label_loss(model, prompt, **b, weights=w)
+    sums, counts = [], []
+    for i in range(len(TEXTS)):
+        one = {k: v[i : i + 1] for k, v in b.items()}
+        sums.append(label_loss(model, prompt, **one, reduction="sum"))
+        counts.append((one["labels"][:, 1:] != -100).sum())
+    want = sum(wi * s for wi, s in zip(w, sums, strict=True)) / sum(
+        wi * c for wi, c in zip(w, counts, strict=True)
+    )
+    assert _close(got, want)
+    assert _close(
+        label_loss(model, prompt, **b, weights=torch.ones(4)), label_loss(model, prompt, **b)
+    )
+    # every class weighs the same in all: 2 complaints and 4 others -> 1.5 and 0.75 each
+    assert _row_weights(["a", "b", "b", "a", "b", "b"], True) == [1.5, 0.75, 0.75, 1.5, 0.75, 0.75]
+    assert _row_weights(["a", "b"], False) == [1.0, 1.0]

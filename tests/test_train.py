@@ -375,3 +375,11 @@ def test_reparam_mlp_saves_the_encoded_prompt(tmp_path, tiny_model_dir, demo_tra
     assert a.config["peft_type"] == "PROMPT_TUNING" and tuple(a.prompt.shape) == tuple(
         exported.shape
     )
+
+
+def test_balance_flag_trains_and_changes_the_prompt(tmp_path, tiny_model_dir, demo_train):
+    plain, bal = tmp_path / "plain", tmp_path / "bal"
+    assert main(train_args(demo_train, tiny_model_dir, plain, "--epochs", "1")) == 0
+    assert main(train_args(demo_train, tiny_model_dir, bal, "--epochs", "1", "--balance")) == 0
+    assert not torch.equal(prompt_of(plain / "last"), prompt_of(bal / "last"))
+    assert json.loads((bal / "train_config.json").read_text())["balance"] is True

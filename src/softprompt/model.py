@@ -242,9 +242,11 @@ def label_loss(
     *,
     reduction: str = "mean",
     shared_prefix: bool = True,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Cross-entropy over label tokens (labels [B, T], -100 elsewhere): their mean, or their sum
     with reduction="sum" (a data-parallel shard divides the sum by the global token count).
+    `weights` [B] weighs each row's tokens (the mean is then sum(w * loss) / sum(w)).
 
     shared_prefix=True: the prompt [P, H] runs once and its KV is broadcast to the rows.
     shared_prefix=False: prompt and tokens run concatenated through the model with no KV cache,
@@ -266,7 +268,11 @@ def label_loss(
     target = labels[:, 1:]
     keep = target != -100
     logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), target[keep], reduction=reduction)
+    if weights is None:
+        return F.cross_entropy(logits.float(), target[keep], reduction=reduction)
+    w = weights.to(logits.device, torch.float32)[:, None].expand_as(target)[keep]
+    tok = F.cross_entropy(logits.float(), target[keep], reduction="none") * w
+    return tok.sum() if reduction == "sum" else tok.sum() / w.sum()
 
 
 def reference_loss(

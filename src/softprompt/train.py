@@ -102,6 +102,8 @@ class TrainConfig:
     """Rows per batch (--batch-size)."""
     grad_accum: int = 1
     """Batches per optimiser step (--grad-accum)."""
+    balance: bool = False
+    """Weigh each row's loss by 1 / its label's frequency, so every class counts the same (--balance)."""
     seed: int = 42
     """Seed for prompt init, hold-out split and data order (--seed)."""
     eval_batch_size: int = 32
@@ -276,6 +278,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         tokenizer, task, [table.texts[i] for i in train_idx], [table.labels[i] for i in train_idx]
     )
     eval_rows = encode_rows(tokenizer, task, eval_texts, eval_labels) if eval_texts else []
+    row_weight = _row_weights([table.labels[i] for i in train_idx], cfg.balance)  # [N] floats
     prompt = init_prompt(
         model,
         tokenizer,
@@ -390,6 +393,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         for i in range(done, len(batches)):
             rows = [train_rows[j] for j in batches[i]]
             mine = rows[procs.rank :: procs.world]  # this process's share of the batch
+            weights = [row_weight[j] for j in batches[i]]
             # each share's loss is its label tokens' summed loss over the whole batch's count:
             # the shares add up to the batch mean, as in one process
             loss = torch.zeros((), device=device)
@@ -401,8 +405,11 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
                     **batch,
                     reduction="sum",
                     shared_prefix=not cfg.gradient_checkpointing,
+                    weights=torch.tensor(weights[procs.rank :: procs.world])
+                    if cfg.balance
+                    else None,
                 )
-                loss = loss / label_token_count(rows)
+                loss = loss / label_token_count(rows, weights)
             batch_loss = procs.sum(loss.detach().clone()).item()  # the whole batch's mean
             if not math.isfinite(batch_loss):
                 stop(
@@ -486,10 +493,22 @@ def save_checkpoint(folder: Path, state: dict) -> None:
     atomic_write_bytes(folder / "state.pt", buf.getvalue())
 
 
-def label_token_count(rows) -> int:
+def label_token_count(rows, weights: list[float] | None = None) -> float:
     """How many label tokens `label_loss` scores in these rows (the first token of a row has
-    no prediction, which matters only for a row with an empty input)."""
-    return sum(len(r.label_ids) - (0 if r.input_ids else 1) for r in rows)
+    no prediction, which matters only for a row with an empty input), each row's tokens
+    counted `weights[i]` times when weights are given."""
+    w = weights or [1] * len(rows)
+    return sum(
+        wi * (len(r.label_ids) - (0 if r.input_ids else 1)) for wi, r in zip(w, rows, strict=True)
+    )
+
+
+def _row_weights(labels: list[str], balance: bool) -> list[float]:
+    """1 per row; with balance, N / (L * count of the row's label): each class weighs N / L."""
+    if not balance:
+        return [1.0] * len(labels)
+    counts = {y: labels.count(y) for y in set(labels)}
+    return [len(labels) / (len(counts) * counts[y]) for y in labels]
 
 
 def resume_config(folder: str, **given) -> TrainConfig:
