@@ -239,3 +239,55 @@ def test_weighted_label_loss_is_the_weighted_mean_of_each_rows_tokens(tiny):
     # every class weighs the same in all: 2 complaints and 4 others -> 1.5 and 0.75 each
     assert _row_weights(["a", "b", "b", "a", "b", "b"], True) == [1.5, 0.75, 0.75, 1.5, 0.75, 0.75]
     assert _row_weights(["a", "b"], False) == [1.0, 1.0]
+
+
+def test_shared_template_head_equals_plain_path(tiny):
+    """The template's head run once with the prompt (and the last column skipped) gives the same
+    loss and prompt gradient as running every row whole; so do label scores and generation."""
+    from softprompt.evaluate import generate_texts, label_probabilities
+
+    model, tok = tiny
+    task, b = _batch(tok)
+    common = int((b["input_ids"] == b["input_ids"][:1]).all(0).long().cumprod(0).sum())
+    assert common >= 2, "the rows share the template's first tokens"
+    for P in (1, 5):
+        prompt = init_prompt(model, tok, P, "random", seed=P).requires_grad_(True)
+        fast = label_loss(model, prompt, **b)
+        (g_fast,) = torch.autograd.grad(fast, prompt)
+        plain = label_loss(model, prompt, **b, share_head=False)
+        (g_plain,) = torch.autograd.grad(plain, prompt)
+        ref = reference_loss(model, prompt, **b)
+        (g_ref,) = torch.autograd.grad(ref, prompt)
+        assert _close(fast.detach(), plain.detach()) and _close(fast.detach(), ref.detach())
+        assert _close(g_fast, g_plain) and _close(g_fast, g_ref)
+    # rows that share nothing (or a single row) fall back to the plain path
+    one = {k: v[1:2] for k, v in b.items()}
+    assert _close(
+        label_loss(model, prompt, **one).detach(),
+        reference_loss(model, prompt, **one).detach(),
+    )
+    texts = TEXTS + ["", "Label : x", " leading space", "Tweet"]
+    with torch.no_grad():
+        for K in (1, 3):
+            p = torch.stack([init_prompt(model, tok, 4, "vocab", seed=s) for s in range(K)])
+            p = p[0] if K == 1 else p
+            for bs in (1, 3, 32):
+                a = label_probabilities(model, tok, p, task, texts, batch_size=bs)
+                c = label_probabilities(model, tok, p, task, texts, batch_size=bs, share_head=False)
+                assert torch.allclose(a, c, rtol=1e-5, atol=1e-6)
+        p = init_prompt(model, tok, 4, "vocab", seed=0)
+        g1 = generate_texts(model, tok, p, task, texts, max_new_tokens=4, batch_size=3)
+        g2 = generate_texts(
+            model, tok, p, task, texts, max_new_tokens=4, batch_size=3, share_head=False
+        )
+        assert g1 == g2
+
+
+def test_common_prefix_length_checks_every_row():
+    from softprompt.model import common_prefix_length
+
+    head = [5, 6, 7, 8]
+    assert common_prefix_length([[5, 6, 7, 9, 1], [5, 6, 7, 8, 2]], head) == 3
+    assert common_prefix_length([[5, 6, 7, 8, 1], [5, 6]], head) == 1  # each row keeps a token
+    assert common_prefix_length([[5, 6, 7, 8], [4, 6, 7, 8]], head) == 0
+    assert common_prefix_length([[5, 6, 7, 8, 9]], []) == 0

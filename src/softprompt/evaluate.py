@@ -11,12 +11,37 @@ from tqdm.auto import tqdm
 
 from .calibrate import apply_bias
 from .data import Task, collate_left, input_budget, input_token_ids, label_token_ids
-from .model import KV, generate, prefix_kv, score_continuations
+from .model import (
+    KV,
+    common_prefix_length,
+    extend_kv,
+    generate,
+    prefix_kv,
+    score_continuations,
+    slice_kv,
+)
 
 
 def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+class _HeadCache:
+    """The template's head (the tokens every row starts with, e.g. `Tweet text :`) run once
+    after the prompt: each batch then starts its rows after the part of the head they all share
+    (checked per row, so a BPE merge across the template boundary only shortens it)."""
+
+    def __init__(self, model, tokenizer, task: Task, kv: KV, enabled: bool = True):
+        self.kv = kv
+        self.P = kv[0][0].shape[2]
+        self.head = list(tokenizer(task.render(""))["input_ids"]) if enabled else []
+        self.head_kv = extend_kv(model, kv, self.head) if self.head else kv
+
+    def batch(self, seqs: Sequence[Sequence[int]]) -> tuple[KV, list[Sequence[int]]]:
+        """(KV to run the batch after [N, heads, P+h, d], the rows without their first h tokens)."""
+        h = common_prefix_length(seqs, self.head, keep=1)
+        return slice_kv(self.head_kv, self.P + h), [s[h:] for s in seqs]
 
 
 @torch.no_grad()
@@ -31,6 +56,7 @@ def label_probabilities(
     progress: bool = False,
     kv: KV | None = None,
     bias: Sequence[float] | None = None,
+    share_head: bool = True,
 ) -> Tensor:
     """Each label's probability for each text: [N, L] (rows sum to 1), by scoring every label's
     tokens (with its end token) after the input. The prompt's KV is computed once (or passed
@@ -39,6 +65,7 @@ def label_probabilities(
     `prompt` is one prompt [P, H] or an ensemble [K, P, H]: each text then runs once per member
     (in the same batch, each row with its member's prompt) and the probabilities are the mean
     of the members'. `bias` [L] calibrates the (mean) probabilities (see calibrate.py).
+    With `share_head` the template's head runs once with the prompt, not once per row (exact).
     """
     device = model.get_input_embeddings().weight.device
     budget = input_budget(tokenizer, task)
@@ -46,10 +73,12 @@ def label_probabilities(
     labels = [label_token_ids(tokenizer, n) for n in task.label_names]
     kv = prefix_kv(model, prompt.to(device)) if kv is None else kv
     K = kv[0][0].shape[0]
+    heads = _HeadCache(model, tokenizer, task, kv, share_head)
     out = torch.empty(len(texts), len(labels))
     batches = _length_sorted_batches([len(s) for s in seqs], max(1, batch_size // K))
     for idx in tqdm(batches, desc="classify", disable=not progress, unit="batch"):
-        ids, mask = collate_left([seqs[i] for i in idx], tokenizer.pad_token_id)
+        kv, rest = heads.batch([seqs[i] for i in idx])
+        ids, mask = collate_left(rest, tokenizer.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
         if K == 1:
             scores = score_continuations(model, kv, ids, mask, labels)
@@ -83,19 +112,22 @@ def generate_texts(
     batch_size: int = 16,
     progress: bool = False,
     kv: KV | None = None,
+    share_head: bool = True,
 ) -> list[str]:
     """Greedy free generation after the input, as in the guide (the output may be any text)."""
     device = model.get_input_embeddings().weight.device
     budget = task.max_length - 1 if not task.label_names else input_budget(tokenizer, task)
     seqs = [input_token_ids(tokenizer, task, t, budget) for t in texts]
     kv = prefix_kv(model, prompt.to(device)) if kv is None else kv
+    heads = _HeadCache(model, tokenizer, task, kv, share_head)
     out: list[str] = [""] * len(texts)
     batches = _length_sorted_batches([len(s) for s in seqs], batch_size)
     for idx in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
-        ids, mask = collate_left([seqs[i] for i in idx], tokenizer.pad_token_id)
+        batch_kv, rest = heads.batch([seqs[i] for i in idx])
+        ids, mask = collate_left(rest, tokenizer.pad_token_id)
         new = generate(
             model,
-            kv,
+            batch_kv,
             ids.to(device),
             mask.to(device),
             max_new_tokens=max_new_tokens,

@@ -154,16 +154,61 @@ def concat_forward(model, prompt: Tensor, input_ids: Tensor, attention_mask: Ten
     return model(inputs_embeds=embeds, attention_mask=mask).logits
 
 
-def prefix_kv(model, prompts: Tensor) -> KV:
-    """Keys/values of prompts [N, P, H] (or [P, H]) in every layer: ((k, v), ...) [N, heads, P, d]."""
+def prefix_kv(model, prompts: Tensor, head_ids: Tensor | None = None) -> KV:
+    """Keys/values of prompts [N, P, H] (or [P, H]) in every layer: ((k, v), ...) [N, heads, P, d].
+
+    `head_ids` [h] are tokens every row starts with (e.g. the template's text before `{text}`):
+    they run after the prompt in the same pass (positions P..P+h-1), and the KV then covers
+    P+h positions, so the rows can start after them.
+    """
     if prompts.dim() == 2:
         prompts = prompts[None]
     decoder = model.get_decoder()
-    dtype = model.get_input_embeddings().weight.dtype
-    P = prompts.shape[1]
-    pos = torch.arange(P, device=prompts.device)[None].expand(prompts.shape[0], -1)
-    out = decoder(inputs_embeds=prompts.to(dtype), position_ids=pos, use_cache=True)
+    emb = model.get_input_embeddings()
+    embeds = prompts.to(emb.weight.dtype)
+    if head_ids is not None and head_ids.numel():
+        head = emb(head_ids.to(prompts.device))[None].expand(embeds.shape[0], -1, -1)
+        embeds = torch.cat([embeds, head], 1)
+    n = embeds.shape[1]
+    pos = torch.arange(n, device=prompts.device)[None].expand(embeds.shape[0], -1)
+    out = decoder(inputs_embeds=embeds, position_ids=pos, use_cache=True)
     return tuple((layer.keys, layer.values) for layer in _out_cache(out).layers)
+
+
+def extend_kv(model, kv: KV, ids: Sequence[int]) -> KV:
+    """kv (N prompts, length P) followed by the same tokens `ids` [h] for every prompt: a KV of
+    length P+h. Exact (causal attention): those tokens' keys/values depend only on what is before."""
+    if not len(ids):
+        return kv
+    N = kv[0][0].shape[0]
+    device = kv[0][0].device
+    x = torch.tensor([list(ids)], device=device).expand(N, -1)
+    rows = torch.arange(N, device=device)
+    _, cache = run_after_prefix(model, kv, x, torch.ones_like(x), rows, use_cache=True)
+    return tuple((layer.keys, layer.values) for layer in cache.layers)
+
+
+def slice_kv(kv: KV, length: int) -> KV:
+    """The first `length` positions of kv (exact: a position's KV never depends on later ones)."""
+    if kv[0][0].shape[2] == length:
+        return kv
+    return tuple((k[:, :, :length], v[:, :, :length]) for k, v in kv)
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]], head: Sequence[int], keep: int = 1) -> int:
+    """How many leading tokens of `head` every sequence starts with, leaving each sequence at
+    least `keep` tokens of its own. Checked per row, so a row whose tokenisation merged across
+    the template boundary (BPE) simply shortens the shared part."""
+    n = len(head)
+    for s in seqs:
+        n = min(n, len(s) - keep)
+        i = 0
+        while i < n and s[i] == head[i]:
+            i += 1
+        n = i
+        if n <= 0:
+            return 0
+    return max(n, 0)
 
 
 def stack_kv(kvs: Sequence[KV]) -> KV:
@@ -242,21 +287,34 @@ def label_loss(
     *,
     reduction: str = "mean",
     shared_prefix: bool = True,
+    share_head: bool = True,
     weights: Tensor | None = None,
 ) -> Tensor:
     """Cross-entropy over label tokens (labels [B, T], -100 elsewhere): their mean, or their sum
     with reduction="sum" (a data-parallel shard divides the sum by the global token count).
     `weights` [B] weighs each row's tokens (the mean is then sum(w * loss) / sum(w)).
 
-    shared_prefix=True: the prompt [P, H] runs once and its KV is broadcast to the rows.
+    Inputs are right-padded [B, T]. The LM head is applied only where a label token is
+    predicted, and the loss equals `reference_loss` (and PEFT's loss) up to float rounding.
+
+    shared_prefix=True: the prompt [P, H] runs once and its KV is broadcast to the rows. With
+    `share_head` the leading tokens every row has in common (the template's head, e.g.
+    `Tweet text :`) run once with the prompt instead of once per row, and the last column
+    (only ever a target) is not run at all.
     shared_prefix=False: prompt and tokens run concatenated through the model with no KV cache,
     which is what gradient checkpointing needs (a checkpointed layer runs without a cache).
-    Either way the LM head is applied only where a label token is predicted, and the loss
-    equals `reference_loss` (and PEFT's loss) up to float rounding.
     """
+    h = 0
     if shared_prefix:
-        kv = prefix_kv(model, prompt)
-        hidden, _ = run_after_prefix(model, kv, input_ids, attention_mask)
+        end = input_ids.shape[1]
+        if share_head:
+            # the token before the first label token must stay in the rows (its output is used)
+            first_label = int((labels != -100).long().argmax(-1).min())
+            same = (input_ids == input_ids[:1]).all(0)[: max(first_label - 1, 0)]
+            h = int(same.long().cumprod(0).sum())
+            end -= 1
+        kv = prefix_kv(model, prompt, input_ids[0, :h] if h else None)
+        hidden, _ = run_after_prefix(model, kv, input_ids[:, h:end], attention_mask[:, h:end])
     else:
         B, P = input_ids.shape[0], prompt.shape[-2]
         emb = model.get_input_embeddings()(input_ids)
@@ -265,9 +323,9 @@ def label_loss(
         hidden = model.get_decoder()(
             inputs_embeds=embeds, attention_mask=mask, use_cache=False
         ).last_hidden_state[:, P:]
-    target = labels[:, 1:]
+    target = labels[:, h + 1 :]
     keep = target != -100
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    logits = model.get_output_embeddings()(hidden[:, : target.shape[1]][keep])
     if weights is None:
         return F.cross_entropy(logits.float(), target[keep], reduction=reduction)
     w = weights.to(logits.device, torch.float32)[:, None].expand_as(target)[keep]
