@@ -99,3 +99,12 @@ def demo_train() -> Path:
 @pytest.fixture(scope="session")
 def demo_test() -> Path:
     return DEMO / "complaints_test.csv"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model is far faster on one thread (and does not fight other processes for cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

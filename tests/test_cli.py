@@ -31,13 +31,7 @@ METRIC_KEYS = {"train_loss", "eval_loss", "eval_ppl", "eval_accuracy", "eval_mac
 LABELS = ["complaint", "no complaint"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is far faster on one thread (and does not fight other processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_args(data: Path, model_dir: Path, out: Path, *extra: str) -> list[str]:

@@ -432,12 +432,15 @@ _label = st.text(
 )
 
 
-@settings(
+PROPERTY = settings(
     max_examples=30,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+
+
+@PROPERTY
 @given(
     rows=st.lists(st.tuples(_text, _label), min_size=1, max_size=6),
     max_length=st.integers(min_value=8, max_value=64),
@@ -561,12 +564,7 @@ def test_property_jsonl_any_values_load_or_say_why(rows):
     assert all(isinstance(lab, str) and lab.strip() == lab != "" for lab in table.labels)
 
 
-@settings(
-    max_examples=30,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@PROPERTY
 @given(
     rows=st.lists(st.tuples(_text, _label), min_size=1, max_size=5),
     max_length=st.integers(min_value=12, max_value=64),
