@@ -9,7 +9,7 @@ DEMO=src/softprompt/demo
 OUT=${OUT:-runs/demo}
 set -x
 softprompt train --data $DEMO/complaints_train.csv --text-column "Tweet text" --label-column Label \
-  --out "$OUT" --overwrite --epochs 4 --init labels ${DEMO_ARGS:-}
+  --out "$OUT" --overwrite --epochs 4 --init labels --balance ${DEMO_ARGS:-}
 softprompt eval "$OUT" --data $DEMO/complaints_test.csv --output "$OUT/test_metrics.json" --overwrite
 softprompt predict "$OUT" "@ZephyrMobile third day without signal and your chat keeps disconnecting me" \
   "@NorthRailUK thanks, the new timetable looks great"
