@@ -180,14 +180,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, {"train": t, "cv": c, "eval": e, "predict": pr, "push": pu, "serve": s}
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, end_processes, resume_config, train
+def _given_train_flags(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields whose flags were given (unset flags parse to None / False)."""
+    from .train import TrainConfig
 
-    given = {
+    return {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(TrainConfig)
         if getattr(args, f.name, None) is not None and getattr(args, f.name) is not False
     }
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, end_processes, resume_config, train
+
+    given = _given_train_flags(args)
     try:
         if args.resume:
             cfg = resume_config(args.resume, **given)
@@ -207,11 +214,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
     from .cv import cross_validate
     from .train import TrainConfig
 
-    given = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(TrainConfig)
-        if getattr(args, f.name, None) is not None and getattr(args, f.name) is not False
-    }
+    given = _given_train_flags(args)
     for flag in ("resume", "save_every_epoch", "eval_data"):
         if flag in given:
             raise SoftpromptError(f"--{flag.replace('_', '-')} cannot be used with `softprompt cv`")

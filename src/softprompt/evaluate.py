@@ -77,16 +77,16 @@ def label_probabilities(
     out = torch.empty(len(texts), len(labels))
     batches = _length_sorted_batches([len(s) for s in seqs], max(1, batch_size // K))
     for idx in tqdm(batches, desc="classify", disable=not progress, unit="batch"):
-        kv, rest = heads.batch([seqs[i] for i in idx])
+        batch_kv, rest = heads.batch([seqs[i] for i in idx])
         ids, mask = collate_left(rest, tokenizer.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
         if K == 1:
-            scores = score_continuations(model, kv, ids, mask, labels)
+            scores = score_continuations(model, batch_kv, ids, mask, labels)
             out[idx] = torch.softmax(scores.float(), -1).cpu()
         else:  # member k's rows are rows k*B .. (k+1)*B-1
             rows = torch.arange(K, device=device).repeat_interleave(len(idx))
             scores = score_continuations(
-                model, kv, ids.repeat(K, 1), mask.repeat(K, 1), labels, rows
+                model, batch_kv, ids.repeat(K, 1), mask.repeat(K, 1), labels, rows
             )
             out[idx] = torch.softmax(scores.float(), -1).view(K, len(idx), -1).mean(0).cpu()
     return apply_bias(out, bias)

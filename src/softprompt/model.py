@@ -145,13 +145,21 @@ def concat_forward(model, prompt: Tensor, input_ids: Tensor, attention_mask: Ten
     Returns logits [B, P+T, V]. Position ids are 0..P+T-1 as in PEFT (right padding keeps
     every real token at the same position as in an unpadded run).
     """
+    embeds, mask = _concat_inputs(model, prompt, input_ids, attention_mask)
+    return model(inputs_embeds=embeds, attention_mask=mask).logits
+
+
+def _concat_inputs(
+    model, prompt: Tensor, input_ids: Tensor, attention_mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(embeddings [B, P+T, H], attention mask [B, P+T]) of prompt [P, H] (or [B, P, H])
+    placed before input_ids [B, T]."""
     B = input_ids.shape[0]
     emb = model.get_input_embeddings()(input_ids)
     prompts = prompt.expand(B, -1, -1) if prompt.dim() == 2 else prompt
-    P = prompts.shape[1]
     embeds = torch.cat([prompts.to(emb.dtype), emb], dim=1)
-    mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)
-    return model(inputs_embeds=embeds, attention_mask=mask).logits
+    mask = torch.cat([attention_mask.new_ones(B, prompts.shape[1]), attention_mask], dim=1)
+    return embeds, mask
 
 
 def prefix_kv(model, prompts: Tensor, head_ids: Tensor | None = None) -> KV:
@@ -316,13 +324,10 @@ def label_loss(
         kv = prefix_kv(model, prompt, input_ids[0, :h] if h else None)
         hidden, _ = run_after_prefix(model, kv, input_ids[:, h:end], attention_mask[:, h:end])
     else:
-        B, P = input_ids.shape[0], prompt.shape[-2]
-        emb = model.get_input_embeddings()(input_ids)
-        embeds = torch.cat([prompt.expand(B, -1, -1).to(emb.dtype), emb], dim=1)
-        mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)
+        embeds, mask = _concat_inputs(model, prompt, input_ids, attention_mask)
         hidden = model.get_decoder()(
             inputs_embeds=embeds, attention_mask=mask, use_cache=False
-        ).last_hidden_state[:, P:]
+        ).last_hidden_state[:, prompt.shape[-2] :]
     target = labels[:, h + 1 :]
     keep = target != -100
     logits = model.get_output_embeddings()(hidden[:, : target.shape[1]][keep])
