@@ -10,6 +10,7 @@ import torch
 from softprompt.data import Task, collate_left, collate_train, encode_rows, label_token_ids
 from softprompt.model import (
     concat_forward,
+    full_label_scores,
     generate,
     label_loss,
     prefix_kv,
@@ -120,10 +121,13 @@ def test_label_scores_equal_full_forward_per_label(tiny):
     conts = [label_token_ids(tok, n) for n in ("complaint", "no complaint", "maybe not")]
     ids, mask = collate_left(seqs, tok.pad_token_id)
     scores = score_continuations(model, prefix_kv(model, prompt), ids, mask, conts)
+    batched = full_label_scores(model, prompt, seqs, conts, tok.pad_token_id)  # the FSDP path
+    assert batched.shape == scores.shape == (len(seqs), len(conts))
     for i, s in enumerate(seqs):
         for j, c in enumerate(conts):
             ref = _full_label_logprob(model, prompt, s, c)
             assert abs(scores[i, j].item() - ref) <= 1e-4 * max(1.0, abs(ref))
+            assert abs(batched[i, j].item() - ref) <= 1e-4 * max(1.0, abs(ref))
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,19 +54,28 @@ def without(argv: list[str], *flags: str) -> list[str]:
 # --------------------------------------------------------------------------- data parallel
 
 
-def test_two_processes_train_the_same_prompt_as_one(tmp_path, tiny_model_dir, demo_train):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_train_the_same_prompt_as_one(tmp_path, tiny_model_dir, demo_train, fsdp):
     """torchrun, 2 CPU processes (gloo): same global batch and seed, same prompt (1e-5).
-    120 training rows in batches of 7 end with a 1-row batch: process 1's share is empty."""
-    extra = ["--batch-size", "7", "--grad-accum", "2", "--eval-fraction", "0.25"]
+    The last training batch has 1 row, so process 1's share of it is empty (ddp: 120 rows in
+    batches of 7; fsdp: 125 in batches of 4). With --fsdp the base model's weights are sharded
+    over the 2 processes (FSDP2, no prompt KV cache) and every process must run every batch:
+    35 eval rows one per batch give process 0 18 batches and process 1 17 plus an empty one."""
+    if fsdp:
+        extra = ["--batch-size", "4", "--eval-fraction", "0.22", "--eval-batch-size", "1"]
+        rows = 125
+    else:
+        extra = ["--batch-size", "7", "--eval-fraction", "0.25"]
+        rows = 120
     one = tmp_path / "one"
-    argv = train_args(demo_train, tiny_model_dir, one, *extra)
-    argv = without(argv, "--batch-size") + ["--batch-size", "7"]
+    argv = without(train_args(demo_train, tiny_model_dir, one), "--batch-size")
+    argv += [*extra, "--grad-accum", "2"]
     assert main(argv) == 0
     two = tmp_path / "two"
-    argv2 = [a if a != str(one) else str(two) for a in argv]
+    argv2 = [a if a != str(one) else str(two) for a in argv] + (["--fsdp"] if fsdp else [])
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-        + ["--master_port", "29517", "-m", "softprompt.cli", *argv2],
+        + ["--master_port", str(29517 + fsdp), "-m", "softprompt.cli", *argv2],
         capture_output=True,
         text=True,
         timeout=400,
@@ -73,8 +83,16 @@ def test_two_processes_train_the_same_prompt_as_one(tmp_path, tiny_model_dir, de
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "data parallel: 2 processes" in r.stdout
+    held = re.search(
+        r"FSDP: base model sharded over 2 processes; each holds about ([\d,]+) of its ([\d,]+) weights",
+        r.stdout,
+    )
+    assert bool(held) == fsdp
+    if fsdp:
+        part, whole = (int(x.replace(",", "")) for x in held.groups())
+        assert whole > 0 and part <= whole / 2 + 64  # half, give or take uneven rows
     assert r.stdout.count("best prompt (epoch") == 1  # only the main process prints
-    assert "train rows: 120" in r.stdout
+    assert f"train rows: {rows}" in r.stdout
     for sub in ("", "last"):
         a, b = prompt_of(one / sub), prompt_of(two / sub)
         assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()

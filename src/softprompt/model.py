@@ -114,6 +114,49 @@ def set_gradient_checkpointing(model, enable: bool = True) -> None:
             m.training = True
 
 
+def decoder_layers(model) -> list:
+    """The model's decoder layers (Hugging Face's GradientCheckpointingLayer blocks)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def shard_model(model, device: torch.device) -> tuple[int, int]:
+    """Shard the frozen model's weights over the processes of torch.distributed (FSDP2,
+    `fully_shard`): each decoder layer is its own unit, gathered only while it runs (forward and
+    backward) and resharded after. The rest (embeddings, final norm, LM head: softprompt calls
+    them directly) forms the root unit; `gather_root` must be called before each step.
+
+    Train with `label_loss(..., shared_prefix=False)` and score with `full_label_scores`: a
+    cached prompt KV would outlive its layer's gathered weights. Every process must run the same
+    sequence of forward (and backward) calls. Returns (weights this process holds, all weights).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    layers = decoder_layers(model)
+    if not layers:
+        raise SoftpromptError(
+            f"--fsdp: found no decoder layers in {type(model).__name__} to shard; drop --fsdp"
+        )
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    total = sum(p.numel() for p in model.parameters())
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+    gather_root(model)
+    return local, total
+
+
+def gather_root(model) -> None:
+    """Gather the root unit's weights of a sharded model (no-op for a plain model, or when they
+    are gathered already). FSDP reshards them after each backward."""
+    unshard = getattr(model, "unshard", None)
+    if unshard is not None and hasattr(model, "reshard"):
+        unshard()
+
+
 def hidden_size(model) -> int:
     return model.get_input_embeddings().weight.shape[1]
 
@@ -349,6 +392,40 @@ def reference_loss(
         labels[:, 1:].reshape(-1),
         ignore_index=-100,
     )
+
+
+def full_label_scores(
+    model,
+    prompt: Tensor,
+    seqs: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    pad_id: int,
+) -> Tensor:
+    """Log-probability of each continuation after prompt + each input: [B, L], as
+    `score_continuations` gives, by one plain forward over every (input, continuation) pair (no
+    KV cache). L times the compute: for sharded (FSDP) models, where a cache cannot be kept."""
+    B, L = len(seqs), len(continuations)
+    pairs = [(list(s), list(c)) for s in seqs for c in continuations]
+    T = max(len(s) + len(c) for s, c in pairs)
+    ids = torch.full((B * L, T), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (s, c) in enumerate(pairs):
+        ids[i, : len(s) + len(c)] = torch.tensor(s + c)
+        mask[i, : len(s) + len(c)] = 1
+        labels[i, len(s) : len(s) + len(c)] = torch.tensor(c)
+    device = prompt.device
+    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+    embeds, full_mask = _concat_inputs(model, prompt, ids, mask)
+    P = prompt.shape[-2]
+    hidden = model.get_decoder()(
+        inputs_embeds=embeds, attention_mask=full_mask, use_cache=False
+    ).last_hidden_state[:, P - 1 : -1]  # the position before each token predicts it
+    keep = labels != -100
+    logp = torch.log_softmax(model.get_output_embeddings()(hidden[keep]).float(), -1)
+    tok = logp.gather(-1, labels[keep][:, None])[:, 0]
+    row = torch.arange(B * L, device=device)[:, None].expand_as(labels)[keep]
+    return torch.zeros(B * L, device=device).index_add_(0, row, tok).view(B, L)
 
 
 def score_continuations(

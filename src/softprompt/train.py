@@ -33,7 +33,10 @@ from .data import (
     check_labels,
     collate_train,
     encode_rows,
+    input_budget,
+    input_token_ids,
     label_set,
+    label_token_ids,
     load_table,
     stratified_split,
     validate_template,
@@ -43,9 +46,12 @@ from .evaluate import classify, metrics
 from .model import (
     count_parameters,
     format_trainable,
+    full_label_scores,
+    gather_root,
     label_loss,
     load_base,
     set_gradient_checkpointing,
+    shard_model,
 )
 from .prompt import DEFAULT_INIT_TEXT, INIT_METHODS, REPARAM_METHODS, PromptEncoder, init_prompt
 
@@ -120,6 +126,10 @@ class TrainConfig:
     """Also keep each epoch's prompt as an adapter in epochs/NNN (--save-every-epoch)."""
     gradient_checkpointing: bool = False
     """Recompute layer activations in backward: less memory, ~1/3 more compute (--gradient-checkpointing)."""
+    fsdp: bool = False
+    """Under torchrun / accelerate launch, shard the frozen base model's weights over the
+    processes (FSDP2) instead of a full copy in each; on by itself under an Accelerate FSDP
+    config (--fsdp)."""
     save_steps: int = 0
     """Also checkpoint every N optimiser steps within an epoch; 0: after each epoch only (--save-steps)."""
     resume: str | None = None
@@ -213,7 +223,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
     With cfg.resume, the run continues from its last checkpoint (see `resume_config`).
     """
     cfg.validate()
-    procs = _start_processes(cfg.device)
+    procs = _start_processes(cfg.device, cfg.fsdp)
     say = print if procs.main else _silent
     if cfg.resume:
         _check_resume(cfg)
@@ -262,18 +272,18 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         ckpt = None
 
     # --- model and prompt ---
-    if model is None:
+    if model is None:  # FSDP: load on the CPU, then each process moves its shard to its device
         model, tokenizer, model_name = load_base(
             cfg.model,
             dtype=cfg.dtype,
-            device=procs.device or cfg.device,
+            device="cpu" if procs.fsdp else (procs.device or cfg.device),
             trust_remote_code=cfg.trust_remote_code,
         )
     else:
         model_name = cfg.model or getattr(model.config, "_name_or_path", None)
     if cfg.gradient_checkpointing:
         set_gradient_checkpointing(model)
-    device = model.get_input_embeddings().weight.device
+    device = procs.device if procs.fsdp else model.get_input_embeddings().weight.device
     train_rows = encode_rows(
         tokenizer, task, [table.texts[i] for i in train_idx], [table.labels[i] for i in train_idx]
     )
@@ -289,6 +299,14 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         seed=cfg.seed,
     ).to(device)
     # float32 whatever the model's dtype; cast where it enters the model
+    if procs.fsdp:  # after the prompt's init, which reads the whole embedding table
+        held, all_weights = shard_model(model, device)
+        say(
+            f"FSDP: base model sharded over {procs.world} processes; each holds about "
+            f"{held:,} of its {all_weights:,} weights"
+        )
+    # the prompt KV cache of the shared-prefix path cannot outlive a sharded layer's weights
+    shared_prefix = not (cfg.gradient_checkpointing or procs.fsdp)
     encoder = PromptEncoder(prompt, cfg.reparam)
     prompt = encoder.export()  # the prompt as saved; refreshed after every optimiser step
     trainable = sum(p.numel() for p in encoder.parameters())
@@ -298,6 +316,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
     say(f"train rows: {len(train_rows)}, eval rows: {len(eval_rows)}, labels: {labels_all}")
     if procs.world > 1:
         say(f"data parallel: {procs.world} processes, {cfg.batch_size} rows per batch in all")
+    elif cfg.fsdp:
+        say("--fsdp: one process, nothing to shard (launch with torchrun or accelerate launch)")
 
     base_record, hub_name = _base_names(model_name)
     adapter_conf = peft_config(
@@ -397,17 +417,18 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
             # each share's loss is its label tokens' summed loss over the whole batch's count:
             # the shares add up to the batch mean, as in one process
             loss = torch.zeros((), device=device)
-            if mine:
-                batch = {k: v.to(device) for k, v in collate_train(mine, pad).items()}
+            # FSDP: every process must run each layer, so an empty share runs a row at weight 0
+            share, w = (mine, weights[procs.rank :: procs.world]) if mine else (rows[:1], [0.0])
+            if mine or procs.fsdp:
+                gather_root(model)
+                batch = {k: v.to(device) for k, v in collate_train(share, pad).items()}
                 loss = label_loss(
                     model,
                     encoder(),
                     **batch,
                     reduction="sum",
-                    shared_prefix=not cfg.gradient_checkpointing,
-                    weights=torch.tensor(weights[procs.rank :: procs.world])
-                    if cfg.balance
-                    else None,
+                    shared_prefix=shared_prefix,
+                    weights=torch.tensor(w) if cfg.balance or not mine else None,
                 )
                 loss = loss / label_token_count(rows, weights)
             batch_loss = procs.sum(loss.detach().clone()).item()  # the whole batch's mean
@@ -418,7 +439,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
                     good,
                 )
             good = prompt.clone()
-            if mine:
+            if mine or procs.fsdp:
                 (loss / cfg.grad_accum).backward()
             total += batch_loss * len(rows)
             count += len(rows)
@@ -534,7 +555,8 @@ def resume_config(folder: str, **given) -> TrainConfig:
 
 
 RESUME_MAY_CHANGE = {
-    "resume", "out", "overwrite", "progress", "extra", "device", "eval_batch_size", "save_steps"
+    "resume", "out", "overwrite", "progress", "extra", "device", "eval_batch_size", "save_steps",
+    "fsdp",
 }  # fmt: skip
 """Settings a resumed run may change: they do not change the prompt it trains."""
 
@@ -613,10 +635,26 @@ RUN_FILE_NAMES = (
 def _evaluate(model, tokenizer, prompt, task, eval_rows, texts, labels, cfg, procs) -> dict:
     """Eval loss (mean over all label tokens), accuracy and macro-F1. Each process takes every
     world-th row; the sums and predictions are gathered, so any process count gives the same."""
+    mine = list(range(procs.rank, len(eval_rows), procs.world))
+    run = _evaluate_sharded if procs.fsdp else _evaluate_local
+    # sums: [loss sum, label tokens]
+    sums, pred = run(model, tokenizer, prompt, task, eval_rows, texts, cfg, mine)
+    loss = (procs.sum(sums)[0] / sums[1]).item()
+    gathered = dict(procs.gather(list(zip(mine, pred, strict=True))))
+    m = metrics(labels, [gathered[j] for j in range(len(labels))], task.label_names)
+    return {
+        "eval_loss": loss,
+        "eval_ppl": math.exp(min(loss, 50)),
+        "eval_accuracy": m["accuracy"],
+        "eval_macro_f1": m["macro_f1"],
+    }
+
+
+def _evaluate_local(model, tokenizer, prompt, task, eval_rows, texts, cfg, mine):
+    """This process's rows `mine`: (sums [loss sum, label tokens], predictions)."""
     pad = tokenizer.pad_token_id
     device = prompt.device
-    mine = list(range(procs.rank, len(eval_rows), procs.world))
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, label tokens]
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
         for s in range(0, len(mine), cfg.eval_batch_size):
             rows = [eval_rows[j] for j in mine[s : s + cfg.eval_batch_size]]
@@ -633,15 +671,34 @@ def _evaluate(model, tokenizer, prompt, task, eval_rows, texts, labels, cfg, pro
                 [texts[j] for j in mine],
                 batch_size=cfg.eval_batch_size,
             )
-    loss = (procs.sum(sums)[0] / sums[1]).item()
-    gathered = dict(procs.gather(list(zip(mine, pred, strict=True))))
-    m = metrics(labels, [gathered[j] for j in range(len(labels))], task.label_names)
-    return {
-        "eval_loss": loss,
-        "eval_ppl": math.exp(min(loss, 50)),
-        "eval_accuracy": m["accuracy"],
-        "eval_macro_f1": m["macro_f1"],
-    }
+    return sums, pred
+
+
+@torch.no_grad()
+def _evaluate_sharded(model, tokenizer, prompt, task, eval_rows, texts, cfg, mine):
+    """`_evaluate_local` for an FSDP-sharded model: no KV cache, and every process runs the same
+    number of batches (a process out of rows runs one row and drops the result)."""
+    pad = tokenizer.pad_token_id
+    device = prompt.device
+    world = torch.distributed.get_world_size()
+    budget = input_budget(tokenizer, task)
+    labels = [label_token_ids(tokenizer, n) for n in task.label_names]
+    size = cfg.eval_batch_size
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    pred: list[str] = []
+    gather_root(model)
+    for s in range(0, math.ceil(len(eval_rows) / world), size):
+        idx = mine[s : s + size] or [0]  # an empty share runs row 0 and keeps nothing
+        rows = [eval_rows[j] for j in idx]
+        batch = {k: v.to(device) for k, v in collate_train(rows, pad).items()}
+        loss = label_loss(model, prompt, **batch, reduction="sum", shared_prefix=False)
+        seqs = [input_token_ids(tokenizer, task, texts[j], budget) for j in idx]
+        scores = full_label_scores(model, prompt, seqs, labels, pad)
+        if mine[s : s + size]:
+            sums[0] += loss.double()
+            sums[1] += label_token_count(rows)
+            pred += [task.label_names[i] for i in scores.argmax(-1).tolist()]
+    return sums, pred
 
 
 @dataclass
@@ -652,6 +709,8 @@ class Processes:
     world: int = 1
     device: torch.device | None = None
     """This process's device; None with one process (then --device or the first available)."""
+    fsdp: bool = False
+    """The base model is sharded over the processes (only with more than one)."""
 
     @property
     def main(self) -> bool:
@@ -687,11 +746,13 @@ class Processes:
         return box[0]
 
 
-def _start_processes(device: str | None) -> Processes:
+def _start_processes(device: str | None, fsdp: bool = False) -> Processes:
     """Join the processes that `torchrun` / `accelerate launch` started (Accelerate sets up
-    torch.distributed: NCCL on GPUs, gloo on CPUs); one process when launched plainly."""
+    torch.distributed: NCCL on GPUs, gloo on CPUs); one process when launched plainly.
+    FSDP is used with `fsdp` or when `accelerate launch` runs an FSDP config."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Processes()
+    fsdp = fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
     from accelerate import PartialState
 
     cpu = (
@@ -701,7 +762,7 @@ def _start_processes(device: str | None) -> Processes:
     )
     state = PartialState(cpu=cpu)
     dev = torch.device("cpu") if state.device.type == "cpu" else state.device
-    return Processes(rank=state.process_index, world=state.num_processes, device=dev)
+    return Processes(rank=state.process_index, world=state.num_processes, device=dev, fsdp=fsdp)
 
 
 def end_processes() -> None:
