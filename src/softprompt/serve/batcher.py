@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import collate_left
-from ..model import generate, score_continuations, stack_kv
+from ..model import common_prefix_length, generate, score_continuations, slice_kv, stack_kv
 from .registry import Entry, KVCache
 
 log = logging.getLogger("softprompt.serve")
@@ -47,6 +47,26 @@ class CompleteRow:
 Row = ClassifyRow | CompleteRow
 
 
+def length_chunks(lengths: Sequence[int], slack: float = 1.2, min_rows: int = 4) -> list[list[int]]:
+    """Indices sorted by length, cut into runs of at least `min_rows` whose padded size (rows x
+    longest) stays within `slack` x their real tokens where it can. On the RAFT tweets a random
+    32 pad to 1.79x their tokens in one forward, to ~1.15x in ~4 runs of this."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    real = 0
+    for i in order:
+        n = lengths[i]
+        if len(cur) >= min_rows and n * (len(cur) + 1) > slack * (real + n):
+            chunks.append(cur)
+            cur, real = [], 0
+        cur.append(i)
+        real += n
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
 class Engine:
     """Runs a batch of rows on the frozen model. Only the worker thread calls `run`."""
 
@@ -67,20 +87,29 @@ class Engine:
             key = ("c", P) if isinstance(r, ClassifyRow) else ("g", P, r.temperature, r.top_p)
             groups.setdefault(key, []).append(i)
         for key, idx in groups.items():
-            part = [rows[i] for i in idx]
-            res = self._classify(part) if key[0] == "c" else self._complete(part)
-            for i, x in zip(idx, res, strict=True):
-                out[i] = x
+            # classify: rows sorted by length, run in runs that pad little (rows of a batch
+            # arrive in any order; padded to the longest, a random 32 do ~1.8x their tokens)
+            parts = [idx]
+            if key[0] == "c":
+                parts = [
+                    [idx[j] for j in c] for c in length_chunks([len(rows[i].ids) for i in idx])
+                ]
+            for part_idx in parts:
+                part = [rows[i] for i in part_idx]
+                res = self._classify(part) if key[0] == "c" else self._complete(part)
+                for i, x in zip(part_idx, res, strict=True):
+                    out[i] = x
         return out
 
-    def _prompts(self, rows: Sequence[Row]):
-        """(stacked KV of the distinct adapters, rows [B] index into it)."""
+    def _prompts(self, rows: Sequence[Row], h: int = 0):
+        """(stacked KV of the distinct adapters over their prompt and the first h tokens of
+        their template head, rows [B] index into it)."""
         slot: dict[int, int] = {}
         kvs = []
         for r in rows:
             if r.entry.uid not in slot:
                 slot[r.entry.uid] = len(kvs)
-                kvs.append(self.kv_cache.get(r.entry))
+                kvs.append(slice_kv(self.kv_cache.get(r.entry), r.entry.num_virtual_tokens + h))
         index = torch.tensor([slot[r.entry.uid] for r in rows], device=self.device)
         return stack_kv(kvs), index
 
@@ -91,8 +120,10 @@ class Engine:
         for r in rows:
             for c in r.entry.label_ids:
                 conts.setdefault(tuple(c), len(conts))
-        kv, index = self._prompts(rows)
-        ids, mask = collate_left([r.ids for r in rows], self.tokenizer.pad_token_id)
+        # the rows start after the part of their template head that all of them have (exact)
+        h = min(common_prefix_length([r.ids], r.entry.head, keep=1) for r in rows)
+        kv, index = self._prompts(rows, h)
+        ids, mask = collate_left([r.ids[h:] for r in rows], self.tokenizer.pad_token_id)
         scores = score_continuations(
             self.model, kv, ids.to(self.device), mask.to(self.device), list(conts), rows=index
         )

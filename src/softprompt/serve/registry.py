@@ -42,6 +42,9 @@ class Entry:
     """Each label's tokens plus the end token (what label scoring scores)."""
     budget: int
     """Input tokens allowed for classification (the training max_length minus the longest label)."""
+    head: list[int] = field(default_factory=list)
+    """The template's tokens before the text (e.g. `Tweet text :`): cached with the prompt's KV,
+    so a classify row starts after them (completions have no template: empty for them)."""
     uid: int = field(default_factory=lambda: next(_ids))
     """Unique per load: an adapter unloaded and loaded again is a new entry (and new KV)."""
     unloaded: bool = False
@@ -77,6 +80,7 @@ def make_entry(name: str, adapter: Adapter, model, tokenizer) -> Entry:
         prompt=adapter.prompt.to(device),
         label_ids=[label_token_ids(tokenizer, n) for n in task.label_names],
         budget=input_budget(tokenizer, task),
+        head=list(tokenizer(task.render(""))["input_ids"]) if task.label_names else [],
     )
 
 
@@ -115,8 +119,9 @@ def kv_bytes(kv: KV) -> int:
 
 
 class KVCache:
-    """Each adapter's prompt KV, computed once and kept, least recently used first out, within
-    `max_bytes` (the entry in use is always kept, even alone over the budget).
+    """Each adapter's prompt KV (with its template head after it, see Entry.head), computed once
+    and kept, least recently used first out, within `max_bytes` (the entry in use is always
+    kept, even alone over the budget).
 
     `get` runs on the model's worker thread; `discard` may come from another thread.
     """
@@ -138,7 +143,8 @@ class KVCache:
                 self.hits += 1
                 return kv
         with torch.no_grad():
-            kv = prefix_kv(self.model, entry.prompt)
+            head = torch.tensor(entry.head, dtype=torch.long) if entry.head else None
+            kv = prefix_kv(self.model, entry.prompt, head)
         with self._lock:
             self.misses += 1
             if entry.unloaded:
