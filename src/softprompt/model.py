@@ -152,9 +152,10 @@ def shard_model(model, device: torch.device) -> tuple[int, int]:
 def gather_root(model) -> None:
     """Gather the root unit's weights of a sharded model (no-op for a plain model, or when they
     are gathered already). FSDP reshards them after each backward."""
-    unshard = getattr(model, "unshard", None)
-    if unshard is not None and hasattr(model, "reshard"):
-        unshard()
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.unshard()
 
 
 def hidden_size(model) -> int:

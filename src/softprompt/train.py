@@ -419,8 +419,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
             loss = torch.zeros((), device=device)
             # FSDP: every process must run each layer, so an empty share runs a row at weight 0
             share, w = (mine, weights[procs.rank :: procs.world]) if mine else (rows[:1], [0.0])
-            if mine or procs.fsdp:
+            if procs.fsdp:
                 gather_root(model)
+            if mine or procs.fsdp:
                 batch = {k: v.to(device) for k, v in collate_train(share, pad).items()}
                 loss = label_loss(
                     model,
