@@ -132,17 +132,18 @@ def shard_model(model, device: torch.device) -> tuple[int, int]:
     sequence of forward (and backward) calls. Returns (weights this process holds, all weights).
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    layers = decoder_layers(model)
-    if not layers:
-        raise SoftpromptError(
-            f"--fsdp: found no decoder layers in {type(model).__name__} to shard; drop --fsdp"
-        )
-    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    if not isinstance(model, FSDPModule):  # a model passed in again is sharded already
+        layers = decoder_layers(model)
+        if not layers:
+            raise SoftpromptError(
+                f"--fsdp: found no decoder layers in {type(model).__name__} to shard; drop --fsdp"
+            )
+        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     total = sum(p.numel() for p in model.parameters())
     local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
     gather_root(model)
