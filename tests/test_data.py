@@ -597,3 +597,12 @@ def test_property_collated_labels_are_each_rows_tail(tokenizer, rows, max_length
         assert batch["labels"][i, n - len(want) : n].tolist() == want
         assert (batch["labels"][i] != -100).sum() == len(want)
     assert (batch["labels"][:, 1:] != -100).sum() == label_token_count(encoded)
+
+
+def test_task_head_is_the_template_before_the_text():
+    t = Task(text_column="Tweet text", label_names=["a", "b"])
+    assert t.head() == "Tweet text : "
+    assert t.render("hi").startswith(t.head())
+    assert Task(text_column="x", label_names=["a"], template="{text}").head() == ""
+    literal = Task(text_column="x", label_names=["a"], template="{{text}} {text_column}: {text}!")
+    assert literal.head() == "{text} x: "

@@ -60,6 +60,10 @@ class Task:
     def render(self, text: str) -> str:
         return self.template.format(text=text, text_column=self.text_column)
 
+    def head(self) -> str:
+        """The rendered template before the text: what every input starts with."""
+        return self.render("\x00").split("\x00")[0]
+
 
 @dataclass
 class Table:

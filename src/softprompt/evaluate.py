@@ -35,7 +35,7 @@ class _HeadCache:
     def __init__(self, model, tokenizer, task: Task, kv: KV, enabled: bool = True):
         self.kv = kv
         self.P = kv[0][0].shape[2]
-        self.head = list(tokenizer(task.render(""))["input_ids"]) if enabled else []
+        self.head = list(tokenizer(task.head())["input_ids"]) if enabled else []
         self.head_kv = extend_kv(model, kv, self.head) if self.head else kv
 
     def batch(self, seqs: Sequence[Sequence[int]]) -> tuple[KV, list[Sequence[int]]]:

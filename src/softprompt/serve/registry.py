@@ -80,7 +80,7 @@ def make_entry(name: str, adapter: Adapter, model, tokenizer) -> Entry:
         prompt=adapter.prompt.to(device),
         label_ids=[label_token_ids(tokenizer, n) for n in task.label_names],
         budget=input_budget(tokenizer, task),
-        head=list(tokenizer(task.render(""))["input_ids"]) if task.label_names else [],
+        head=list(tokenizer(task.head())["input_ids"]) if task.label_names else [],
     )
 
 
