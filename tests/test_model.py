@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from softprompt.data import Task, collate_left, collate_train, encode_rows, label_token_ids
+from softprompt.evaluate import full_label_scores
 from softprompt.model import (
     concat_forward,
-    full_label_scores,
     generate,
     label_loss,
     prefix_kv,

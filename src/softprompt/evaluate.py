@@ -10,12 +10,21 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .calibrate import apply_bias
-from .data import Task, collate_left, input_budget, input_token_ids, label_token_ids
+from .data import (
+    Encoded,
+    Task,
+    collate_left,
+    collate_train,
+    input_budget,
+    input_token_ids,
+    label_token_ids,
+)
 from .model import (
     KV,
     common_prefix_length,
     extend_kv,
     generate,
+    label_loss,
     prefix_kv,
     score_continuations,
     slice_kv,
@@ -90,6 +99,25 @@ def label_probabilities(
             )
             out[idx] = torch.softmax(scores.float(), -1).view(K, len(idx), -1).mean(0).cpu()
     return apply_bias(out, bias)
+
+
+def full_label_scores(
+    model,
+    prompt: Tensor,
+    seqs: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    pad_id: int,
+) -> Tensor:
+    """Log-probability of each continuation after prompt + each input: [B, L], as
+    `score_continuations` gives, by one plain forward over every (input, continuation) pair (no
+    KV cache). L times the compute: for sharded (FSDP) models, where a cache cannot be kept."""
+    pairs = [Encoded(list(s), list(c)) for s in seqs for c in continuations]
+    batch = {k: v.to(prompt.device) for k, v in collate_train(pairs, pad_id).items()}
+    tok = label_loss(model, prompt, **batch, reduction="none", shared_prefix=False)
+    keep = batch["labels"][:, 1:] != -100  # the tokens label_loss scores, in its order
+    row = torch.arange(len(pairs), device=tok.device)[:, None].expand_as(keep)[keep]
+    logp = torch.zeros(len(pairs), device=tok.device).index_add_(0, row, -tok)
+    return logp.view(len(seqs), len(continuations))
 
 
 def classify(

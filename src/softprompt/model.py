@@ -127,7 +127,7 @@ def shard_model(model, device: torch.device) -> tuple[int, int]:
     backward) and resharded after. The rest (embeddings, final norm, LM head: softprompt calls
     them directly) forms the root unit; `gather_root` must be called before each step.
 
-    Train with `label_loss(..., shared_prefix=False)` and score with `full_label_scores`: a
+    Train with `label_loss(..., shared_prefix=False)` and score with `evaluate.full_label_scores`: a
     cached prompt KV would outlive its layer's gathered weights. Every process must run the same
     sequence of forward (and backward) calls. Returns (weights this process holds, all weights).
     """
@@ -344,7 +344,8 @@ def label_loss(
     weights: Tensor | None = None,
 ) -> Tensor:
     """Cross-entropy over label tokens (labels [B, T], -100 elsewhere): their mean, or their sum
-    with reduction="sum" (a data-parallel shard divides the sum by the global token count).
+    with reduction="sum" (a data-parallel shard divides the sum by the global token count), or
+    with reduction="none" (and no weights) each label token's, in row-major order.
     `weights` [B] weighs each row's tokens (the mean is then sum(w * loss) / sum(w)).
 
     Inputs are right-padded [B, T]. The LM head is applied only where a label token is
@@ -394,40 +395,6 @@ def reference_loss(
         labels[:, 1:].reshape(-1),
         ignore_index=-100,
     )
-
-
-def full_label_scores(
-    model,
-    prompt: Tensor,
-    seqs: Sequence[Sequence[int]],
-    continuations: Sequence[Sequence[int]],
-    pad_id: int,
-) -> Tensor:
-    """Log-probability of each continuation after prompt + each input: [B, L], as
-    `score_continuations` gives, by one plain forward over every (input, continuation) pair (no
-    KV cache). L times the compute: for sharded (FSDP) models, where a cache cannot be kept."""
-    B, L = len(seqs), len(continuations)
-    pairs = [(list(s), list(c)) for s in seqs for c in continuations]
-    T = max(len(s) + len(c) for s, c in pairs)
-    ids = torch.full((B * L, T), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, (s, c) in enumerate(pairs):
-        ids[i, : len(s) + len(c)] = torch.tensor(s + c)
-        mask[i, : len(s) + len(c)] = 1
-        labels[i, len(s) : len(s) + len(c)] = torch.tensor(c)
-    device = prompt.device
-    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-    embeds, full_mask = _concat_inputs(model, prompt, ids, mask)
-    P = prompt.shape[-2]
-    hidden = model.get_decoder()(
-        inputs_embeds=embeds, attention_mask=full_mask, use_cache=False
-    ).last_hidden_state[:, P - 1 : -1]  # the position before each token predicts it
-    keep = labels != -100
-    logp = torch.log_softmax(model.get_output_embeddings()(hidden[keep]).float(), -1)
-    tok = logp.gather(-1, labels[keep][:, None])[:, 0]
-    row = torch.arange(B * L, device=device)[:, None].expand_as(labels)[keep]
-    return torch.zeros(B * L, device=device).index_add_(0, row, tok).view(B, L)
 
 
 def score_continuations(

@@ -42,11 +42,10 @@ from .data import (
     validate_template,
 )
 from .errors import SoftpromptError, first_line
-from .evaluate import classify, metrics
+from .evaluate import classify, full_label_scores, metrics
 from .model import (
     count_parameters,
     format_trainable,
-    full_label_scores,
     gather_root,
     label_loss,
     load_base,
