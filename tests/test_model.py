@@ -131,6 +131,32 @@ def test_label_scores_equal_full_forward_per_label(tiny):
 
 
 @torch.no_grad()
+def test_label_scores_with_shared_and_nested_label_prefixes(tiny):
+    """score_continuations runs the labels as a trie in the input's pass: labels that share
+    leading tokens, one label that is a prefix of another, one-token labels, rows of different
+    lengths under different prompts. Each score equals a full forward over input + label."""
+    from softprompt.model import _continuation_trie
+
+    model, tok = tiny
+    a, b, c, d = (tok(w)["input_ids"][0] for w in (" no", " complaint", " late", " ok"))
+    eos = tok.eos_token_id
+    conts = [[a, b, eos], [a, c, eos], [a], [a, b], [d, b, eos], [eos]]
+    tokens, parents, _, _ = _continuation_trie(conts)
+    # nodes (a) (a b) (a c) (d) (d b): the shared prefix (a) runs once for four labels
+    assert tokens == [a, b, c, d, b] and parents == [-1, 0, 0, -1, 3]
+    prompts = torch.stack([init_prompt(model, tok, 3, "vocab", seed=s) for s in (4, 5)])
+    seqs = [tok(f"Tweet text : {t} Label : ")["input_ids"] for t in TEXTS]
+    ids, mask = collate_left(seqs, tok.pad_token_id)
+    rows = torch.tensor([1, 0, 0, 1])
+    scores = score_continuations(model, prefix_kv(model, prompts), ids, mask, conts, rows=rows)
+    assert scores.shape == (len(seqs), len(conts))
+    for i, s in enumerate(seqs):
+        for j, cont in enumerate(conts):
+            ref = _full_label_logprob(model, prompts[rows[i]], s, cont)
+            assert abs(scores[i, j].item() - ref) <= 1e-4 * max(1.0, abs(ref)), (i, j)
+
+
+@torch.no_grad()
 def test_cached_generation_equals_uncached(tiny):
     model, tok = tiny
     prompt = init_prompt(model, tok, 4, "vocab", seed=2)

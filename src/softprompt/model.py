@@ -397,6 +397,37 @@ def reference_loss(
     )
 
 
+def _continuation_trie(
+    continuations: Sequence[Sequence[int]],
+) -> tuple[list[int], list[int], list[int], list[list[tuple[int, int]]]]:
+    """The continuations' proper prefixes as a trie, for scoring them all in one pass.
+
+    Returns (tokens, parents, depths, reads): trie node k (a distinct prefix c[:j], 1 <= j <
+    len(c)) holds token c[j-1], its parent node (-1 for the input's last position) and its depth
+    j; reads[i] lists (node, token) for continuation i: the token scored at that node's output
+    (node -1 = the input's last position). "complaint" + eos and "no complaint" + eos need 3
+    nodes, not 2 rows of 2 columns after a copy of the row's cache.
+    """
+    nodes: dict[tuple[int, ...], int] = {}
+    tokens: list[int] = []
+    parents: list[int] = []
+    depths: list[int] = []
+    reads: list[list[tuple[int, int]]] = []
+    for c in continuations:
+        c = [int(t) for t in c]
+        if not c:
+            raise ValueError("a continuation has no tokens")
+        for j in range(1, len(c)):
+            key = tuple(c[:j])
+            if key not in nodes:
+                nodes[key] = len(tokens)
+                tokens.append(c[j - 1])
+                parents.append(nodes[key[:-1]] if j > 1 else -1)
+                depths.append(j)
+        reads.append([(nodes[tuple(c[:j])] if j else -1, c[j]) for j in range(len(c))])
+    return tokens, parents, depths, reads
+
+
 def score_continuations(
     model,
     kv: KV,
@@ -407,42 +438,67 @@ def score_continuations(
 ) -> Tensor:
     """Log-probability of each continuation after each row: [B, L].
 
-    input_ids [B, T] are left-padded so every row ends at the last column. The input runs once;
-    the L continuations of a row share its KV (one forward over [B*L, C] after it).
+    input_ids [B, T] are left-padded so every row ends at the last column. One forward pass
+    per batch: the continuations' prefixes (a trie, shared tokens once) run after each row's
+    input in the same pass, each trie token attending to the prompt, the row's real input and
+    its own ancestors only (a 4D mask; exact: it sees what it would see run alone after the
+    input). The LM head runs only at the row's last input position and at the trie tokens.
     """
-    B = input_ids.shape[0]
-    L = len(continuations)
-    hidden, cache = run_after_prefix(model, kv, input_ids, attention_mask, rows, use_cache=True)
-    head = model.get_output_embeddings()
-    first = torch.log_softmax(head(hidden[:, -1]).float(), -1)  # [B, V]
-    C = max(len(c) for c in continuations)
-    cont = input_ids.new_zeros(L, C)
-    cont_mask = attention_mask.new_zeros(L, C)
-    for i, c in enumerate(continuations):
-        cont[i, : len(c)] = torch.tensor(list(c), dtype=cont.dtype)
-        cont_mask[i, : len(c)] = 1
-    scores = first[:, cont[:, 0]]  # [B, L]
-    if C > 1:
-        cache.batch_repeat_interleave(L)
-        P = kv[0][0].shape[2]
-        prev_mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], 1).repeat_interleave(
-            L, 0
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in ("sdpa", "eager"):
+        raise SoftpromptError(
+            f"label scoring needs the 'sdpa' or 'eager' attention implementation (this model "
+            f"uses {impl!r}, which takes no 4D mask): call model.set_attn_implementation('sdpa')"
         )
-        ids = cont.repeat(B, 1)  # [B*L, C]
-        mask = cont_mask.repeat(B, 1)
-        pos = prev_mask.sum(-1, keepdim=True) + torch.arange(C, device=ids.device)[None]
-        decoder = model.get_decoder()
-        out = decoder(
-            input_ids=ids[:, :-1],
-            attention_mask=torch.cat([prev_mask, mask[:, :-1]], 1),
-            position_ids=pos[:, :-1],
-            use_cache=False,
-            **{_cache_kw(decoder): cache},
-        )
-        logp = torch.log_softmax(head(out.last_hidden_state).float(), -1)  # [B*L, C-1, V]
-        tok = torch.gather(logp, -1, ids[:, 1:, None])[..., 0] * mask[:, 1:]
-        scores = scores + tok.sum(-1).view(B, L)
-    return scores
+    B, T = input_ids.shape
+    device = input_ids.device
+    tokens, parents, depths, reads = _continuation_trie(continuations)
+    K = len(tokens)
+    P = kv[0][0].shape[2]
+    cache = _cache_from(kv, B if rows is None else rows)
+    real = attention_mask.bool()
+    ids = input_ids
+    if K:
+        ids = torch.cat([input_ids, torch.tensor(tokens, device=device).expand(B, K)], 1)
+    # which keys each query sees: [B, T+K, P+T+K]
+    tri = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    see_input = torch.cat([tri[None] & real[:, None, :], real[:, None, :].expand(B, K, T)], 1)
+    anc = torch.zeros(K, K, dtype=torch.bool, device=device)
+    for k in range(K):
+        a = k
+        while a >= 0:
+            anc[k, a] = True
+            a = parents[a]
+    see_trie = torch.cat([anc.new_zeros(T, K), anc], 0)[None].expand(B, -1, -1)
+    see = torch.cat([see_input.new_ones(B, T + K, P), see_input, see_trie], 2)
+    dtype = model.get_input_embeddings().weight.dtype
+    mask4 = torch.zeros(see.shape, dtype=dtype, device=device)
+    mask4.masked_fill_(~see, torch.finfo(dtype).min)
+    pos_in = positions_after(P, attention_mask)
+    last = pos_in[:, -1:]
+    pos = torch.cat([pos_in, last + torch.tensor(depths, device=device)[None]], 1) if K else pos_in
+    decoder = model.get_decoder()
+    out = decoder(
+        input_ids=ids,
+        attention_mask=mask4[:, None],
+        position_ids=pos,
+        use_cache=False,
+        **{_cache_kw(decoder): cache},
+    )
+    # [B*(1+K), H]: each row's last input position, then its trie nodes (2D and contiguous: a
+    # strided 3D input sends the LM head to a batched matmul over a broadcast weight, 10x slower)
+    hidden = out.last_hidden_state[:, T - 1 :].reshape(B * (1 + K), -1)
+    logp = torch.log_softmax(model.get_output_embeddings()(hidden).float(), -1).view(B, 1 + K, -1)
+    C = max(len(r) for r in reads)
+    L = len(reads)
+    col = torch.zeros(L, C, dtype=torch.long, device=device)
+    tok = torch.zeros(L, C, dtype=torch.long, device=device)
+    on = torch.zeros(L, C, dtype=logp.dtype, device=device)
+    for i, r in enumerate(reads):
+        for j, (node, t) in enumerate(r):
+            col[i, j], tok[i, j], on[i, j] = node + 1, t, 1.0
+    picked = logp[:, col.view(-1), tok.view(-1)].view(B, L, C)  # [B, L, C]
+    return (picked * on).sum(-1)
 
 
 @torch.no_grad()
