@@ -245,6 +245,38 @@ def test_stacked_kv_of_separate_prompts_equals_each_alone(tiny):
         assert gen[i] == g1[0]
 
 
+def test_packed_label_loss_equals_reference(tiny):
+    """A batch whose rows differ a lot in length runs packed (several rows in one lane):
+    loss, weighted loss, per-token losses (row-major) and the prompt gradient equal the plain
+    concatenated forward."""
+    from softprompt.model import pack_rows
+
+    model, tok = tiny
+    texts = TEXTS + ["a", "@ZephyrMobile " * 6, "hi there", "late " * 9]
+    labels = LABELS + ["complaint", "no complaint", "no complaint", "complaint"]
+    task = Task(text_column="Tweet text", label_names=["complaint", "no complaint"], max_length=64)
+    b = collate_train(encode_rows(tok, task, texts, labels), tok.pad_token_id)
+    lanes, _ = pack_rows([n - 1 for n in b["attention_mask"].sum(-1).tolist()])
+    assert lanes < len(texts)  # really several rows in a lane
+    prompt = init_prompt(model, tok, 5, "random", seed=6).requires_grad_(True)
+    fast = label_loss(model, prompt, **b)
+    (g_fast,) = torch.autograd.grad(fast, prompt)
+    ref = reference_loss(model, prompt, **b)
+    (g_ref,) = torch.autograd.grad(ref, prompt)
+    assert _close(fast.detach(), ref.detach())
+    assert _close(g_fast, g_ref)
+    with torch.no_grad():
+        each = label_loss(model, prompt, **b, reduction="none")
+        plain = label_loss(model, prompt, **b, reduction="none", shared_prefix=False)
+        assert each.shape == plain.shape == ((b["labels"][:, 1:] != -100).sum(),)
+        assert _close(each, plain)
+        w = torch.linspace(0.5, 2.0, len(texts))
+        assert _close(
+            label_loss(model, prompt, **b, weights=w),
+            label_loss(model, prompt, **b, weights=w, shared_prefix=False),
+        )
+
+
 def test_weighted_label_loss_is_the_weighted_mean_of_each_rows_tokens(tiny):
     """--balance: row i's tokens count w[i] times; checked against each row run alone."""
     from softprompt.train import _row_weights
