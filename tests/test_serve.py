@@ -28,11 +28,11 @@ from fastapi.testclient import TestClient  # noqa: E402
 from conftest import make_model  # noqa: E402
 from softprompt.adapters import save_adapter  # noqa: E402
 from softprompt.data import Task, input_token_ids  # noqa: E402
-from softprompt.model import common_prefix_length, generate, prefix_kv  # noqa: E402
+from softprompt.model import common_prefix_length, generate, lane_width, pack_rows, prefix_kv  # noqa: E402
 from softprompt.pipeline import SoftPrompt  # noqa: E402
 from softprompt.prompt import init_prompt  # noqa: E402
 from softprompt.serve.app import ServeConfig, create_app  # noqa: E402
-from softprompt.serve.batcher import ClassifyRow, CompleteRow, Engine, length_chunks  # noqa: E402
+from softprompt.serve.batcher import ClassifyRow, CompleteRow, Engine  # noqa: E402
 from softprompt.serve.registry import KVCache, load_entry  # noqa: E402
 
 TEXTS = [
@@ -112,7 +112,7 @@ def test_mixed_batch_equals_each_request_alone(model, tokenizer, adapters_dir):
         ClassifyRow(entries[n], input_token_ids(tokenizer, entries[n].task, t, entries[n].budget))
         for n, t in zip(order, texts, strict=True)
     ]
-    assert len(length_chunks([len(r.ids) for r in rows])) > 1  # runs in several length runs
+    assert pack_rows([len(r.ids) for r in rows])[0] < len(rows)  # rows share lanes
     for e in entries.values():  # the cached KV covers the prompt and the template's head
         assert min(common_prefix_length([r.ids], e.head) for r in rows) > 0
         assert engine.kv_cache.get(e)[0][0].shape[2] == e.num_virtual_tokens + len(e.head)
@@ -135,23 +135,27 @@ def test_mixed_batch_equals_each_request_alone(model, tokenizer, adapters_dir):
         assert engine.run([row])[0][0] == toks
 
 
-def test_length_chunks_partition_rows_by_length():
+def test_pack_rows_places_every_row_once_without_overlap():
     import random
 
     rng = random.Random(0)
-    for _ in range(200):
+    for _ in range(300):
         lengths = [rng.randint(1, 80) for _ in range(rng.randint(1, 40))]
-        chunks = length_chunks(lengths, slack=1.2, min_rows=4)
-        assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
-        flat = [lengths[i] for c in chunks for i in c]
-        assert flat == sorted(lengths)  # runs of ascending length
-        for c in chunks[:-1]:
-            assert len(c) >= 4
-        for c in chunks:  # a run grows past the slack only while it has fewer than 4 rows
-            ls = [lengths[i] for i in c]
-            assert len(ls) <= 4 or max(ls) * len(ls) <= 1.2 * sum(ls)
-    assert length_chunks([]) == []
-    assert length_chunks([5, 50, 5, 50, 5, 50, 5, 50]) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+        width = lane_width(lengths)
+        assert max(lengths) <= width <= 3 * max(lengths)
+        lanes, places = pack_rows(lengths, width)
+        assert len(places) == len(lengths) and lanes <= len(lengths)
+        used: dict[int, list[tuple[int, int]]] = {}
+        for n, (lane, off) in zip(lengths, places, strict=True):
+            assert 0 <= lane < lanes and 0 <= off and off + n <= width
+            used.setdefault(lane, []).append((off, off + n))
+        assert len(used) == lanes  # no empty lane
+        for spans in used.values():
+            spans.sort()
+            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+        assert lanes * width >= sum(lengths)
+    assert pack_rows([5, 50, 5, 50], 50) == (3, [(2, 0), (0, 0), (2, 5), (1, 0)])
+    assert pack_rows([]) == (1, [])
 
 
 def test_kv_cache_is_bounded_lru(model, tokenizer, adapters_dir):

@@ -8,6 +8,10 @@ Two ways to run a prompt [P, H] in front of input tokens [B, T]:
   prompt runs once (batch of 1, with gradient when training); its KV is broadcast to the B rows
   and the inputs run after it. Equal to the reference up to float rounding.
 
+The rows of a batch run packed, not padded: several rows share a lane of the batch, each token
+seeing only its own row and its own prompt (a 4D attention mask, `pack_rows` / `packed_mask`).
+Label scoring also runs every label's tokens in the same pass, as a trie after each row.
+
 This module never imports training or CLI code.
 """
 
@@ -331,6 +335,17 @@ def run_after_prefix(
     return out.last_hidden_state, (_out_cache(out) if use_cache else None)
 
 
+def _check_4d_masks(model) -> None:
+    """Packed rows need an attention implementation that takes a custom 4D mask."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in ("sdpa", "eager"):
+        raise SoftpromptError(
+            f"softprompt's packed batches need the 'sdpa' or 'eager' attention implementation "
+            f"(this model uses {impl!r}, which takes no 4D mask): load the model with "
+            "attn_implementation='sdpa' or call model.set_attn_implementation('sdpa')"
+        )
+
+
 def pack_rows(
     lengths: Sequence[int], width: int | None = None
 ) -> tuple[int, list[tuple[int, int]]]:
@@ -377,14 +392,31 @@ def lane_width(lengths: Sequence[int]) -> int:
     return best
 
 
-def packed_mask(seg: Tensor, past: int, dtype: torch.dtype) -> Tensor:
-    """Additive 4D attention mask [lanes, 1, W, past+W] for packed rows: `seg` [lanes, W] gives
-    each position's row (-1 = unused). A token sees the `past` positions (the prompt every row
-    runs after) and the earlier tokens of its own row; an unused position sees the past only."""
-    lanes, W = seg.shape
-    causal = torch.ones(W, W, dtype=torch.bool, device=seg.device).tril()
-    own = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0) & causal
-    see = torch.cat([own.new_ones(lanes, W, past), own], 2)
+def packed_mask(
+    seg: Tensor,
+    index: Tensor,
+    past: Tensor,
+    dtype: torch.dtype,
+    node: Tensor | None = None,
+    ancestors: Tensor | None = None,
+) -> Tensor:
+    """Additive 4D attention mask [lanes, 1, W, past+W] for rows packed into lanes.
+
+    Per position [lanes, W]: `seg` its row (-1: unused), `index` its place in the row's input
+    (-1: not an input token), `node` its label-trie node (-1: none; see `_continuation_trie`).
+    `past` [lanes, W, N] says which cached positions (prompts) it sees. Within the lane a token
+    sees its own row only: an input token the earlier input tokens, a trie token the whole
+    input and its `ancestors` [K, K] (itself included). An unused position sees the past only.
+    """
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)
+    q_in, k_in = index[:, :, None] >= 0, index[:, None, :] >= 0
+    own = q_in & k_in & (index[:, None, :] <= index[:, :, None])
+    if node is not None and ancestors is not None and ancestors.numel():
+        nq, nk = node[:, :, None], node[:, None, :]
+        in_trie = (nq >= 0) & (nk >= 0)
+        anc = ancestors[nq.clamp(min=0), nk.clamp(min=0)] & in_trie
+        own = own | ((nq >= 0) & k_in) | anc
+    see = torch.cat([past, same & own], 2)
     mask = torch.zeros(see.shape, dtype=dtype, device=seg.device)
     return mask.masked_fill_(~see, torch.finfo(dtype).min)[:, None]
 
@@ -423,6 +455,7 @@ def label_loss(
             first_label = int((labels != -100).long().argmax(-1).min())
             same = (input_ids == input_ids[:1]).all(0)[: max(first_label - 1, 0)]
             h = int(same.long().cumprod(0).sum())
+        _check_4d_masks(model)
         kv = prefix_kv(model, prompt, input_ids[0, :h] if h else None)
         # A row runs its tokens after the head up to its last but one (the last is only ever a
         # target), packed with other rows into lanes instead of padded (see `pack_rows`).
@@ -432,22 +465,23 @@ def label_loss(
         device = input_ids.device
         ids = input_ids.new_full((lanes, width), int(input_ids[0, 0]))
         target = labels.new_full((lanes, width), -100)
-        seg = torch.full((lanes, width), -1, dtype=torch.long, device=device)
-        pos = torch.zeros((lanes, width), dtype=torch.long, device=device)
         row_of = torch.full((lanes, width), -1, dtype=torch.long, device=device)
+        index = torch.full((lanes, width), -1, dtype=torch.long, device=device)
         P = kv[0][0].shape[2]
         for b, (lane, off) in enumerate(places):
             n = lengths[b]
             ids[lane, off : off + n] = input_ids[b, h : h + n]
             target[lane, off : off + n] = labels[b, h + 1 : h + 1 + n]
-            seg[lane, off : off + n] = b
-            pos[lane, off : off + n] = torch.arange(P, P + n, device=device)
             row_of[lane, off : off + n] = b
+            index[lane, off : off + n] = torch.arange(n, device=device)
         decoder = model.get_decoder()
+        past = torch.ones((lanes, width, P), dtype=torch.bool, device=device)
         hidden = decoder(
             input_ids=ids,
-            attention_mask=packed_mask(seg, P, model.get_input_embeddings().weight.dtype),
-            position_ids=pos,
+            attention_mask=packed_mask(
+                row_of, index, past, model.get_input_embeddings().weight.dtype
+            ),
+            position_ids=index.clamp(min=0) + P,
             use_cache=False,
             **{_cache_kw(decoder): _cache_from(kv, lanes)},
         ).last_hidden_state
@@ -534,56 +568,79 @@ def score_continuations(
 ) -> Tensor:
     """Log-probability of each continuation after each row: [B, L].
 
-    input_ids [B, T] are left-padded so every row ends at the last column. One forward pass
+    input_ids [B, T] with attention_mask (any padding: only real tokens run). One forward pass
     per batch: the continuations' prefixes (a trie, shared tokens once) run after each row's
     input in the same pass, each trie token attending to the prompt, the row's real input and
-    its own ancestors only (a 4D mask; exact: it sees what it would see run alone after the
-    input). The LM head runs only at the row's last input position and at the trie tokens.
+    its own ancestors only; rows are packed into lanes, not padded (`pack_rows`, `packed_mask`;
+    exact: each token sees what it would see run alone after its prompt). `rows` [B] picks each
+    row's prompt out of kv's N. The LM head runs only at each row's last input token and trie.
     """
-    impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    if impl not in ("sdpa", "eager"):
-        raise SoftpromptError(
-            f"label scoring needs the 'sdpa' or 'eager' attention implementation (this model "
-            f"uses {impl!r}, which takes no 4D mask): call model.set_attn_implementation('sdpa')"
-        )
-    B, T = input_ids.shape
+    _check_4d_masks(model)
+    B = input_ids.shape[0]
     device = input_ids.device
     tokens, parents, depths, reads = _continuation_trie(continuations)
     K = len(tokens)
     P = kv[0][0].shape[2]
-    cache = _cache_from(kv, B if rows is None else rows)
+    prompt_of = [0] * B if rows is None else [int(r) for r in rows.tolist()]
     real = attention_mask.bool()
-    ids = input_ids
-    if K:
-        ids = torch.cat([input_ids, torch.tensor(tokens, device=device).expand(B, K)], 1)
-    # which keys each query sees: [B, T+K, P+T+K]
-    tri = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    see_input = torch.cat([tri[None] & real[:, None, :], real[:, None, :].expand(B, K, T)], 1)
+    n_in = real.sum(-1).tolist()
+    # Each row (its real input, then the trie) packed into lanes; a lane's cached past holds
+    # the prompts of its rows, each row seeing its own (one pass, little padding, large matrix
+    # products, several adapters per lane).
+    lanes, places = pack_rows([n + K for n in n_in])
+    slots: list[list[int]] = [[] for _ in range(lanes)]
+    for b, (lane, _) in enumerate(places):
+        if prompt_of[b] not in slots[lane]:
+            slots[lane].append(prompt_of[b])
+    M = max(len(x) for x in slots)
+    gidx = torch.tensor([x + [x[0]] * (M - len(x)) for x in slots], device=device)
+    width = max(off + n + K for (_, off), n in zip(places, n_in, strict=True))
+    ids = input_ids.new_zeros(lanes, width)
+    seg = torch.full((lanes, width), -1, dtype=torch.long, device=device)
+    index = torch.full_like(seg, -1)
+    node = torch.full_like(seg, -1)
+    pos = torch.zeros_like(seg)
+    slot = torch.zeros_like(seg)
+    at = torch.zeros(B, 1 + K, dtype=torch.long, device=device)  # flat places the LM head reads
+    trie_ids = torch.tensor(tokens, dtype=input_ids.dtype, device=device)
+    trie_pos = torch.tensor(depths, dtype=torch.long, device=device)
+    for b, (lane, off) in enumerate(places):
+        n = n_in[b]
+        ids[lane, off : off + n] = input_ids[b][real[b]]
+        ids[lane, off + n : off + n + K] = trie_ids
+        seg[lane, off : off + n + K] = b
+        index[lane, off : off + n] = torch.arange(n, device=device)
+        node[lane, off + n : off + n + K] = torch.arange(K, device=device)
+        pos[lane, off : off + n] = torch.arange(P, P + n, device=device)
+        pos[lane, off + n : off + n + K] = P + n - 1 + trie_pos
+        slot[lane, off : off + n + K] = slots[lane].index(prompt_of[b])
+        at[b] = lane * width + off + n - 1 + torch.arange(1 + K, device=device)
     anc = torch.zeros(K, K, dtype=torch.bool, device=device)
     for k in range(K):
         a = k
         while a >= 0:
             anc[k, a] = True
             a = parents[a]
-    see_trie = torch.cat([anc.new_zeros(T, K), anc], 0)[None].expand(B, -1, -1)
-    see = torch.cat([see_input.new_ones(B, T + K, P), see_input, see_trie], 2)
+    past = (slot[:, :, None] == torch.arange(M, device=device)).repeat_interleave(P, -1)
     dtype = model.get_input_embeddings().weight.dtype
-    mask4 = torch.zeros(see.shape, dtype=dtype, device=device)
-    mask4.masked_fill_(~see, torch.finfo(dtype).min)
-    pos_in = positions_after(P, attention_mask)
-    last = pos_in[:, -1:]
-    pos = torch.cat([pos_in, last + torch.tensor(depths, device=device)[None]], 1) if K else pos_in
+    from transformers import DynamicCache
+
+    def gather(t: Tensor) -> Tensor:  # [N, heads, P, d] -> [lanes, heads, M*P, d]
+        g = t[gidx]  # [lanes, M, heads, P, d]
+        return g.transpose(1, 2).reshape(lanes, t.shape[1], M * P, t.shape[3])
+
+    cache = DynamicCache(ddp_cache_data=[(gather(k), gather(v)) for k, v in kv])
     decoder = model.get_decoder()
     out = decoder(
         input_ids=ids,
-        attention_mask=mask4[:, None],
+        attention_mask=packed_mask(seg, index, past, dtype, node, anc),
         position_ids=pos,
         use_cache=False,
         **{_cache_kw(decoder): cache},
     )
     # [B*(1+K), H]: each row's last input position, then its trie nodes (2D and contiguous: a
     # strided 3D input sends the LM head to a batched matmul over a broadcast weight, 10x slower)
-    hidden = out.last_hidden_state[:, T - 1 :].reshape(B * (1 + K), -1)
+    hidden = out.last_hidden_state.reshape(lanes * width, -1)[at.view(-1)]
     logp = torch.log_softmax(model.get_output_embeddings()(hidden).float(), -1).view(B, 1 + K, -1)
     C = max(len(r) for r in reads)
     L = len(reads)
@@ -591,8 +648,8 @@ def score_continuations(
     tok = torch.zeros(L, C, dtype=torch.long, device=device)
     on = torch.zeros(L, C, dtype=logp.dtype, device=device)
     for i, r in enumerate(reads):
-        for j, (node, t) in enumerate(r):
-            col[i, j], tok[i, j], on[i, j] = node + 1, t, 1.0
+        for j, (nd, t) in enumerate(r):
+            col[i, j], tok[i, j], on[i, j] = nd + 1, t, 1.0
     picked = logp[:, col.view(-1), tok.view(-1)].view(B, L, C)  # [B, L, C]
     return (picked * on).sum(-1)
 

@@ -47,26 +47,6 @@ class CompleteRow:
 Row = ClassifyRow | CompleteRow
 
 
-def length_chunks(lengths: Sequence[int], slack: float = 1.2, min_rows: int = 4) -> list[list[int]]:
-    """Indices sorted by length, cut into runs of at least `min_rows` whose padded size (rows x
-    longest) stays within `slack` x their real tokens where it can. On the RAFT tweets a random
-    32 pad to 1.79x their tokens in one forward, to ~1.15x in ~4 runs of this."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    chunks: list[list[int]] = []
-    cur: list[int] = []
-    real = 0
-    for i in order:
-        n = lengths[i]
-        if len(cur) >= min_rows and n * (len(cur) + 1) > slack * (real + n):
-            chunks.append(cur)
-            cur, real = [], 0
-        cur.append(i)
-        real += n
-    if cur:
-        chunks.append(cur)
-    return chunks
-
-
 class Engine:
     """Runs a batch of rows on the frozen model. Only the worker thread calls `run`."""
 
@@ -87,18 +67,12 @@ class Engine:
             key = ("c", P) if isinstance(r, ClassifyRow) else ("g", P, r.temperature, r.top_p)
             groups.setdefault(key, []).append(i)
         for key, idx in groups.items():
-            # classify: rows sorted by length, run in runs that pad little (rows of a batch
-            # arrive in any order; padded to the longest, a random 32 do ~1.8x their tokens)
-            parts = [idx]
-            if key[0] == "c":
-                parts = [
-                    [idx[j] for j in c] for c in length_chunks([len(rows[i].ids) for i in idx])
-                ]
-            for part_idx in parts:
-                part = [rows[i] for i in part_idx]
-                res = self._classify(part) if key[0] == "c" else self._complete(part)
-                for i, x in zip(part_idx, res, strict=True):
-                    out[i] = x
+            # classify rows run in one pass, packed into lanes (see score_continuations): rows
+            # arrive in any order; padded to the longest, a random 32 do ~1.8x their tokens
+            part = [rows[i] for i in idx]
+            res = self._classify(part) if key[0] == "c" else self._complete(part)
+            for i, x in zip(idx, res, strict=True):
+                out[i] = x
         return out
 
     def _prompts(self, rows: Sequence[Row], h: int = 0):
