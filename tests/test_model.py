@@ -92,10 +92,7 @@ def test_loss_logits_and_gradient_equal_peft(tiny, tmp_path):
     assert _close(logits[real], out.logits.detach()[real])
 
 
-def test_shared_prefix_loss_and_gradient_equal_reference(tiny):
-    model, tok = tiny
-    _, b = _batch(tok)
-    prompt = init_prompt(model, tok, 5, "random", seed=3).requires_grad_(True)
+def _assert_loss_and_gradient_equal_reference(model, prompt, b):
     fast = label_loss(model, prompt, **b)
     (g_fast,) = torch.autograd.grad(fast, prompt)
     ref = reference_loss(model, prompt, **b)
@@ -103,6 +100,13 @@ def test_shared_prefix_loss_and_gradient_equal_reference(tiny):
     assert _close(fast.detach(), ref.detach())
     assert _close(g_fast, g_ref)
     assert g_fast.abs().sum() > 0
+
+
+def test_shared_prefix_loss_and_gradient_equal_reference(tiny):
+    model, tok = tiny
+    _, b = _batch(tok)
+    prompt = init_prompt(model, tok, 5, "random", seed=3).requires_grad_(True)
+    _assert_loss_and_gradient_equal_reference(model, prompt, b)
 
 
 def _full_label_logprob(model, prompt, ids, label_ids):
@@ -259,12 +263,7 @@ def test_packed_label_loss_equals_reference(tiny):
     lanes, _ = pack_rows([n - 1 for n in b["attention_mask"].sum(-1).tolist()])
     assert lanes < len(texts)  # really several rows in a lane
     prompt = init_prompt(model, tok, 5, "random", seed=6).requires_grad_(True)
-    fast = label_loss(model, prompt, **b)
-    (g_fast,) = torch.autograd.grad(fast, prompt)
-    ref = reference_loss(model, prompt, **b)
-    (g_ref,) = torch.autograd.grad(ref, prompt)
-    assert _close(fast.detach(), ref.detach())
-    assert _close(g_fast, g_ref)
+    _assert_loss_and_gradient_equal_reference(model, prompt, b)
     with torch.no_grad():
         each = label_loss(model, prompt, **b, reduction="none")
         plain = label_loss(model, prompt, **b, reduction="none", shared_prefix=False)
