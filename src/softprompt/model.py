@@ -285,15 +285,20 @@ def stack_kv(kvs: Sequence[KV]) -> KV:
 
 
 def _cache_from(kv: KV, rows: Tensor | int):
-    """A fresh DynamicCache for a batch. `rows` is the batch size (one shared prompt) or
-    an index tensor [B] choosing each row's prompt out of kv's N prompts."""
+    """A fresh DynamicCache for a batch. `rows` is the batch size (one shared prompt), an index
+    tensor [B] choosing each row's prompt out of kv's N prompts, or [B, M] choosing M prompts
+    per row, laid one after the other (M*P cached positions; packed lanes, see `packed_mask`)."""
     from transformers import DynamicCache
 
-    if isinstance(rows, int):
-        data = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv]
-    else:
-        data = [(k[rows], v[rows]) for k, v in kv]
-    return DynamicCache(ddp_cache_data=data)
+    def pick(t: Tensor) -> Tensor:
+        if isinstance(rows, int):
+            return t.expand(rows, -1, -1, -1)
+        if rows.dim() == 1:
+            return t[rows]
+        g = t[rows]  # [B, M, heads, P, d]
+        return g.transpose(1, 2).reshape(g.shape[0], t.shape[1], -1, t.shape[3])
+
+    return DynamicCache(ddp_cache_data=[(pick(k), pick(v)) for k, v in kv])
 
 
 def positions_after(prefix_len: int | Tensor, attention_mask: Tensor) -> Tensor:
@@ -489,11 +494,7 @@ def label_loss(
         logits = model.get_output_embeddings()(hidden[keep])
         tok = F.cross_entropy(logits.float(), target[keep], reduction="none")
         rows = row_of[keep]
-        col = torch.arange(width, device=device)[None].expand(lanes, -1)
-        start = torch.tensor([off for _, off in places], device=device)
-        order = torch.argsort(
-            rows * (labels.shape[1] + 1) + (col - start[row_of.clamp(min=0)])[keep]
-        )
+        order = torch.argsort(rows * labels.shape[1] + index[keep])
         rows, tok = rows[order], tok[order]  # row-major, as the padded layout gives them
     else:
         embeds, mask = _concat_inputs(model, prompt, input_ids, attention_mask)
@@ -623,20 +624,13 @@ def score_continuations(
             a = parents[a]
     past = (slot[:, :, None] == torch.arange(M, device=device)).repeat_interleave(P, -1)
     dtype = model.get_input_embeddings().weight.dtype
-    from transformers import DynamicCache
-
-    def gather(t: Tensor) -> Tensor:  # [N, heads, P, d] -> [lanes, heads, M*P, d]
-        g = t[gidx]  # [lanes, M, heads, P, d]
-        return g.transpose(1, 2).reshape(lanes, t.shape[1], M * P, t.shape[3])
-
-    cache = DynamicCache(ddp_cache_data=[(gather(k), gather(v)) for k, v in kv])
     decoder = model.get_decoder()
     out = decoder(
         input_ids=ids,
         attention_mask=packed_mask(seg, index, past, dtype, node, anc),
         position_ids=pos,
         use_cache=False,
-        **{_cache_kw(decoder): cache},
+        **{_cache_kw(decoder): _cache_from(kv, gidx)},
     )
     # [B*(1+K), H]: each row's last input position, then its trie nodes (2D and contiguous: a
     # strided 3D input sends the LM head to a batched matmul over a broadcast weight, 10x slower)
