@@ -276,6 +276,22 @@ def test_packed_label_loss_equals_reference(tiny):
         )
 
 
+def test_label_loss_over_several_lanes_each_with_the_prompt_equals_reference(tiny):
+    """A batch too long for one lane runs in several, each starting with its own run of the
+    prompt and head: the prompt's gradient sums over the lanes and still equals the reference."""
+    from softprompt.model import lane_width, pack_rows
+
+    model, tok = tiny
+    texts = [(t + " ") * (1 + i % 4) for i, t in enumerate(TEXTS * 10)]
+    labels = LABELS * 10
+    task = Task(text_column="Tweet text", label_names=["complaint", "no complaint"], max_length=64)
+    b = collate_train(encode_rows(tok, task, texts, labels), tok.pad_token_id)
+    lengths = [n - 1 for n in b["attention_mask"].sum(-1).tolist()]
+    assert pack_rows(lengths, lane_width(lengths, 5))[0] > 1  # really several lanes
+    prompt = init_prompt(model, tok, 5, "random", seed=8).requires_grad_(True)
+    _assert_loss_and_gradient_equal_reference(model, prompt, b)
+
+
 def test_weighted_label_loss_is_the_weighted_mean_of_each_rows_tokens(tiny):
     """--balance: row i's tokens count w[i] times; checked against each row run alone."""
     from softprompt.train import _row_weights

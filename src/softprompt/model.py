@@ -3,10 +3,11 @@
 Two ways to run a prompt [P, H] in front of input tokens [B, T]:
 - `concat_forward`: the reference (what PEFT does): concatenate prompt and token embeddings
   and run the whole model on [B, P+T].
-- the shared-prefix path (`prefix_kv` + `run_after_prefix`): with causal attention the
-  virtual tokens never see the input, so their keys/values depend on the prompt alone. The
-  prompt runs once (batch of 1, with gradient when training); its KV is broadcast to the B rows
-  and the inputs run after it. Equal to the reference up to float rounding.
+- the shared-prefix path: with causal attention the virtual tokens never see the input, so
+  their keys/values depend on the prompt alone. At inference (`prefix_kv` + `run_after_prefix`)
+  the prompt runs once, its KV is cached and broadcast to the rows. In training (`label_loss`)
+  the prompt runs once per lane in the same pass as the rows packed after it, each row seeing
+  the prompt and itself. Both equal the reference up to float rounding.
 
 The rows of a batch run packed, not padded: several rows share a lane of the batch, each token
 seeing only its own row and its own prompt (a 4D attention mask, `pack_rows` / `packed_mask`).
@@ -382,16 +383,17 @@ ATTENTION_TOKENS = 1024
 figure for small models on a CPU; it only steers the choice of lane width)."""
 
 
-def lane_width(lengths: Sequence[int]) -> int:
-    """The lane width among 1, 1.5, 2 and 3 times the longest row that runs the fewest token
-    slots, attention's share (growing with the width) counted. Eight RAFT tweets padded to the
-    longest take ~1.46x their tokens; packed into lanes twice as wide, ~1.1x."""
+def lane_width(lengths: Sequence[int], prefix: int = 0) -> int:
+    """The lane width (for the rows, not counting `prefix`) that runs the fewest token slots,
+    attention's share (growing with the width) counted: 1, 1.5, 2 or 3 times the longest row, or
+    every row in one lane. `prefix` positions (a prompt run inside each lane, as training does)
+    come before each lane's rows and are paid once per lane. Eight RAFT tweets padded to the
+    longest take ~1.46x their tokens; packed into lanes twice as wide, ~1.1x; in one lane, 1x."""
     longest = max(lengths, default=0)
     best, best_cost = longest, float("inf")
-    for k in (1.0, 1.5, 2.0, 3.0):
-        w = max(int(longest * k), longest)
+    for w in sorted({max(int(longest * k), longest) for k in (1.0, 1.5, 2.0, 3.0)} | {sum(lengths)}):
         lanes, _ = pack_rows(lengths, w)
-        cost = lanes * w * (1 + w / ATTENTION_TOKENS)
+        cost = lanes * (prefix + w) * (1 + (prefix + w) / ATTENTION_TOKENS)
         if cost < best_cost:
             best, best_cost = w, cost
     return best
@@ -446,8 +448,10 @@ def label_loss(
     Inputs are right-padded [B, T]. The LM head is applied only where a label token is
     predicted, and the loss equals `reference_loss` (and PEFT's loss) up to float rounding.
 
-    shared_prefix=True: the prompt [P, H] runs once and its KV is broadcast to the rows. With
-    `share_head` the leading tokens every row has in common (the template's head, e.g.
+    shared_prefix=True: the prompt [P, H] runs once per lane, at the start of the lane, and the
+    rows packed after it in the same forward pass all see it (one lane for a batch of 8 tweets:
+    the weights are read once per step, not once for a small prompt pass and again for the rows).
+    With `share_head` the leading tokens every row has in common (the template's head, e.g.
     `Tweet text :`) run once with the prompt instead of once per row, and the last column
     (only ever a target) is not run at all.
     shared_prefix=False: prompt and tokens run concatenated through the model with no KV cache,
@@ -461,35 +465,41 @@ def label_loss(
             same = (input_ids == input_ids[:1]).all(0)[: max(first_label - 1, 0)]
             h = int(same.long().cumprod(0).sum())
         _check_4d_masks(model)
-        kv = prefix_kv(model, prompt, input_ids[0, :h] if h else None)
+        emb = model.get_input_embeddings()
+        dtype = emb.weight.dtype
+        prefix = torch.cat([prompt.to(dtype), emb(input_ids[0, :h])])  # [Q, H]
+        Q = prefix.shape[0]
         # A row runs its tokens after the head up to its last but one (the last is only ever a
-        # target), packed with other rows into lanes instead of padded (see `pack_rows`).
+        # target), packed with other rows into lanes after the prefix (see `pack_rows`).
         lengths = [max(int(n) - 1 - h, 0) for n in attention_mask.sum(-1).tolist()]
-        width = lane_width(lengths)
+        width = lane_width(lengths, Q)
         lanes, places = pack_rows(lengths, width)
         device = input_ids.device
         ids = input_ids.new_full((lanes, width), int(input_ids[0, 0]))
         target = labels.new_full((lanes, width), -100)
         row_of = torch.full((lanes, width), -1, dtype=torch.long, device=device)
         index = torch.full((lanes, width), -1, dtype=torch.long, device=device)
-        P = kv[0][0].shape[2]
         for b, (lane, off) in enumerate(places):
             n = lengths[b]
             ids[lane, off : off + n] = input_ids[b, h : h + n]
             target[lane, off : off + n] = labels[b, h + 1 : h + 1 + n]
             row_of[lane, off : off + n] = b
             index[lane, off : off + n] = torch.arange(n, device=device)
-        decoder = model.get_decoder()
-        past = torch.ones((lanes, width, P), dtype=torch.bool, device=device)
-        hidden = decoder(
-            input_ids=ids,
-            attention_mask=packed_mask(
-                row_of, index, past, model.get_input_embeddings().weight.dtype
+        # The prefix sees itself causally; a row sees the whole prefix and its own earlier
+        # tokens (`packed_mask` with the prefix as every position's past).
+        rows_mask = packed_mask(
+            row_of, index, torch.ones((lanes, width, Q), dtype=torch.bool, device=device), dtype
+        )
+        head_mask = torch.full((Q, Q + width), torch.finfo(dtype).min, dtype=dtype, device=device)
+        head_mask[:, :Q].triu_(1)
+        hidden = model.get_decoder()(
+            inputs_embeds=torch.cat([prefix.expand(lanes, -1, -1), emb(ids)], 1),
+            attention_mask=torch.cat([head_mask.expand(lanes, 1, -1, -1), rows_mask], 2),
+            position_ids=torch.cat(
+                [torch.arange(Q, device=device).expand(lanes, -1), index.clamp(min=0) + Q], 1
             ),
-            position_ids=index.clamp(min=0) + P,
             use_cache=False,
-            **{_cache_kw(decoder): _cache_from(kv, lanes)},
-        ).last_hidden_state
+        ).last_hidden_state[:, Q:]
         keep = target != -100
         logits = model.get_output_embeddings()(hidden[keep])
         tok = F.cross_entropy(logits.float(), target[keep], reduction="none")
