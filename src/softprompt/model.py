@@ -391,7 +391,9 @@ def lane_width(lengths: Sequence[int], prefix: int = 0) -> int:
     longest take ~1.46x their tokens; packed into lanes twice as wide, ~1.1x; in one lane, 1x."""
     longest = max(lengths, default=0)
     best, best_cost = longest, float("inf")
-    for w in sorted({max(int(longest * k), longest) for k in (1.0, 1.5, 2.0, 3.0)} | {sum(lengths)}):
+    for w in sorted(
+        {max(int(longest * k), longest) for k in (1.0, 1.5, 2.0, 3.0)} | {sum(lengths)}
+    ):
         lanes, _ = pack_rows(lengths, w)
         cost = lanes * (prefix + w) * (1 + (prefix + w) / ATTENTION_TOKENS)
         if cost < best_cost:
