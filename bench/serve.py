@@ -20,7 +20,10 @@ the same requests one adapter at a time. By hand, not CI; run it on an otherwise
 4. PEFT generate: the guide's own inference (`generate`, batch 16, 6 new tokens, the text
    matched to a label), one adapter at a time, on the first `--peft-generate-requests`.
 
-The load generator and the server share the machine's cores.
+By default the load generator and the server share the machine's cores. `--server-cpus 1
+--client-cpus 0` pins the server (and then PEFT, which runs in this process) to CPU 1 and the load
+generator to CPU 0, so both systems get the same core and the clients' own work is not charged to
+either (as when the load comes from other machines).
 """
 
 from __future__ import annotations
@@ -152,7 +155,14 @@ def run_softprompt(args, folder: Path, names: list[str], requests) -> dict:
            "--max-wait-ms", str(args.max_wait_ms), "--kv-cache-mb", str(args.kv_cache_mb),
            "--log-level", "warning"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen(cmd, env=env)
+    cpus = args.server_cpus
+    if cpus:
+        env["OMP_NUM_THREADS"] = str(len(cpus))
+    proc = subprocess.Popen(
+        cmd, env=env, preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    )
+    if args.client_cpus:
+        os.sched_setaffinity(0, args.client_cpus)
     out: dict = {}
     try:
         deadline = time.monotonic() + 300
@@ -300,6 +310,23 @@ def run_peft_generate(folder: Path, names: list[str], requests) -> dict:
             "valid_labels": valid}  # fmt: skip
 
 
+def cpu_list(text: str) -> list[int]:
+    """'1', '0,2' or '2-3' as a list of CPU numbers this process may use."""
+    cpus: list[int] = []
+    try:
+        for part in text.split(","):
+            a, _, b = part.partition("-")
+            cpus += range(int(a), int(b or a) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a CPU list like 1, 0,2 or 2-3") from None
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not set(cpus) <= allowed:
+        raise argparse.ArgumentTypeError(
+            f"CPUs {text!r} are not among this machine's {sorted(allowed)}"
+        )
+    return cpus
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -323,6 +350,10 @@ def main() -> None:
     )
     p.add_argument("--adapters-dir", default=str(ROOT / "bench" / "results" / "serve_adapters"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--server-cpus", type=cpu_list, default=None,
+                   help="CPUs for the server and for PEFT, e.g. 1 or 2-3 (default: all, shared)")  # fmt: skip
+    p.add_argument("--client-cpus", type=cpu_list, default=None,
+                   help="CPUs for the load generator, e.g. 0 (default: all, shared)")  # fmt: skip
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = p.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
@@ -336,6 +367,11 @@ def main() -> None:
     peft_n = min(args.peft_requests or args.requests, args.requests)
 
     sp = run_softprompt(args, folder, names, requests)
+    if args.server_cpus:  # PEFT runs here, on the server's CPUs
+        import torch
+
+        os.sched_setaffinity(0, args.server_cpus)
+        torch.set_num_threads(len(args.server_cpus))
     pf = run_peft(args, folder, names, requests[:peft_n])
     gen_n = min(args.peft_generate_requests, args.requests)
     pg = run_peft_generate(folder, names, requests[:gen_n]) if gen_n else None
