@@ -290,6 +290,10 @@ def test_label_loss_over_several_lanes_each_with_the_prompt_equals_reference(tin
     assert pack_rows(lengths, lane_width(lengths, 5))[0] > 1  # really several lanes
     prompt = init_prompt(model, tok, 5, "random", seed=8).requires_grad_(True)
     _assert_loss_and_gradient_equal_reference(model, prompt, b)
+    from softprompt.errors import SoftpromptError
+
+    with pytest.raises(SoftpromptError, match="shared_prefix=False"):
+        label_loss(model, prompt.detach()[None].expand(len(texts), -1, -1), **b)
 
 
 def test_weighted_label_loss_is_the_weighted_mean_of_each_rows_tokens(tiny):

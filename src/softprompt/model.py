@@ -467,6 +467,11 @@ def label_loss(
             same = (input_ids == input_ids[:1]).all(0)[: max(first_label - 1, 0)]
             h = int(same.long().cumprod(0).sum())
         _check_4d_masks(model)
+        if prompt.dim() != 2:
+            raise SoftpromptError(
+                f"label_loss(shared_prefix=True) takes one prompt [P, H], got shape "
+                f"{tuple(prompt.shape)}: for one prompt per row pass shared_prefix=False"
+            )
         emb = model.get_input_embeddings()
         dtype = emb.weight.dtype
         prefix = torch.cat([prompt.to(dtype), emb(input_ids[0, :h])])  # [Q, H]
