@@ -4,6 +4,9 @@ A run folder is an adapter folder:
     adapter_config.json        PEFT's PromptTuningConfig fields (peft_type PROMPT_TUNING)
     adapter_model.safetensors  {"prompt_embeddings": [P, H] float32}
     softprompt.json            template, label names, max length, base model, metrics
+    softprompt_suffix.safetensors  {"suffix_embeddings": [S, H]}, only with --suffix-tokens:
+                               vectors that run after the text, which PEFT cannot place
+                               (PEFT loads the P vectors in front alone)
     README.md                  a short model card
 Only safetensors are read: no pickle, ever.
 """
@@ -27,11 +30,16 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 TASK_NAME = "softprompt.json"
 PICKLE_NAME = "adapter_model.bin"
 WEIGHT_KEY = "prompt_embeddings"
+SUFFIX_NAME = "softprompt_suffix.safetensors"
+SUFFIX_KEY = "suffix_embeddings"
 
 
 @dataclass
 class Adapter:
-    """A loaded adapter: the prompt [P, H] (float32), PEFT config, and task (None for a plain PEFT adapter)."""
+    """A loaded adapter: the prompt [P, H] (float32), PEFT config, and task (None for a plain PEFT adapter).
+
+    With suffix tokens (task.suffix_tokens = S) the prompt is [P+S, H]: its last S vectors run
+    after the text (see `data.suffix_placeholders`)."""
 
     prompt: Tensor
     config: dict
@@ -110,13 +118,28 @@ def peft_config(
 def save_adapter(
     folder: str | Path, prompt: Tensor, config: dict, task: Task | None, *, card: str | None = None
 ) -> Path:
-    """Write an adapter folder; each file is replaced atomically (a kill never leaves a torn file)."""
+    """Write an adapter folder; each file is replaced atomically (a kill never leaves a torn file).
+
+    With suffix tokens the prompt [P+S, H] is split: the P vectors in front go to PEFT's file
+    (num_virtual_tokens = P), the S after the text to softprompt_suffix.safetensors."""
     from safetensors.torch import save
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    weights = save({WEIGHT_KEY: prompt.detach().float().cpu().contiguous()})
-    atomic_write_bytes(folder / WEIGHTS_NAME, weights)
+    prompt = prompt.detach().float().cpu()
+    S = task.suffix_tokens if task is not None else 0
+    if S:
+        if not 0 < S < prompt.shape[0]:
+            raise SoftpromptError(
+                f"a prompt of {prompt.shape[0]} vectors cannot hold {S} suffix tokens"
+            )
+        config = {**config, "num_virtual_tokens": int(prompt.shape[0] - S)}
+        suffix = save({SUFFIX_KEY: prompt[-S:].contiguous()})
+        atomic_write_bytes(folder / SUFFIX_NAME, suffix)
+        prompt = prompt[:-S]
+    else:
+        (folder / SUFFIX_NAME).unlink(missing_ok=True)  # a stale one from an earlier save
+    atomic_write_bytes(folder / WEIGHTS_NAME, save({WEIGHT_KEY: prompt.contiguous()}))
     atomic_write_json(folder / CONFIG_NAME, config)
     if task is not None:
         atomic_write_json(folder / TASK_NAME, task.to_dict())
@@ -139,7 +162,8 @@ def _resolve_folder(path: str) -> Path:
 
             return Path(
                 snapshot_download(
-                    path, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, TASK_NAME, "README.md"]
+                    path,
+                    allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, TASK_NAME, SUFFIX_NAME, "README.md"],
                 )
             )
         except Exception as e:  # noqa: BLE001
@@ -223,7 +247,33 @@ def load_adapter(path: str | Path) -> Adapter:
             raise SoftpromptError(f"{task_path}: not a settings object; the file is corrupt")
         task = Task.from_dict(data)
         base = task.extra.get("base_model", base)
+        if task.suffix_tokens:
+            prompt = torch.cat([prompt, _load_suffix(folder, task.suffix_tokens, prompt.shape[1])])
     return Adapter(prompt=prompt, config=config, task=task, path=str(folder), base_model=base)
+
+
+def _load_suffix(folder: Path, S: int, width: int) -> Tensor:
+    """The S suffix vectors [S, H] that softprompt.json announces."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = folder / SUFFIX_NAME
+    if not path.is_file():
+        raise SoftpromptError(
+            f"{folder}: {TASK_NAME} says suffix_tokens={S} but {SUFFIX_NAME} is missing; "
+            "copy the whole adapter folder"
+        )
+    try:
+        suffix = load_file(str(path)).get(SUFFIX_KEY)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SoftpromptError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    if suffix is None or tuple(suffix.shape) != (S, width) or not torch.isfinite(suffix).all():
+        got = None if suffix is None else tuple(suffix.shape)
+        raise SoftpromptError(
+            f"{path}: expected finite {SUFFIX_KEY!r} of shape {(S, width)}, found {got}; "
+            "the file is damaged"
+        )
+    return suffix.float()
 
 
 def check_fits(adapter: Adapter, model) -> None:

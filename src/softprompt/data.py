@@ -39,6 +39,9 @@ class Task:
     """Input template with `{text}` and optionally `{text_column}` (`--template`)."""
     max_length: int = 64
     """Maximum tokens of input + label; the input text is cut to fit, never the label."""
+    suffix_tokens: int = 0
+    """Soft tokens placed right after `{text}` (`--suffix-tokens`): the last of the prompt's
+    vectors, which run after the text instead of before it (see `suffix_placeholders`)."""
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -48,7 +51,14 @@ class Task:
     def from_dict(cls, d: dict) -> Task:
         known = {
             k: d[k]
-            for k in ("text_column", "label_names", "label_column", "template", "max_length")
+            for k in (
+                "text_column",
+                "label_names",
+                "label_column",
+                "template",
+                "max_length",
+                "suffix_tokens",
+            )
             if k in d
         }
         if "text_column" not in known:
@@ -63,6 +73,17 @@ class Task:
     def head(self) -> str:
         """The rendered template before the text: what every input starts with."""
         return self.render("\x00").split("\x00")[0]
+
+    def tail(self) -> str:
+        """The rendered template after the text (e.g. ` Label : `)."""
+        return self.render("\x00").split("\x00", 1)[1]
+
+
+def suffix_placeholders(n: int) -> list[int]:
+    """Token ids standing for `n` suffix soft tokens in a row: -n .. -1. Id -k is the prompt's
+    k-th vector from the end, so `prompt[id]` (Python's negative indexing) is its embedding
+    (see `model.embed_ids`). They are never real vocabulary ids (those are >= 0)."""
+    return list(range(-n, 0))
 
 
 @dataclass
@@ -193,12 +214,23 @@ def label_token_ids(tokenizer, label: str) -> list[int]:
     return list(tokenizer(label, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
 
 
+def _rendered_ids(tokenizer, task: Task, text: str) -> list[int]:
+    """The rendered input's token ids; with suffix tokens, their placeholders after the text."""
+    if not task.suffix_tokens:
+        return list(tokenizer(task.render(text))["input_ids"])
+    tail = task.tail()
+    full = task.render(text)
+    ids = list(tokenizer(full[: len(full) - len(tail)])["input_ids"])
+    rest = list(tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail else []
+    return ids + suffix_placeholders(task.suffix_tokens) + rest
+
+
 def input_token_ids(tokenizer, task: Task, text: str, budget: int) -> list[int]:
     """Token ids of the rendered input, the text cut (at a character) until they fit `budget`."""
-    ids = tokenizer(task.render(text))["input_ids"]
+    ids = _rendered_ids(tokenizer, task, text)
     if len(ids) <= budget:
-        return list(ids)
-    empty = tokenizer(task.render(""))["input_ids"]
+        return ids
+    empty = _rendered_ids(tokenizer, task, "")
     if len(empty) > budget:
         raise SoftpromptError(
             f"--max-length {task.max_length} leaves {budget} tokens for the input, but the template alone "
@@ -208,7 +240,7 @@ def input_token_ids(tokenizer, task: Task, text: str, budget: int) -> list[int]:
     best = empty
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        cand = tokenizer(task.render(text[:mid]))["input_ids"]
+        cand = _rendered_ids(tokenizer, task, text[:mid])
         if len(cand) <= budget:
             lo, best = mid, cand
         else:

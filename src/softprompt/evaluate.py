@@ -31,6 +31,12 @@ from .model import (
 )
 
 
+def front(prompt: Tensor, task: Task) -> Tensor:
+    """The prompt's vectors that run in front of the input (all but the task's suffix tokens,
+    which run after the text): what `prefix_kv` caches."""
+    return prompt[..., : prompt.shape[-2] - task.suffix_tokens, :]
+
+
 def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
@@ -80,7 +86,8 @@ def label_probabilities(
     budget = input_budget(tokenizer, task)
     seqs = [input_token_ids(tokenizer, task, t, budget) for t in texts]
     labels = [label_token_ids(tokenizer, n) for n in task.label_names]
-    kv = prefix_kv(model, prompt.to(device)) if kv is None else kv
+    prompt = prompt.to(device)
+    kv = prefix_kv(model, front(prompt, task)) if kv is None else kv
     K = kv[0][0].shape[0]
     heads = _HeadCache(model, tokenizer, task, kv, share_head)
     out = torch.empty(len(texts), len(labels))
@@ -90,12 +97,12 @@ def label_probabilities(
         ids, mask = collate_left(rest, tokenizer.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
         if K == 1:
-            scores = score_continuations(model, batch_kv, ids, mask, labels)
+            scores = score_continuations(model, batch_kv, ids, mask, labels, prompts=prompt)
             out[idx] = torch.softmax(scores.float(), -1).cpu()
         else:  # member k's rows are rows k*B .. (k+1)*B-1
             rows = torch.arange(K, device=device).repeat_interleave(len(idx))
             scores = score_continuations(
-                model, batch_kv, ids.repeat(K, 1), mask.repeat(K, 1), labels, rows
+                model, batch_kv, ids.repeat(K, 1), mask.repeat(K, 1), labels, rows, prompt
             )
             out[idx] = torch.softmax(scores.float(), -1).view(K, len(idx), -1).mean(0).cpu()
     return apply_bias(out, bias)
@@ -146,7 +153,8 @@ def generate_texts(
     device = model.get_input_embeddings().weight.device
     budget = task.max_length - 1 if not task.label_names else input_budget(tokenizer, task)
     seqs = [input_token_ids(tokenizer, task, t, budget) for t in texts]
-    kv = prefix_kv(model, prompt.to(device)) if kv is None else kv
+    prompt = prompt.to(device)
+    kv = prefix_kv(model, front(prompt, task)) if kv is None else kv
     heads = _HeadCache(model, tokenizer, task, kv, share_head)
     out: list[str] = [""] * len(texts)
     batches = _length_sorted_batches([len(s) for s in seqs], batch_size)
@@ -160,6 +168,7 @@ def generate_texts(
             mask.to(device),
             max_new_tokens=max_new_tokens,
             eos_token_id=tokenizer.eos_token_id,
+            prompts=prompt,
         )
         for i, toks in zip(idx, new, strict=True):
             out[i] = tokenizer.decode(toks, skip_special_tokens=True).strip()

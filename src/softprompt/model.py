@@ -193,22 +193,65 @@ def concat_forward(model, prompt: Tensor, input_ids: Tensor, attention_mask: Ten
     """Reference forward: prompt [P, H] (or [B, P, H]) before input_ids [B, T].
 
     Returns logits [B, P+T, V]. Position ids are 0..P+T-1 as in PEFT (right padding keeps
-    every real token at the same position as in an unpadded run).
+    every real token at the same position as in an unpadded run). With suffix placeholders in
+    the rows (see `embed_ids`), the prompt's last vectors run there instead of in front, and
+    P counts only the vectors in front (`prefix_length`).
     """
     embeds, mask = _concat_inputs(model, prompt, input_ids, attention_mask)
     return model(inputs_embeds=embeds, attention_mask=mask).logits
+
+
+def suffix_count(input_ids: Tensor) -> int:
+    """How many suffix soft tokens the rows carry: their placeholders are -n .. -1
+    (`data.suffix_placeholders`); 0 when there are none."""
+    low = int(input_ids.min()) if input_ids.numel() else 0
+    return -low if low < 0 else 0
+
+
+def prefix_length(prompt: Tensor, input_ids: Tensor) -> int:
+    """How many of the prompt's vectors run in front of the rows (the rest are suffix tokens)."""
+    P = prompt.shape[-2] - suffix_count(input_ids)
+    if P < 0:
+        raise SoftpromptError(
+            f"the rows hold {suffix_count(input_ids)} suffix placeholders but the prompt has only "
+            f"{prompt.shape[-2]} vectors"
+        )
+    return P
+
+
+def embed_ids(
+    model, ids: Tensor, prompts: Tensor | None = None, which: Tensor | None = None
+) -> Tensor:
+    """Input embeddings of token ids [..., T]. A suffix placeholder -k takes the prompt's k-th
+    vector from the end: from `prompts` [N, H], or with `prompts` [K, N, H] from prompt
+    `which` [..., T] of that position. Gradients flow into those vectors."""
+    emb = model.get_input_embeddings()
+    out = emb(ids.clamp(min=0))
+    neg = ids < 0
+    if not bool(neg.any()):
+        return out
+    if prompts is None:
+        raise SoftpromptError("the rows hold suffix placeholders, but no prompt was given for them")
+    n = prompts.shape[-2]
+    slot = (ids + n).clamp(0, n - 1)
+    vec = prompts[slot] if prompts.dim() == 2 else prompts[which, slot]
+    return torch.where(neg[..., None], vec.to(out.dtype), out)
 
 
 def _concat_inputs(
     model, prompt: Tensor, input_ids: Tensor, attention_mask: Tensor
 ) -> tuple[Tensor, Tensor]:
     """(embeddings [B, P+T, H], attention mask [B, P+T]) of prompt [P, H] (or [B, P, H])
-    placed before input_ids [B, T]."""
+    placed before input_ids [B, T] (its last vectors in the rows' suffix placeholders, if any)."""
     B = input_ids.shape[0]
-    emb = model.get_input_embeddings()(input_ids)
+    P = prefix_length(prompt, input_ids)
+    which = None
+    if prompt.dim() == 3:
+        which = torch.arange(B, device=input_ids.device)[:, None].expand_as(input_ids)
+    emb = embed_ids(model, input_ids, prompt, which)
     prompts = prompt.expand(B, -1, -1) if prompt.dim() == 2 else prompt
-    embeds = torch.cat([prompts.to(emb.dtype), emb], dim=1)
-    mask = torch.cat([attention_mask.new_ones(B, prompts.shape[1]), attention_mask], dim=1)
+    embeds = torch.cat([prompts[:, :P].to(emb.dtype), emb], dim=1)
+    mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)
     return embeds, mask
 
 
@@ -317,11 +360,13 @@ def run_after_prefix(
     *,
     past_mask: Tensor | None = None,
     use_cache: bool = False,
+    prompts: Tensor | None = None,
 ):
     """Run input_ids [B, T] after a prompt's KV. Returns (hidden [B, T, H], cache or None).
 
     `rows` [B] picks each row's prompt from kv (default: all rows use prompt 0, broadcast).
     `past_mask` [B, P] marks the valid prefix positions (default: all valid).
+    `prompts` ([P+S, H], or [N, P+S, H] indexed by `rows`) fill suffix placeholders (`embed_ids`).
     """
     B = input_ids.shape[0]
     P = kv[0][0].shape[2]
@@ -332,13 +377,26 @@ def run_after_prefix(
     pos = positions_after(past_mask.long().sum(-1, keepdim=True), attention_mask)
     decoder = model.get_decoder()
     out = decoder(
-        input_ids=input_ids,
+        **_ids_or_embeds(model, input_ids, prompts, rows),
         attention_mask=full_mask,
         position_ids=pos,
         use_cache=use_cache,
         **{_cache_kw(decoder): cache},
     )
     return out.last_hidden_state, (_out_cache(out) if use_cache else None)
+
+
+def _ids_or_embeds(model, ids: Tensor, prompts: Tensor | None, which: Tensor | None) -> dict:
+    """The decoder's input: the ids, or with suffix placeholders among them their embeddings
+    (`which`: each position's prompt when `prompts` is [N, P+S, H]; a [B] tensor is per row)."""
+    if not suffix_count(ids):
+        return {"input_ids": ids}
+    if prompts is not None and prompts.dim() == 3:
+        if which is None:
+            which = torch.zeros_like(ids)
+        elif which.dim() == 1:
+            which = which[:, None].expand_as(ids)
+    return {"inputs_embeds": embed_ids(model, ids, prompts, which)}
 
 
 def _check_4d_masks(model) -> None:
@@ -472,9 +530,10 @@ def label_loss(
                 f"label_loss(shared_prefix=True) takes one prompt [P, H], got shape "
                 f"{tuple(prompt.shape)}: for one prompt per row pass shared_prefix=False"
             )
-        emb = model.get_input_embeddings()
-        dtype = emb.weight.dtype
-        prefix = torch.cat([prompt.to(dtype), emb(input_ids[0, :h])])  # [Q, H]
+        dtype = model.get_input_embeddings().weight.dtype
+        P = prefix_length(prompt, input_ids)  # the rest are suffix tokens, inside the rows
+        head = embed_ids(model, input_ids[0, :h], prompt)
+        prefix = torch.cat([prompt[:P].to(dtype), head])  # [Q, H]
         Q = prefix.shape[0]
         # A row runs its tokens after the head up to its last but one (the last is only ever a
         # target), packed with other rows into lanes after the prefix (see `pack_rows`).
@@ -482,7 +541,7 @@ def label_loss(
         width = lane_width(lengths, Q)
         lanes, places = pack_rows(lengths, width)
         device = input_ids.device
-        ids = input_ids.new_full((lanes, width), int(input_ids[0, 0]))
+        ids = input_ids.new_full((lanes, width), max(int(input_ids[0, 0]), 0))
         target = labels.new_full((lanes, width), -100)
         row_of = torch.full((lanes, width), -1, dtype=torch.long, device=device)
         index = torch.full((lanes, width), -1, dtype=torch.long, device=device)
@@ -500,7 +559,9 @@ def label_loss(
         head_mask = torch.full((Q, Q + width), torch.finfo(dtype).min, dtype=dtype, device=device)
         head_mask[:, :Q].triu_(1)
         hidden = model.get_decoder()(
-            inputs_embeds=torch.cat([prefix.expand(lanes, -1, -1), emb(ids)], 1),
+            inputs_embeds=torch.cat(
+                [prefix.expand(lanes, -1, -1), embed_ids(model, ids, prompt)], 1
+            ),
             attention_mask=torch.cat([head_mask.expand(lanes, 1, -1, -1), rows_mask], 2),
             position_ids=torch.cat(
                 [torch.arange(Q, device=device).expand(lanes, -1), index.clamp(min=0) + Q], 1
@@ -517,7 +578,7 @@ def label_loss(
         embeds, mask = _concat_inputs(model, prompt, input_ids, attention_mask)
         hidden = model.get_decoder()(
             inputs_embeds=embeds, attention_mask=mask, use_cache=False
-        ).last_hidden_state[:, prompt.shape[-2] :]
+        ).last_hidden_state[:, prefix_length(prompt, input_ids) :]
         target = labels[:, 1:]
         keep = target != -100
         logits = model.get_output_embeddings()(hidden[:, :-1][keep])
@@ -536,7 +597,7 @@ def reference_loss(
     model, prompt: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
 ) -> Tensor:
     """The same loss through `concat_forward` (full logits everywhere)."""
-    P = prompt.shape[-2]
+    P = prefix_length(prompt, input_ids)
     logits = concat_forward(model, prompt, input_ids, attention_mask)[:, P:]
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
@@ -583,6 +644,7 @@ def score_continuations(
     attention_mask: Tensor,
     continuations: Sequence[Sequence[int]],
     rows: Tensor | None = None,
+    prompts: Tensor | None = None,
 ) -> Tensor:
     """Log-probability of each continuation after each row: [B, L].
 
@@ -592,6 +654,7 @@ def score_continuations(
     its own ancestors only; rows are packed into lanes, not padded (`pack_rows`, `packed_mask`;
     exact: each token sees what it would see run alone after its prompt). `rows` [B] picks each
     row's prompt out of kv's N. The LM head runs only at each row's last input token and trie.
+    `prompts` (the whole prompts, [P+S, H] or [N, P+S, H]) fill the rows' suffix placeholders.
     """
     _check_4d_masks(model)
     B = input_ids.shape[0]
@@ -619,6 +682,7 @@ def score_continuations(
     node = torch.full_like(seg, -1)
     pos = torch.zeros_like(seg)
     slot = torch.zeros_like(seg)
+    which = torch.zeros_like(seg)  # each position's prompt (for suffix placeholders)
     at = torch.zeros(B, 1 + K, dtype=torch.long, device=device)  # flat places the LM head reads
     trie_ids = torch.tensor(tokens, dtype=input_ids.dtype, device=device)
     trie_pos = torch.tensor(depths, dtype=torch.long, device=device)
@@ -632,6 +696,7 @@ def score_continuations(
         pos[lane, off : off + n] = torch.arange(P, P + n, device=device)
         pos[lane, off + n : off + n + K] = P + n - 1 + trie_pos
         slot[lane, off : off + n + K] = slots[lane].index(prompt_of[b])
+        which[lane, off : off + n + K] = prompt_of[b]
         at[b] = lane * width + off + n - 1 + torch.arange(1 + K, device=device)
     anc = torch.zeros(K, K, dtype=torch.bool, device=device)
     for k in range(K):
@@ -643,7 +708,7 @@ def score_continuations(
     dtype = model.get_input_embeddings().weight.dtype
     decoder = model.get_decoder()
     out = decoder(
-        input_ids=ids,
+        **_ids_or_embeds(model, ids, prompts, which),
         attention_mask=packed_mask(seg, index, past, dtype, node, anc),
         position_ids=pos,
         use_cache=False,
@@ -678,16 +743,20 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    prompts: Tensor | None = None,
 ) -> list[list[int]]:
     """Decode after prompt + input (left-padded [B, T]), reusing the KV cache every step.
 
     temperature 0 is greedy. Returns each row's new tokens, up to and excluding eos.
+    `prompts` fill the inputs' suffix placeholders (see `run_after_prefix`).
     """
     B = input_ids.shape[0]
     P = kv[0][0].shape[2]
     head = model.get_output_embeddings()
     decoder = model.get_decoder()
-    hidden, cache = run_after_prefix(model, kv, input_ids, attention_mask, rows, use_cache=True)
+    hidden, cache = run_after_prefix(
+        model, kv, input_ids, attention_mask, rows, use_cache=True, prompts=prompts
+    )
     mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], 1)
     out_tokens: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

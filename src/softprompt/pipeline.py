@@ -11,7 +11,7 @@ import torch
 from .adapters import Adapter, check_fits, load_adapter
 from .data import DEFAULT_TEMPLATE, Task
 from .errors import SoftpromptError
-from .evaluate import classify, generate_texts, metrics
+from .evaluate import classify, front, generate_texts, metrics
 from .model import load_base, prefix_kv
 
 
@@ -50,7 +50,7 @@ class SoftPrompt:
         """The prompt's keys/values in every layer, computed once and reused by every call."""
         if self._kv is None:
             with torch.no_grad():
-                self._kv = prefix_kv(self.model, self.prompt)
+                self._kv = prefix_kv(self.model, front(self.prompt, self.task))
         return self._kv
 
     @classmethod
@@ -211,6 +211,8 @@ def _check_member(first: Adapter, other: Adapter) -> None:
             what.append(f"labels {b.label_names} (not {a.label_names})")
         if a.template != b.template:
             what.append(f"template {b.template!r} (not {a.template!r})")
+        if a.suffix_tokens != b.suffix_tokens:
+            what.append(f"{b.suffix_tokens} suffix tokens (not {a.suffix_tokens})")
     if what:
         raise SoftpromptError(
             f"--ensemble {other.path} cannot join {first.path}: it has " + "; ".join(what)

@@ -72,6 +72,12 @@ def make_entry(name: str, adapter: Adapter, model, tokenizer) -> Entry:
     """Check the adapter fits the model (SoftpromptError if not) and precompute its labels."""
     check_fits(adapter, model)
     task = adapter.task or Task(text_column="text", label_names=[])
+    if task.suffix_tokens:
+        raise SoftpromptError(
+            f"{adapter.path}: trained with --suffix-tokens {task.suffix_tokens} (soft tokens after "
+            "the text), which `softprompt serve` does not run; use `softprompt predict` / `eval` "
+            "or the Python API for it, or serve an adapter trained without --suffix-tokens"
+        )
     device = model.get_input_embeddings().weight.device
     return Entry(
         name=name,
