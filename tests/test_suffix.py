@@ -30,14 +30,8 @@ from softprompt.model import label_loss, prefix_kv, score_continuations
 from softprompt.pipeline import SoftPrompt
 from softprompt.prompt import init_prompt
 from test_cli import train_args
+from test_model import LABELS, TEXTS, _close
 
-TEXTS = [
-    "@ZephyrMobile no signal for three days and nobody answers",
-    "thanks!",
-    "@NorthRailUK the 8:05 was cancelled again, third time this week. Refund please",
-    "ok",
-]
-LABELS = ["complaint", "no complaint", "complaint", "no complaint"]
 P, S = 3, 2
 
 
@@ -48,11 +42,6 @@ def _task(max_length=48) -> Task:
         max_length=max_length,
         suffix_tokens=S,
     )
-
-
-def _close(a, b, rel=1e-5):
-    scale = max(a.abs().max().item(), b.abs().max().item(), 1e-8)
-    return (a - b).abs().max().item() / scale <= rel
 
 
 def _by_hand(model, prompt: torch.Tensor, ids: list[int]) -> torch.Tensor:
