@@ -64,9 +64,11 @@ def test_placeholders_sit_between_the_text_and_the_rest_of_the_template(tokenize
     tail = tokenizer(" Label : ", add_special_tokens=False)["input_ids"]
     assert ids == head + suffix_placeholders(S) + tail
     assert suffix_placeholders(S) == [-2, -1]
-    # a long text is cut, the placeholders and the template's tail never are
+    # a long text is cut, the placeholders and the template's tail never are; like the prompt
+    # in front, the suffix tokens do not count against the budget (PEFT's max_length)
     cut = input_token_ids(tokenizer, task, TEXTS[2] * 5, 20)
-    assert len(cut) <= 20 and cut[-len(tail) - S :] == suffix_placeholders(S) + tail
+    assert cut[-len(tail) - S :] == suffix_placeholders(S) + tail
+    assert 20 - 2 <= len(cut) - S <= 20
     assert Task.from_dict(task.to_dict()).suffix_tokens == S
 
 

@@ -226,7 +226,9 @@ def _rendered_ids(tokenizer, task: Task, text: str) -> list[int]:
 
 
 def input_token_ids(tokenizer, task: Task, text: str, budget: int) -> list[int]:
-    """Token ids of the rendered input, the text cut (at a character) until they fit `budget`."""
+    """Token ids of the rendered input, the text cut (at a character) until they fit `budget`.
+    Suffix placeholders, like the prompt's vectors in front, do not count against it."""
+    budget += task.suffix_tokens
     ids = _rendered_ids(tokenizer, task, text)
     if len(ids) <= budget:
         return ids
