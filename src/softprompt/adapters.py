@@ -175,9 +175,6 @@ def _resolve_folder(path: str) -> Path:
 
 def load_adapter(path: str | Path) -> Adapter:
     """Read an adapter folder (ours or PEFT's). Refuses other PEFT types and pickle weights."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder = _resolve_folder(str(path))
     conf_path = folder / CONFIG_NAME
     if not conf_path.is_file():
@@ -210,10 +207,7 @@ def load_adapter(path: str | Path) -> Adapter:
                 "Re-save it with PEFT's save_pretrained(safe_serialization=True)"
             )
         raise SoftpromptError(f"{folder}: {WEIGHTS_NAME} is missing")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SoftpromptError(f"{weights}: corrupt or truncated safetensors file ({e})") from None
+    tensors = _read_safetensors(weights)
     key = (
         WEIGHT_KEY
         if WEIGHT_KEY in tensors
@@ -252,21 +246,26 @@ def load_adapter(path: str | Path) -> Adapter:
     return Adapter(prompt=prompt, config=config, task=task, path=str(folder), base_model=base)
 
 
-def _load_suffix(folder: Path, S: int, width: int) -> Tensor:
-    """The S suffix vectors [S, H] that softprompt.json announces."""
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors file, or a SoftpromptError naming it if it is damaged."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SoftpromptError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+
+
+def _load_suffix(folder: Path, S: int, width: int) -> Tensor:
+    """The S suffix vectors [S, H] that softprompt.json announces."""
     path = folder / SUFFIX_NAME
     if not path.is_file():
         raise SoftpromptError(
             f"{folder}: {TASK_NAME} says suffix_tokens={S} but {SUFFIX_NAME} is missing; "
             "copy the whole adapter folder"
         )
-    try:
-        suffix = load_file(str(path)).get(SUFFIX_KEY)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SoftpromptError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    suffix = _read_safetensors(path).get(SUFFIX_KEY)
     if suffix is None or tuple(suffix.shape) != (S, width) or not torch.isfinite(suffix).all():
         got = None if suffix is None else tuple(suffix.shape)
         raise SoftpromptError(

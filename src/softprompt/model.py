@@ -578,7 +578,7 @@ def label_loss(
         embeds, mask = _concat_inputs(model, prompt, input_ids, attention_mask)
         hidden = model.get_decoder()(
             inputs_embeds=embeds, attention_mask=mask, use_cache=False
-        ).last_hidden_state[:, prefix_length(prompt, input_ids) :]
+        ).last_hidden_state[:, embeds.shape[1] - input_ids.shape[1] :]  # after the prompt
         target = labels[:, 1:]
         keep = target != -100
         logits = model.get_output_embeddings()(hidden[:, :-1][keep])
