@@ -125,6 +125,43 @@ def test_same_seed_is_bit_identical(run_dir, tmp_path, tiny_model_dir, demo_trai
     assert torch.equal(prompt_of(tmp_path / "again" / "last"), prompt_of(run_dir / "last"))
 
 
+def test_preset_small_data_trains_its_recipe_and_given_flags_win(
+    tmp_path, tiny_model_dir, demo_train
+):
+    out = tmp_path / "preset"
+    assert main(train_args(demo_train, tiny_model_dir, out, "--preset", "small-data")) == 0
+    conf = json.loads((out / "train_config.json").read_text())
+    # the preset's values, except --epochs 2, which train_args gives
+    assert conf["balance"] is True and conf["eval_fraction"] == 0.0
+    assert conf["suffix_tokens"] == 32 and conf["epochs"] == 2
+    assert conf["extra"] == {"preset": "small-data"}
+    assert json.loads((out / "softprompt.json").read_text())["suffix_tokens"] == 32
+    assert (out / "softprompt_suffix.safetensors").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and "eval_loss" not in records[0]  # no hold-out: all rows train
+    # a flag given with the preset overrides it: no suffix tokens, a plain PEFT adapter
+    plain = tmp_path / "plain"
+    argv = train_args(demo_train, tiny_model_dir, plain, "--preset", "small-data")
+    assert main([*argv, "--suffix-tokens", "0", "--eval-fraction", "0.25"]) == 0
+    conf = json.loads((plain / "train_config.json").read_text())
+    assert conf["suffix_tokens"] == 0 and conf["eval_fraction"] == 0.25 and conf["balance"] is True
+    assert not (plain / "softprompt_suffix.safetensors").exists()
+    assert "eval_loss" in json.loads((plain / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def test_unknown_preset_and_preset_with_resume(
+    run_dir, tmp_path, tiny_model_dir, demo_train, capsys
+):
+    argv = train_args(demo_train, tiny_model_dir, tmp_path / "x", "--preset", "tiny-data")
+    cli_error(capsys, argv, "--preset 'tiny-data' is not a preset", "small-data")
+    assert not (tmp_path / "x").exists()
+    cli_error(
+        capsys,
+        ["train", "--resume", str(run_dir), "--preset", "small-data", "--no-progress"],
+        "--preset cannot be used with --resume",
+    )
+
+
 def test_existing_run_needs_overwrite(run_copy, tiny_model_dir, demo_train, capsys):
     before = prompt_of(run_copy)
     cli_error(
@@ -335,6 +372,7 @@ def test_train_help_lists_flags(capsys):
         "--max-length",
         "--overwrite",
         "--no-progress",
+        "--preset",
     ):
         assert flag in out
 

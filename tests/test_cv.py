@@ -119,3 +119,13 @@ def test_cv_refuses_more_folds_than_the_smallest_class(
     assert rc == 2 and "--folds" in err and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("softprompt: error: --folds")
     assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_cv_takes_a_preset(tmp_path, tiny_model_dir, small_data):
+    torch.set_num_threads(1)
+    out = tmp_path / "cv"
+    argv = cv_args(small_data, tiny_model_dir, out, "--preset", "small-data", "--no-retrain")
+    assert main([*argv, "--suffix-tokens", "2"]) == 0
+    conf = json.loads((out / "cv.json").read_text())["config"]
+    assert conf["balance"] is True and conf["eval_fraction"] == 0.0
+    assert conf["suffix_tokens"] == 2 and conf["epochs"] == 2  # given flags win

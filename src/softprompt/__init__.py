@@ -11,10 +11,11 @@ from .errors import SoftpromptError
 from .model import concat_forward, label_loss, load_base, prefix_kv
 from .pipeline import SoftPrompt
 from .prompt import init_prompt
-from .train import TrainConfig, TrainResult, train
+from .train import PRESETS, TrainConfig, TrainResult, preset_config, train
 
 __all__ = [
     "DEFAULT_TEMPLATE",
+    "PRESETS",
     "SoftPrompt",
     "SoftpromptError",
     "Task",
@@ -27,6 +28,7 @@ __all__ = [
     "load_base",
     "load_table",
     "prefix_kv",
+    "preset_config",
     "push_to_hub",
     "save_adapter",
     "train",

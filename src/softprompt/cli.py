@@ -37,7 +37,7 @@ def _field_docs(cls) -> dict[str, str]:
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from .train import TrainConfig
+    from .train import PRESETS, TrainConfig
 
     docs = _field_docs(TrainConfig)
     skip = {"progress", "extra"}
@@ -53,6 +53,16 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         default = None if f.default is dataclasses.MISSING else f.default
         # the parsed value stays None unless the flag is given: --resume tells given from default
         p.add_argument(flag, type=kind, default=None, help=f"{help_} [default: {default}]")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="start from a named recipe; flags you give override its values. small-data: "
+        + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in PRESETS["small-data"].items()
+        )
+        + " (the best measured with ~50 labeled rows, docs/accuracy.md)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -191,15 +201,29 @@ def _given_train_flags(args: argparse.Namespace) -> dict:
     }
 
 
+def _train_config(args: argparse.Namespace, given: dict):
+    """The TrainConfig of `train` / `cv`: the --preset's values (if any), then the given flags."""
+    from .train import TrainConfig, preset_config
+
+    if args.preset:
+        return preset_config(args.preset, **given)
+    return TrainConfig(**{"data": None, **given})
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, end_processes, resume_config, train
+    from .train import end_processes, resume_config, train
 
     given = _given_train_flags(args)
     try:
         if args.resume:
+            if args.preset:
+                raise SoftpromptError(
+                    f"--preset cannot be used with --resume {args.resume}: the run keeps the "
+                    "settings it was started with"
+                )
             cfg = resume_config(args.resume, **given)
         else:
-            cfg = TrainConfig(**{"data": None, **given})
+            cfg = _train_config(args, given)
         cfg.progress = not args.no_progress
         result = train(cfg)
     finally:
@@ -212,13 +236,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_cv(args: argparse.Namespace) -> int:
     from .cv import cross_validate
-    from .train import TrainConfig
 
     given = _given_train_flags(args)
     for flag in ("resume", "save_every_epoch", "eval_data"):
         if flag in given:
             raise SoftpromptError(f"--{flag.replace('_', '-')} cannot be used with `softprompt cv`")
-    cfg = TrainConfig(**{"data": None, **given}, progress=not args.no_progress)
+    cfg = _train_config(args, given)
+    cfg.progress = not args.no_progress
     r = cross_validate(cfg, args.folds, retrain=not args.no_retrain)
     where = f"; final run (calibrated) in {r.final.out}" if r.final else ""
     print(f"cross-validation report in {r.out / 'cv.json'}: best epoch {r.best_epoch}{where}")

@@ -188,6 +188,30 @@ class TrainConfig:
             raise SoftpromptError("invalid settings: " + "; ".join(p))
 
 
+PRESETS: dict[str, dict] = {
+    "small-data": dict(balance=True, epochs=15, eval_fraction=0.0, suffix_tokens=32),
+}
+"""Named recipes (`--preset`); flags given with a preset override its values.
+
+small-data: the best recipe measured for ~50 labeled rows (docs/accuracy.md): classes weigh the
+same, 15 epochs (chosen by `softprompt cv`), every row trains (no hold-out), and 32 soft tokens
+after the text. RAFT complaints, 50 tweets: 0.727 +- 0.008 macro-F1 on 1,000 unseen tweets
+against 0.627 for the guide's settings. Its adapters carry suffix tokens: PEFT loads only the
+tokens in front, and `softprompt serve` refuses them."""
+
+
+def preset_config(name: str, **given) -> TrainConfig:
+    """A TrainConfig from the preset `name`, with `given` fields on top; the preset's name is
+    recorded in `extra` (and so in the run's train_config.json)."""
+    if name not in PRESETS:
+        raise SoftpromptError(
+            f"--preset {name!r} is not a preset; choose one of: {', '.join(sorted(PRESETS))}"
+        )
+    cfg = TrainConfig(**{"data": None, **PRESETS[name], **given})
+    cfg.extra = {**cfg.extra, "preset": name}
+    return cfg
+
+
 def prepare_run_folder(out: str, overwrite: bool) -> Path:
     """Refuse to clobber an existing run unless --overwrite; never delete a folder that is not a run."""
     folder = Path(out)
