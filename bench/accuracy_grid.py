@@ -49,13 +49,10 @@ def parse_recipe(spec: str) -> tuple[str, dict]:
 
 
 def auc(scores: list[float], positive: list[bool]) -> float:
-    """Area under the ROC curve (ties count half): how well `scores` rank positives first."""
-    pos = [s for s, p in zip(scores, positive, strict=True) if p]
-    neg = [s for s, p in zip(scores, positive, strict=True) if not p]
-    if not pos or not neg:
-        return float("nan")
-    s = torch.tensor(pos)[:, None] - torch.tensor(neg)[None, :]
-    return ((s > 0).float().mean() + 0.5 * (s == 0).float().mean()).item()
+    """ROC AUC (scikit-learn's): how well `scores` rank positives first; nan with one class."""
+    from sklearn.metrics import roc_auc_score
+
+    return roc_auc_score(positive, scores) if len(set(positive)) == 2 else float("nan")
 
 
 def score(sp: SoftPrompt, texts, gold, batch_size: int) -> dict:

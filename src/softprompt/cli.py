@@ -56,12 +56,16 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset",
         default=None,
-        help="start from a named recipe; flags you give override its values. small-data: "
-        + " ".join(
-            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-            for k, v in PRESETS["small-data"].items()
+        help="start from a named recipe; flags you give override its values. "
+        + "; ".join(
+            f"{name}: "
+            + " ".join(
+                f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                for k, v in values.items()
+            )
+            for name, values in PRESETS.items()
         )
-        + " (the best measured with ~50 labeled rows, docs/accuracy.md)",
+        + " (small-data is the best measured with ~50 labeled rows, docs/accuracy.md)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
