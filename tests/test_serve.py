@@ -32,8 +32,8 @@ from softprompt.model import common_prefix_length, generate, lane_width, pack_ro
 from softprompt.pipeline import SoftPrompt  # noqa: E402
 from softprompt.prompt import init_prompt  # noqa: E402
 from softprompt.serve.app import ServeConfig, create_app  # noqa: E402
-from softprompt.serve.batcher import ClassifyRow, CompleteRow, Engine  # noqa: E402
-from softprompt.serve.registry import KVCache, load_entry  # noqa: E402
+from softprompt.engine import ClassifyRow, Engine, GenerateRow, KVCache  # noqa: E402
+from softprompt.serve.registry import load_predictor  # noqa: E402
 
 TEXTS = [
     "@ZephyrMobile no signal for three days and nobody answers",
@@ -104,8 +104,8 @@ def _err(r) -> dict:
 
 @torch.no_grad()
 def test_mixed_batch_equals_each_request_alone(model, tokenizer, adapters_dir):
-    entries = {n: load_entry(adapters_dir / n, n, model, tokenizer) for n in ("alpha", "beta", "gamma", "delta")}  # fmt: skip
-    engine = Engine(model, tokenizer, KVCache(model, 10**9))
+    engine = Engine(model, tokenizer)
+    entries = {n: load_predictor(adapters_dir / n, n, engine) for n in ("alpha", "beta", "gamma", "delta")}  # fmt: skip
     order = ["alpha", "gamma", "beta", "delta", "gamma", "alpha", "beta", "delta"]
     texts = [TEXTS[i % 4] for i in range(len(order))]
     rows = [
@@ -115,21 +115,21 @@ def test_mixed_batch_equals_each_request_alone(model, tokenizer, adapters_dir):
     assert pack_rows([len(r.ids) for r in rows])[0] < len(rows)  # rows share lanes
     for e in entries.values():  # the cached KV covers the prompt and the template's head
         assert min(common_prefix_length([r.ids], e.head) for r in rows) > 0
-        assert engine.kv_cache.get(e)[0][0].shape[2] == e.num_virtual_tokens + len(e.head)
+        assert engine.kv_cache.get(e.members[0], e.head)[0][0].shape[2] == e.num_virtual_tokens + len(e.head)  # fmt: skip
     mixed = engine.run(rows)
     for row, text, got in zip(rows, texts, mixed, strict=True):
         (alone,) = engine.run([row])
-        assert len(got) == len(row.entry.task.label_names)
+        assert len(got) == len(row.predictor.task.label_names)
         assert torch.allclose(torch.tensor(got), torch.tensor(alone), atol=1e-5)
-        ref = SoftPrompt(row.entry.adapter, model, tokenizer).classify([text])[0]
+        ref = _alone(model, tokenizer, adapters_dir, row.predictor.name, [text])[0]
         assert torch.allclose(torch.tensor(got), torch.tensor(list(ref["probabilities"].values())), atol=1e-5)  # fmt: skip
     # greedy completions, mixed adapters and lengths, each row its own max_tokens
     ids = [tokenizer(t)["input_ids"] for t in texts]
-    comp = [CompleteRow(entries[n], ids[i], 3 + i % 3, 0.0, 1.0) for i, n in enumerate(order)]
+    comp = [GenerateRow(entries[n], ids[i], 3 + i % 3, 0.0, 1.0) for i, n in enumerate(order)]
     outs = engine.run(comp)
     for row, (toks, _) in zip(comp, outs, strict=True):
         x = torch.tensor([row.ids])
-        ref = generate(model, prefix_kv(model, row.entry.prompt), x, torch.ones_like(x),
+        ref = generate(model, prefix_kv(model, row.predictor.members[0].prompt), x, torch.ones_like(x),
                        max_new_tokens=row.max_tokens, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
         assert toks == ref[0]
         assert engine.run([row])[0][0] == toks
@@ -159,8 +159,9 @@ def test_pack_rows_places_every_row_once_without_overlap():
 
 
 def test_kv_cache_is_bounded_lru(model, tokenizer, adapters_dir):
+    engine = Engine(model, tokenizer)
     entries = [
-        load_entry(adapters_dir / n, n, model, tokenizer) for n in ("alpha", "beta", "gamma")
+        load_predictor(adapters_dir / n, n, engine).members[0] for n in ("alpha", "beta", "gamma")
     ]
     one = KVCache(model, 10**9)
     size = (one.get(entries[0]), one.bytes)[1]

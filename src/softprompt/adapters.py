@@ -8,6 +8,8 @@ A run folder is an adapter folder:
                                vectors that run after the text, which PEFT cannot place
                                (PEFT loads the P vectors in front alone)
     README.md                  a short model card
+An ensemble folder holds `ensemble.json` ({"members": [sub-folders], "calibration"?: {"bias"}})
+and its member adapters; it loads and serves under one name (`load_members`).
 Only safetensors are read: no pickle, ever.
 """
 
@@ -32,6 +34,7 @@ PICKLE_NAME = "adapter_model.bin"
 WEIGHT_KEY = "prompt_embeddings"
 SUFFIX_NAME = "softprompt_suffix.safetensors"
 SUFFIX_KEY = "suffix_embeddings"
+ENSEMBLE_NAME = "ensemble.json"
 
 
 @dataclass
@@ -244,6 +247,56 @@ def load_adapter(path: str | Path) -> Adapter:
         if task.suffix_tokens:
             prompt = torch.cat([prompt, _load_suffix(folder, task.suffix_tokens, prompt.shape[1])])
     return Adapter(prompt=prompt, config=config, task=task, path=str(folder), base_model=base)
+
+
+def is_ensemble(path: str | Path) -> bool:
+    return (Path(path).expanduser() / ENSEMBLE_NAME).is_file()
+
+
+def write_ensemble(folder: str | Path, members: list[str], bias: list[float] | None = None) -> Path:
+    """Write `folder`/ensemble.json naming its members (paths relative to `folder`)."""
+    folder = Path(folder)
+    manifest: dict = {"format": "softprompt-ensemble", "members": list(members)}
+    if bias is not None:
+        manifest["calibration"] = {"bias": list(bias)}
+    atomic_write_json(folder / ENSEMBLE_NAME, manifest)
+    return folder
+
+
+def load_members(path: str | Path) -> tuple[list[Adapter], list[float] | None | str]:
+    """The adapters a folder stands for, and the calibration bias to apply.
+
+    A plain adapter folder: ([it], "saved", meaning its own saved bias, if any). An ensemble
+    folder (ensemble.json): its members, in order, and the manifest's bias if it has one, else
+    "saved" (the first member's)."""
+    folder = Path(path).expanduser()
+    manifest_path = folder / ENSEMBLE_NAME
+    if not manifest_path.is_file():
+        return [load_adapter(path)], "saved"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SoftpromptError(
+            f"{manifest_path}: not valid JSON ({e}); the file is corrupt"
+        ) from None
+    members = manifest.get("members") if isinstance(manifest, dict) else None
+    if not members or not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+        raise SoftpromptError(
+            f'{manifest_path}: needs "members": a list of adapter folders (relative to it)'
+        )
+    root = folder.resolve()
+    adapters = []
+    for m in members:
+        target = (root / m).resolve()
+        if root != target and root not in target.parents:
+            raise SoftpromptError(
+                f"{manifest_path}: member {m!r} is outside the ensemble folder; keep members inside it"
+            )
+        if not (target / CONFIG_NAME).is_file():
+            raise SoftpromptError(f"{manifest_path}: member {m!r} has no {CONFIG_NAME} at {target}")
+        adapters.append(load_adapter(target))
+    cal = manifest.get("calibration") or {}
+    return adapters, cal.get("bias", "saved") if isinstance(cal, dict) else "saved"
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:

@@ -19,9 +19,10 @@ import torch
 
 from .adapters import TASK_NAME, atomic_write_json, load_adapter
 from .calibrate import apply_bias, fit_bias
-from .data import Task, label_set, load_table, stratified_folds
+from .data import label_set, load_table, stratified_folds
+from .engine import Engine
 from .errors import SoftpromptError
-from .evaluate import label_probabilities, metrics
+from .evaluate import metrics
 from .model import load_base
 from .train import TrainConfig, TrainResult, prepare_run_folder, train
 
@@ -68,6 +69,7 @@ def cross_validate(
         model, tokenizer, _ = load_base(
             cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code
         )
+    engine = Engine(model, tokenizer, kv_cache_bytes=0)
     gold = [names.index(y) for y in table.labels]
     oof = torch.zeros(cfg.epochs, len(gold), len(names))  # [E, N, L]
     fold_f1 = [[0.0] * folds for _ in range(cfg.epochs)]
@@ -101,8 +103,7 @@ def cross_validate(
             texts = [table.texts[j] for j in held]
             for e in range(cfg.epochs):
                 a = load_adapter(run.out / "epochs" / f"{e + 1:03d}")
-                task = a.task or Task(text_column=cfg.text_column, label_names=names)
-                p = label_probabilities(model, tokenizer, a.prompt, task, texts)
+                p = engine.classify(engine.predictor([a], bias=None), texts)
                 oof[e, held] = p
                 m = metrics([names[gold[j]] for j in held], _pred(p, names), names)
                 fold_f1[e][i] = m["macro_f1"]

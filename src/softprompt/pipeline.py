@@ -8,50 +8,59 @@ from dataclasses import replace
 
 import torch
 
-from .adapters import Adapter, check_fits, load_adapter
-from .data import DEFAULT_TEMPLATE, Task
+from .adapters import Adapter, load_members
+from .data import Task
+from .engine import Engine, Predictor, make_predictor
 from .errors import SoftpromptError
-from .evaluate import classify, front, generate_texts, metrics
-from .model import load_base, prefix_kv
+from .evaluate import metrics
+from .model import load_base
 
 
 class SoftPrompt:
-    """A soft prompt on its frozen base model.
+    """A soft prompt (or an ensemble of them) on its frozen base model; every call goes through
+    the one inference engine (`engine.Engine`), as eval, predict and the server do.
 
     >>> sp = SoftPrompt.load("runs/complaints")
     >>> sp.classify(["@nationalgridus I have no water and the bill is paid"])
     [{'label': 'complaint', 'probabilities': {'complaint': 0.93, 'no complaint': 0.07}}]
     """
 
-    def __init__(self, adapter: Adapter, model, tokenizer, members: Sequence[Adapter] = ()):
-        check_fits(adapter, model)
+    def __init__(
+        self,
+        adapter: Adapter,
+        model,
+        tokenizer,
+        members: Sequence[Adapter] = (),
+        *,
+        bias: Sequence[float] | None | str = "saved",
+        engine: Engine | None = None,
+    ):
         self.adapter = adapter
         self.model = model
         self.tokenizer = tokenizer
-        self.task = adapter.task or Task(
-            text_column="text", label_names=[], template=DEFAULT_TEMPLATE
+        self.engine = engine or Engine(model, tokenizer)
+        self.predictor: Predictor = make_predictor(
+            model, tokenizer, [adapter, *members], name=str(adapter.path), bias=bias
         )
-        device = model.get_input_embeddings().weight.device
-        self.prompt = adapter.prompt.to(device)
-        """The prompt [P, H], or with ensemble members the stacked prompts [K, P, H]."""
-        if members:
-            for m in members:
-                check_fits(m, model)
-                _check_member(adapter, m)
-            self.prompt = torch.stack([self.prompt, *(m.prompt.to(device) for m in members)])
-        self._kv = None
+
+    @property
+    def task(self) -> Task:
+        return self.predictor.task
+
+    @property
+    def prompt(self):
+        """The prompt [P+S, H]; for an ensemble whose prompts have one shape, [K, P+S, H]."""
+        prompts = [m.prompt for m in self.predictor.members]
+        return prompts[0] if len(prompts) == 1 else torch.stack(prompts)
 
     @property
     def ensemble_size(self) -> int:
-        return 1 if self.prompt.dim() == 2 else self.prompt.shape[0]
+        return len(self.predictor.members)
 
     @property
-    def kv(self):
-        """The prompt's keys/values in every layer, computed once and reused by every call."""
-        if self._kv is None:
-            with torch.no_grad():
-                self._kv = prefix_kv(self.model, front(self.prompt, self.task))
-        return self._kv
+    def bias(self) -> list[float] | None:
+        """The decision bias applied (`softprompt cv`, or an ensemble's manifest), if any."""
+        return self.predictor.bias
 
     @classmethod
     def load(
@@ -69,17 +78,19 @@ class SoftPrompt:
         trust_remote_code: bool = False,
         ensemble: Sequence[str] = (),
     ) -> SoftPrompt:
-        """Load an adapter folder (or Hub repo) and its base model (or use the one given).
+        """Load an adapter folder, an ensemble folder (ensemble.json) or a Hub repo, and its
+        base model (or use the one given).
 
         `ensemble`: more adapters for the same task; label probabilities are then the mean of
         all prompts' (each text runs once per prompt, all in the same batches)."""
-        adapter = load_adapter(path)
+        adapters, bias = load_members(path)
+        for extra in ensemble:
+            adapters += load_members(extra)[0]
         if model is None:
-            name = base_model or adapter.base_model
+            name = base_model or adapters[0].base_model
             model, tokenizer, _ = load_base(
                 name, dtype=dtype, device=device, trust_remote_code=trust_remote_code
             )
-        task = adapter.task or Task(text_column=text_column or "text", label_names=[])
         changes = {}
         if labels:
             changes["label_names"] = list(labels)
@@ -87,11 +98,10 @@ class SoftPrompt:
             changes["template"] = template
         if text_column:
             changes["text_column"] = text_column
-        adapter.task = replace(task, **changes)
-        members = [load_adapter(p) for p in ensemble]
-        for m in members:
-            m.task = replace(m.task or task, **changes)
-        return cls(adapter, model, tokenizer, members)
+        for a in adapters:
+            task = a.task or Task(text_column=text_column or "text", label_names=[])
+            a.task = replace(task, **changes)
+        return cls(adapters[0], model, tokenizer, adapters[1:], bias=bias)
 
     def _need_labels(self) -> None:
         if not self.task.label_names:
@@ -99,18 +109,6 @@ class SoftPrompt:
                 f"{self.adapter.path} has no label names (a plain PEFT adapter); pass them with --labels "
                 "(e.g. --labels 'complaint,no complaint') or use --generate"
             )
-
-    @property
-    def bias(self) -> list[float] | None:
-        """The decision bias saved with the adapter (`softprompt cv`), if any: see calibrate.py."""
-        cal = self.task.extra.get("calibration") or {}
-        bias = cal.get("bias")
-        if bias is not None and len(bias) != len(self.task.label_names):
-            raise SoftpromptError(
-                f"{self.adapter.path}: the calibration bias has {len(bias)} entries for "
-                f"{len(self.task.label_names)} labels; remove 'calibration' from softprompt.json"
-            )
-        return bias
 
     def classify(
         self,
@@ -124,21 +122,16 @@ class SoftPrompt:
 
         With `calibrated` (default) the adapter's saved decision bias, if any, is applied."""
         self._need_labels()
-        pred, probs = classify(
-            self.model,
-            self.tokenizer,
-            self.prompt,
-            self.task,
-            texts,
-            batch_size=batch_size,
-            progress=progress,
-            kv=self.kv,
-            bias=self.bias if calibrated else None,
+        probs = self.engine.classify(
+            self.predictor, texts, batch_size=batch_size, progress=progress, calibrated=calibrated
         )
         names = self.task.label_names
         return [
-            {"label": p, "probabilities": dict(zip(names, row.tolist(), strict=True))}
-            for p, row in zip(pred, probs, strict=True)
+            {
+                "label": names[int(row.argmax())],
+                "probabilities": dict(zip(names, row.tolist(), strict=True)),
+            }
+            for row in probs
         ]
 
     def generate(
@@ -154,16 +147,12 @@ class SoftPrompt:
             raise SoftpromptError(
                 "generation uses one prompt; drop --ensemble (ensembles work with label scoring)"
             )
-        return generate_texts(
-            self.model,
-            self.tokenizer,
-            self.prompt,
-            self.task,
+        return self.engine.generate_texts(
+            self.predictor,
             texts,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             progress=progress,
-            kv=self.kv,
         )
 
     def evaluate(
@@ -195,25 +184,3 @@ class SoftPrompt:
         if not generate:
             m["calibrated"] = bool(calibrated and self.bias is not None)
         return m
-
-
-def _check_member(first: Adapter, other: Adapter) -> None:
-    """Ensemble members must do the same task with prompts of the same shape."""
-    what = []
-    if other.prompt.shape != first.prompt.shape:
-        what.append(
-            f"prompt shape {tuple(other.prompt.shape)} (not {tuple(first.prompt.shape)}; "
-            "use members trained with the same --num-virtual-tokens)"
-        )
-    a, b = first.task, other.task
-    if a is not None and b is not None:
-        if list(a.label_names) != list(b.label_names):
-            what.append(f"labels {b.label_names} (not {a.label_names})")
-        if a.template != b.template:
-            what.append(f"template {b.template!r} (not {a.template!r})")
-        if a.suffix_tokens != b.suffix_tokens:
-            what.append(f"{b.suffix_tokens} suffix tokens (not {a.suffix_tokens})")
-    if what:
-        raise SoftpromptError(
-            f"--ensemble {other.path} cannot join {first.path}: it has " + "; ".join(what)
-        )

@@ -33,16 +33,14 @@ from .data import (
     check_labels,
     collate_train,
     encode_rows,
-    input_budget,
-    input_token_ids,
     label_set,
-    label_token_ids,
     load_table,
     stratified_split,
     validate_template,
 )
+from .engine import ClassifyRow, Engine, predictor_for_prompt
 from .errors import SoftpromptError, first_line
-from .evaluate import classify, full_label_scores, metrics
+from .evaluate import metrics
 from .model import (
     count_parameters,
     format_trainable,
@@ -669,12 +667,35 @@ RUN_FILE_NAMES = (
 
 
 def _evaluate(model, tokenizer, prompt, task, eval_rows, texts, labels, cfg, procs) -> dict:
-    """Eval loss (mean over all label tokens), accuracy and macro-F1. Each process takes every
-    world-th row; the sums and predictions are gathered, so any process count gives the same."""
+    """Eval loss (mean over all label tokens), accuracy and macro-F1 (label scoring by the
+    inference engine, raw). Each process takes every world-th row; the sums and predictions are
+    gathered, so any process count gives the same."""
     mine = list(range(procs.rank, len(eval_rows), procs.world))
-    run = _evaluate_sharded if procs.fsdp else _evaluate_local
-    # sums: [loss sum, label tokens]
-    sums, pred = run(model, tokenizer, prompt, task, eval_rows, texts, cfg, mine)
+    engine = Engine(model, tokenizer, kv_cache_bytes=0)
+    predictor = predictor_for_prompt(model, tokenizer, prompt.detach(), task)
+    pad = tokenizer.pad_token_id
+    device = prompt.device
+    size = cfg.eval_batch_size
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, label tokens]
+    pred: list[str] = []
+    # FSDP: every process runs the same number of batches, each layer gathered from all of them
+    # (a process out of rows runs row 0 and keeps nothing); no KV cache can be kept
+    steps = math.ceil(len(eval_rows) / procs.world) if procs.fsdp else len(mine)
+    with torch.no_grad():
+        if procs.fsdp:
+            gather_root(model)
+        for s in range(0, steps, size):
+            idx = mine[s : s + size] or [0]
+            rows = [eval_rows[j] for j in idx]
+            batch = {k: v.to(device) for k, v in collate_train(rows, pad).items()}
+            loss = label_loss(model, prompt, **batch, reduction="sum", shared_prefix=not procs.fsdp)
+            probs = engine.label_probabilities(
+                [ClassifyRow(predictor, engine.encode(predictor, texts[j])[0]) for j in idx]
+            )
+            if mine[s : s + size]:
+                sums[0] += loss.double()
+                sums[1] += label_token_count(rows)
+                pred += [task.label_names[int(p.argmax())] for p in probs]
     loss = (procs.sum(sums)[0] / sums[1]).item()
     gathered = dict(procs.gather(list(zip(mine, pred, strict=True))))
     m = metrics(labels, [gathered[j] for j in range(len(labels))], task.label_names)
@@ -684,57 +705,6 @@ def _evaluate(model, tokenizer, prompt, task, eval_rows, texts, labels, cfg, pro
         "eval_accuracy": m["accuracy"],
         "eval_macro_f1": m["macro_f1"],
     }
-
-
-def _evaluate_local(model, tokenizer, prompt, task, eval_rows, texts, cfg, mine):
-    """This process's rows `mine`: (sums [loss sum, label tokens], predictions)."""
-    pad = tokenizer.pad_token_id
-    device = prompt.device
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for s in range(0, len(mine), cfg.eval_batch_size):
-            rows = [eval_rows[j] for j in mine[s : s + cfg.eval_batch_size]]
-            batch = {k: v.to(device) for k, v in collate_train(rows, pad).items()}
-            sums[0] += label_loss(model, prompt, **batch, reduction="sum").double()
-            sums[1] += label_token_count(rows)
-        pred = []
-        if mine:
-            pred, _ = classify(
-                model,
-                tokenizer,
-                prompt.detach(),
-                task,
-                [texts[j] for j in mine],
-                batch_size=cfg.eval_batch_size,
-            )
-    return sums, pred
-
-
-@torch.no_grad()
-def _evaluate_sharded(model, tokenizer, prompt, task, eval_rows, texts, cfg, mine):
-    """`_evaluate_local` for an FSDP-sharded model: no KV cache, and every process runs the same
-    number of batches (a process out of rows runs one row and drops the result)."""
-    pad = tokenizer.pad_token_id
-    device = prompt.device
-    world = torch.distributed.get_world_size()
-    budget = input_budget(tokenizer, task)
-    labels = [label_token_ids(tokenizer, n) for n in task.label_names]
-    size = cfg.eval_batch_size
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
-    pred: list[str] = []
-    gather_root(model)
-    for s in range(0, math.ceil(len(eval_rows) / world), size):
-        idx = mine[s : s + size] or [0]  # an empty share runs row 0 and keeps nothing
-        rows = [eval_rows[j] for j in idx]
-        batch = {k: v.to(device) for k, v in collate_train(rows, pad).items()}
-        loss = label_loss(model, prompt, **batch, reduction="sum", shared_prefix=False)
-        seqs = [input_token_ids(tokenizer, task, texts[j], budget) for j in idx]
-        scores = full_label_scores(model, prompt, seqs, labels, pad)
-        if mine[s : s + size]:
-            sums[0] += loss.double()
-            sums[1] += label_token_count(rows)
-            pred += [task.label_names[i] for i in scores.argmax(-1).tolist()]
-    return sums, pred
 
 
 @dataclass

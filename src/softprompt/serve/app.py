@@ -27,15 +27,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..data import Task, input_token_ids
+from ..data import Task
+from ..engine import ClassifyRow, Engine, GenerateRow, Predictor, encode, raw_task
 from ..errors import SoftpromptError
-from .batcher import Batcher, ClassifyRow, Closed, CompleteRow, Engine
-from .registry import Entry, KVCache, load_entry, scan_folder
+from .batcher import Batcher, Closed
+from .registry import load_predictor, scan_folder
 
 log = logging.getLogger("softprompt.serve")
-
-RAW = Task(text_column="text", label_names=[], template="{text}")
-"""Completions: the client's text goes straight after the soft prompt, no template."""
 
 
 @dataclass
@@ -204,12 +202,13 @@ class ServerState:
             raise SoftpromptError(
                 f"--adapters {config.adapters}: no such folder (give a folder whose sub-folders are adapters)"
             )
-        self.entries, self.refused = scan_folder(self.root, model, tokenizer)
+        self.engine = Engine(model, tokenizer, kv_cache_bytes=int(config.kv_cache_mb * 1e6))
+        self.kv = self.engine.kv_cache
+        self.entries, self.refused = scan_folder(self.root, self.engine)
         self.created = {name: int(time.time()) for name in self.entries}
-        self.kv = KVCache(model, int(config.kv_cache_mb * 1e6))
         self.metrics = Metrics(self)
         self.batcher = Batcher(
-            Engine(model, tokenizer, self.kv),
+            self.engine,
             max_batch_size=config.max_batch_size,
             max_wait_ms=config.max_wait_ms,
             on_batch=self.metrics.on_batch,
@@ -231,7 +230,7 @@ class ServerState:
             self.started = True
             self.batcher.start()
 
-    def get(self, name: str) -> Entry:
+    def get(self, name: str) -> Predictor:
         entry = self.entries.get(name)
         if entry is None:
             known = sorted(self.entries)
@@ -244,21 +243,19 @@ class ServerState:
         return entry
 
     def encode(self, task: Task, text: str, budget: int, strict: bool, what: str):
-        """(token ids, truncated?) cut as in training (`data.input_token_ids`), or 413 if strict."""
-        ids = self.tokenizer(task.render(text))["input_ids"]
-        if len(ids) <= budget:
-            return list(ids), False
-        if strict:
-            raise ApiError(
-                413,
-                f"{what} has {len(ids)} tokens, more than the {budget} allowed; shorten it, or "
-                "leave strict off to have it cut as in training",
-                "input_too_long",
-            )
+        """(token ids, truncated?) cut as in training (`engine.encode`), or 413 if strict."""
         try:
-            return input_token_ids(self.tokenizer, task, text, budget), True
+            ids, truncated = encode(self.tokenizer, task, text, budget)
         except SoftpromptError as e:
             raise ApiError(400, str(e)) from None
+        if truncated and strict:
+            raise ApiError(
+                413,
+                f"{what} has more than the {budget} tokens allowed; shorten it, or leave strict "
+                "off to have it cut as in training",
+                "input_too_long",
+            )
+        return ids, truncated
 
     async def run(self, rows, request: Request) -> list:
         """Queue rows and wait for them; a client that goes away cancels its queued rows."""
@@ -431,7 +428,7 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
 
         return Response(state.metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
-    def model_card(name: str, entry: Entry) -> dict:
+    def model_card(name: str, entry: Predictor) -> dict:
         return {
             "id": name,
             "object": "model",
@@ -487,7 +484,7 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
             }
             for p, t in zip(probs, cut, strict=True)
         ]
-        body = {"adapter": entry.name, "results": results}
+        body = {"adapter": entry.name, "calibrated": entry.bias is not None, "results": results}
         if warnings:
             body["warnings"] = warnings
         return body
@@ -508,6 +505,13 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
             raise ApiError(400, "prompt is an empty list", param="prompt")
+        if entry.is_ensemble:
+            raise ApiError(
+                400,
+                f"{entry.name!r} is an ensemble of {len(entry.members)} prompts: completions use one "
+                "prompt; use /v1/classify, or one of its members",
+                param="model",
+            )
         if len(prompts) > config.max_inputs:
             raise ApiError(
                 413, f"{len(prompts)} prompts, more than the {config.max_inputs} allowed"
@@ -515,7 +519,8 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ApiError(400, "stop: up to 4 non-empty strings", param="stop")
-        budget = state.context - entry.num_virtual_tokens - req.max_tokens
+        task = raw_task(entry.task)
+        budget = state.context - entry.num_virtual_tokens - task.suffix_tokens - req.max_tokens
         if budget < 1:
             raise ApiError(
                 400,
@@ -526,14 +531,14 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
         greedy = req.temperature == 0
         rows, warnings = [], []
         for i, text in enumerate(prompts):
-            ids, truncated = state.encode(RAW, text, budget, req.strict, f"prompt {i}")
+            ids, truncated = state.encode(task, text, budget, req.strict, f"prompt {i}")
             if truncated:
                 state.metrics.truncated.inc()
                 warnings.append(f"prompt {i} was cut at the end to fit {budget} tokens")
             if not ids:  # as OpenAI: an empty prompt is the end-of-text token
                 ids = [state.tokenizer.eos_token_id]
             rows.append(
-                CompleteRow(
+                GenerateRow(
                     entry, ids, req.max_tokens, req.temperature, 1.0 if greedy else req.top_p
                 )
             )
@@ -583,7 +588,7 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
         if name in state.entries:
             raise ApiError(409, f"adapter {name!r} is already loaded; unload it first", "conflict")
         try:
-            entry = await asyncio.to_thread(load_entry, target, name, state.model, state.tokenizer)
+            entry = await asyncio.to_thread(load_predictor, target, name, state.engine)
         except SoftpromptError as e:
             raise ApiError(400, str(e), "invalid_adapter") from None
         if name in state.entries:  # loaded by a concurrent request meanwhile
@@ -599,7 +604,8 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
         del state.entries[name]
         state.created.pop(name, None)
         entry.unloaded = True
-        state.kv.discard(entry)
+        for m in entry.members:
+            state.kv.discard(m)
         log.info("unloaded adapter %s", name)
         return {"deleted": name}
 

@@ -2,9 +2,8 @@
 
 A request is a Job of one or more rows (one per input). Rows of any requests, for any
 adapters, that arrive within `max_wait_ms` of each other (up to `max_batch_size` rows) run
-together: rows with prompts of the same length share one forward pass, each row after its
-own adapter's prompt (cached KV stacked, `rows=` picks each row's prompt). A row's result
-does not depend on the other rows of its batch (up to float rounding).
+together through the inference engine (`engine.Engine.run`), each after its own adapter's
+prompt. A row's result does not depend on the other rows of its batch (up to float rounding).
 
 No web framework here; `app.py` turns HTTP requests into Jobs.
 """
@@ -17,117 +16,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
-import torch
-
-from ..data import collate_left
-from ..model import common_prefix_length, generate, score_continuations, slice_kv, stack_kv
-from .registry import Entry, KVCache
+from ..engine import ClassifyRow, Engine, GenerateRow
 
 log = logging.getLogger("softprompt.serve")
 
-
-@dataclass(eq=False)
-class ClassifyRow:
-    entry: Entry
-    ids: list[int]
-    """Rendered, tokenised (and if needed truncated) input."""
-
-
-@dataclass(eq=False)
-class CompleteRow:
-    entry: Entry
-    ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-
-
-Row = ClassifyRow | CompleteRow
-
-
-class Engine:
-    """Runs a batch of rows on the frozen model. Only the worker thread calls `run`."""
-
-    def __init__(self, model, tokenizer, kv_cache: KVCache):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.kv_cache = kv_cache
-        self.device = model.get_input_embeddings().weight.device
-
-    @torch.no_grad()
-    def run(self, rows: Sequence[Row]) -> list:
-        """Each classify row's probabilities (list of floats, in its labels' order); each
-        complete row's (new tokens, finished_by_eos)."""
-        out: list = [None] * len(rows)
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(rows):
-            P = r.entry.num_virtual_tokens
-            key = ("c", P) if isinstance(r, ClassifyRow) else ("g", P, r.temperature, r.top_p)
-            groups.setdefault(key, []).append(i)
-        for key, idx in groups.items():
-            # classify rows run in one pass, packed into lanes (see score_continuations): rows
-            # arrive in any order; padded to the longest, a random 32 do ~1.8x their tokens
-            part = [rows[i] for i in idx]
-            res = self._classify(part) if key[0] == "c" else self._complete(part)
-            for i, x in zip(idx, res, strict=True):
-                out[i] = x
-        return out
-
-    def _prompts(self, rows: Sequence[Row], h: int = 0):
-        """(stacked KV of the distinct adapters over their prompt and the first h tokens of
-        their template head, rows [B] index into it)."""
-        slot: dict[int, int] = {}
-        kvs = []
-        for r in rows:
-            if r.entry.uid not in slot:
-                slot[r.entry.uid] = len(kvs)
-                kvs.append(slice_kv(self.kv_cache.get(r.entry), r.entry.num_virtual_tokens + h))
-        index = torch.tensor([slot[r.entry.uid] for r in rows], device=self.device)
-        return stack_kv(kvs), index
-
-    def _classify(self, rows: Sequence[ClassifyRow]) -> list[list[float]]:
-        # Score the union of the rows' label sequences after every row; each row then keeps
-        # its own labels (a continuation's score does not depend on the others).
-        conts: dict[tuple[int, ...], int] = {}
-        for r in rows:
-            for c in r.entry.label_ids:
-                conts.setdefault(tuple(c), len(conts))
-        # the rows start after the part of their template head that all of them have (exact)
-        h = min(common_prefix_length([r.ids], r.entry.head, keep=1) for r in rows)
-        kv, index = self._prompts(rows, h)
-        ids, mask = collate_left([r.ids[h:] for r in rows], self.tokenizer.pad_token_id)
-        scores = score_continuations(
-            self.model, kv, ids.to(self.device), mask.to(self.device), list(conts), rows=index
-        )
-        out = []
-        for b, r in enumerate(rows):
-            cols = [conts[tuple(c)] for c in r.entry.label_ids]
-            out.append(torch.softmax(scores[b, cols].float(), -1).tolist())
-        return out
-
-    def _complete(self, rows: Sequence[CompleteRow]) -> list[tuple[list[int], bool]]:
-        kv, index = self._prompts(rows)
-        ids, mask = collate_left([r.ids for r in rows], self.tokenizer.pad_token_id)
-        most = max(r.max_tokens for r in rows)
-        eos = self.tokenizer.eos_token_id
-        new = generate(
-            self.model,
-            kv,
-            ids.to(self.device),
-            mask.to(self.device),
-            max_new_tokens=most,
-            eos_token_id=eos,
-            rows=index,
-            temperature=rows[0].temperature,
-            top_p=rows[0].top_p,
-        )
-        # generate drops the eos: a row that stopped short of the batch's most tokens hit it.
-        return [
-            (toks[: r.max_tokens], len(toks) < r.max_tokens)
-            for r, toks in zip(rows, new, strict=True)
-        ]
+Row = ClassifyRow | GenerateRow
 
 
 class Closed(Exception):
@@ -253,7 +147,7 @@ class Batcher:
             start = time.perf_counter()
             self._run(batch)
             if self.on_batch is not None:
-                adapters = len({job.rows[i].entry.uid for job, i in batch})
+                adapters = len({id(job.rows[i].predictor) for job, i in batch})
                 self.on_batch(len(batch), adapters, time.perf_counter() - start)
             self.in_flight = 0
 

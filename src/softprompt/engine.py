@@ -1,0 +1,551 @@
+"""The one inference engine: (predictors, texts) -> label probabilities or generations.
+
+Every door calls it: `softprompt eval` / `predict`, the Python API (`SoftPrompt`), the
+evaluation inside `train`, `softprompt cv`, and both endpoints of `softprompt serve`. What makes
+an answer lives here and nowhere else:
+
+- a `Predictor` is what a door names: one adapter, or an ensemble of adapters for one task,
+  with its calibration bias (`softprompt cv`) and its labels, template and budget;
+- each member's prompt KV (with the template's head after it) is computed once and cached,
+  least recently used out first (`KVCache`);
+- a batch may mix predictors: every (row, member) runs in one packed pass per prompt length,
+  each after its own prompt, with its own suffix tokens after the text;
+- a row's label probabilities are the mean of its members', then its predictor's bias.
+
+A row's answer never depends on the rows it is batched with (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .adapters import Adapter, check_fits
+from .calibrate import apply_bias
+from .data import (
+    Encoded,
+    Task,
+    _rendered_ids,
+    collate_left,
+    collate_train,
+    input_budget,
+    input_token_ids,
+    label_token_ids,
+)
+from .errors import SoftpromptError
+from .model import (
+    KV,
+    common_prefix_length,
+    generate,
+    label_loss,
+    prefix_kv,
+    score_continuations,
+    slice_kv,
+    stack_kv,
+)
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Member:
+    """One prompt of a predictor: [P+S, H] float32 on the model's device; its last S vectors
+    run after the text (suffix tokens)."""
+
+    prompt: Tensor
+    suffix_tokens: int = 0
+    path: str | None = None
+    uid: int = field(default_factory=lambda: next(_ids))
+    """Unique per load: the KV cache's key (a prompt loaded again is a new member)."""
+
+    @property
+    def front_length(self) -> int:
+        """Vectors in front of the input (P)."""
+        return int(self.prompt.shape[0]) - self.suffix_tokens
+
+    @property
+    def front(self) -> Tensor:
+        return self.prompt[: self.front_length]
+
+    @property
+    def suffix(self) -> Tensor:
+        return self.prompt[self.front_length :]
+
+
+@dataclass(eq=False)
+class Predictor:
+    """What a request or command names: one adapter or an ensemble of them, for one task."""
+
+    name: str
+    task: Task
+    members: list[Member]
+    bias: list[float] | None
+    """Added to the log-probabilities of the (mean) label probabilities; None: raw."""
+    label_ids: list[list[int]]
+    """Each label's tokens plus the end token (what label scoring scores)."""
+    budget: int
+    """Input tokens allowed for classification (max_length minus the longest label)."""
+    head: list[int]
+    """The template's tokens before the text (e.g. `Tweet text :`), cached with each prompt."""
+    base_model: str | None = None
+    unloaded: bool = False
+    """Set when a server unloads it: queued rows still finish, its KV is no longer cached."""
+
+    @property
+    def is_ensemble(self) -> bool:
+        return len(self.members) > 1
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.members[0].front_length
+
+    @property
+    def prompt_bytes(self) -> int:
+        return sum(m.prompt.numel() * m.prompt.element_size() for m in self.members)
+
+    def describe(self) -> dict:
+        """What /v1/models and the CLI say about it."""
+        return {
+            "labels": list(self.task.label_names),
+            "num_virtual_tokens": self.num_virtual_tokens,
+            "suffix_tokens": self.task.suffix_tokens,
+            "template": self.task.template,
+            "max_length": self.task.max_length,
+            "base_model": self.base_model,
+            "calibration_bias": self.bias,
+            "ensemble": [m.path for m in self.members] if self.is_ensemble else None,
+        }
+
+
+def _saved_bias(adapter: Adapter) -> list[float] | None:
+    task = adapter.task
+    cal = (task.extra.get("calibration") or {}) if task is not None else {}
+    return cal.get("bias")
+
+
+def _difference(first: Adapter, other: Adapter) -> list[str]:
+    """How ensemble member `other` differs from `first` in what must be the same."""
+    what = []
+    if other.base_model != first.base_model:
+        what.append(f"base model {other.base_model!r} (not {first.base_model!r})")
+    if other.prompt.shape[1] != first.prompt.shape[1]:
+        what.append(f"prompt width {other.prompt.shape[1]} (not {first.prompt.shape[1]})")
+    a, b = first.task, other.task
+    if (a is None) != (b is None):
+        what.append("no softprompt.json" if b is None else "a softprompt.json the first lacks")
+    elif a is not None and b is not None:
+        for name, said in (
+            ("label_names", "labels"),
+            ("template", "template"),
+            ("text_column", "text column"),
+            ("max_length", "max_length"),
+            ("suffix_tokens", "suffix tokens"),
+        ):
+            x, y = getattr(a, name), getattr(b, name)
+            if x != y:
+                what.append(f"{said} {y!r} (not {x!r})")
+    return what
+
+
+def make_predictor(
+    model,
+    tokenizer,
+    adapters: Sequence[Adapter],
+    *,
+    name: str | None = None,
+    bias: Sequence[float] | None | str = "saved",
+) -> Predictor:
+    """A predictor of one adapter, or an ensemble of several for the same task.
+
+    Refuses (SoftpromptError, one line naming the member and the difference) an adapter for
+    another model, members that disagree on base model, labels, template, text column,
+    max_length or suffix tokens, and a calibration bias whose length is not the labels'.
+    `bias`: "saved" (the first adapter's, from `softprompt cv`), None, or the values.
+    """
+    if not adapters:
+        raise SoftpromptError("a predictor needs at least one adapter")
+    first = adapters[0]
+    for a in adapters:
+        check_fits(a, model)
+    for other in adapters[1:]:
+        what = _difference(first, other)
+        if what:
+            raise SoftpromptError(
+                f"ensemble member {other.path} cannot join {first.path}: it has " + "; ".join(what)
+            )
+    task = first.task or Task(text_column="text", label_names=[])
+    values = _saved_bias(first) if bias == "saved" else bias
+    if values is not None:
+        values = [float(x) for x in values]
+        if len(values) != len(task.label_names):
+            raise SoftpromptError(
+                f"{first.path}: the calibration bias has {len(values)} entries for "
+                f"{len(task.label_names)} labels {task.label_names}; remove 'calibration' from "
+                "softprompt.json (or run `softprompt cv` again)"
+            )
+    device = model.get_input_embeddings().weight.device
+    return Predictor(
+        name=name or str(first.path),
+        task=task,
+        members=[
+            Member(a.prompt.to(device), task.suffix_tokens, path=str(a.path)) for a in adapters
+        ],
+        bias=values,
+        label_ids=[label_token_ids(tokenizer, n) for n in task.label_names],
+        budget=input_budget(tokenizer, task),
+        head=list(tokenizer(task.head())["input_ids"]),
+        base_model=first.base_model,
+    )
+
+
+def predictor_for_prompt(model, tokenizer, prompt: Tensor, task: Task, **kw) -> Predictor:
+    """A predictor of prompt [P+S, H] (or an ensemble [K, P+S, H]) for `task`, not from disk
+    (training's evaluation, cross-validation). `kw` as `make_predictor` (bias=None: raw)."""
+    prompts = [prompt] if prompt.dim() == 2 else list(prompt)
+    base = task.extra.get("base_model") if task.extra else None
+    adapters = [
+        Adapter(
+            prompt=p.detach().float(), config={}, task=task, path=f"prompt {i}", base_model=base
+        )
+        for i, p in enumerate(prompts)
+    ]
+    kw.setdefault("bias", None)
+    return make_predictor(model, tokenizer, adapters, name=kw.pop("name", "prompt"), **kw)
+
+
+def encode(tokenizer, task: Task, text: str, budget: int) -> tuple[list[int], bool]:
+    """(token ids of the rendered text, cut as in training to fit `budget`; was it cut?)."""
+    ids = input_token_ids(tokenizer, task, text, budget)
+    return ids, len(ids) < len(_rendered_ids(tokenizer, task, text))
+
+
+def raw_task(task: Task) -> Task:
+    """Completions: the client's text goes right after the soft prompt, no template (suffix
+    tokens, if the adapter has them, still follow the text)."""
+    return replace(task, template="{text}", label_names=[])
+
+
+@dataclass(eq=False)
+class ClassifyRow:
+    predictor: Predictor
+    ids: list[int]
+    """Rendered, tokenised (and if needed cut) input."""
+
+
+@dataclass(eq=False)
+class GenerateRow:
+    predictor: Predictor
+    ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+
+def kv_bytes(kv: KV) -> int:
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+
+
+class KVCache:
+    """Each member's prompt KV with its predictor's template head after it, computed once and
+    kept, least recently used first out, within `max_bytes` (None: no bound; the member in use is
+    always kept, even alone over the budget). `get` runs on the model's thread; `discard` may
+    come from another."""
+
+    def __init__(self, model, max_bytes: int | None = None):
+        self.model = model
+        self.max_bytes = max_bytes
+        self._kv: OrderedDict[int, KV] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, member: Member, head: Sequence[int] = (), keep: bool = True) -> KV:
+        with self._lock:
+            kv = self._kv.get(member.uid)
+            if kv is not None:
+                self._kv.move_to_end(member.uid)
+                self.hits += 1
+                return kv
+        with torch.no_grad():
+            ids = torch.tensor(list(head), dtype=torch.long) if len(head) else None
+            kv = prefix_kv(self.model, member.front, ids)
+        with self._lock:
+            self.misses += 1
+            if not keep:
+                return kv
+            self._kv[member.uid] = kv
+            self.bytes += kv_bytes(kv)
+            while self.max_bytes is not None and self.bytes > self.max_bytes and len(self._kv) > 1:
+                _, old = self._kv.popitem(last=False)
+                self.bytes -= kv_bytes(old)
+        return kv
+
+    def discard(self, member: Member) -> None:
+        with self._lock:
+            kv = self._kv.pop(member.uid, None)
+            if kv is not None:
+                self.bytes -= kv_bytes(kv)
+
+    def __len__(self) -> int:
+        return len(self._kv)
+
+
+def _is_sharded(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
+class Engine:
+    """The frozen model, its tokenizer and the prompt KV cache; turns rows into answers.
+
+    `share_head=False` runs the template's head with every row instead of caching it with the
+    prompt (the same numbers up to rounding; for tests). On an FSDP-sharded model no KV can be
+    kept: every (row, label) pair runs as one plain forward pass.
+    """
+
+    def __init__(
+        self, model, tokenizer, *, kv_cache_bytes: int | None = None, share_head: bool = True
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.kv_cache = KVCache(model, kv_cache_bytes)
+        self.share_head = share_head
+        self.device = model.get_input_embeddings().weight.device
+
+    # ------------------------------------------------------------------ doors' entry points
+
+    def predictor(self, adapters: Sequence[Adapter], **kw) -> Predictor:
+        return make_predictor(self.model, self.tokenizer, adapters, **kw)
+
+    def encode(self, predictor: Predictor, text: str) -> tuple[list[int], bool]:
+        """A classification input: rendered with the predictor's template, cut to its budget."""
+        return encode(self.tokenizer, predictor.task, text, predictor.budget)
+
+    def classify(
+        self,
+        predictor: Predictor,
+        texts: Sequence[str],
+        *,
+        batch_size: int = 32,
+        progress: bool = False,
+        calibrated: bool = True,
+    ) -> Tensor:
+        """Each label's probability for each text: [N, L] (rows sum to 1), the predictor's bias
+        applied unless `calibrated` is False."""
+        if not predictor.task.label_names:
+            raise SoftpromptError(
+                f"{predictor.name} has no label names (a plain PEFT adapter); pass them with "
+                "--labels (e.g. --labels 'complaint,no complaint') or use --generate"
+            )
+        rows = [ClassifyRow(predictor, self.encode(predictor, t)[0]) for t in texts]
+        out = torch.empty(len(rows), len(predictor.label_ids))
+        per_batch = max(1, batch_size // len(predictor.members))
+        batches = _length_sorted_batches([len(r.ids) for r in rows], per_batch)
+        for idx in tqdm(batches, desc="classify", disable=not progress, unit="batch"):
+            probs = self.label_probabilities([rows[i] for i in idx], calibrated=calibrated)
+            out[idx] = torch.stack(probs)
+        return out
+
+    def generate_texts(
+        self,
+        predictor: Predictor,
+        texts: Sequence[str],
+        *,
+        max_new_tokens: int = 6,
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> list[str]:
+        """Greedy free generation after each templated text, as in the PEFT guide."""
+        task = predictor.task
+        budget = task.max_length - 1 if not task.label_names else predictor.budget
+        rows = [
+            GenerateRow(predictor, input_token_ids(self.tokenizer, task, t, budget), max_new_tokens)
+            for t in texts
+        ]
+        out = [""] * len(rows)
+        batches = _length_sorted_batches([len(r.ids) for r in rows], batch_size)
+        for idx in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
+            for i, (toks, _) in zip(idx, self.generate([rows[i] for i in idx]), strict=True):
+                out[i] = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+        return out
+
+    def run(self, rows: Sequence[ClassifyRow | GenerateRow]) -> list:
+        """A server batch: each classify row's probabilities (list of floats, its labels'
+        order, calibrated), each generate row's (new tokens, finished by eos)."""
+        out: list = [None] * len(rows)
+        cls = [i for i, r in enumerate(rows) if isinstance(r, ClassifyRow)]
+        gen = [i for i, r in enumerate(rows) if not isinstance(r, ClassifyRow)]
+        if cls:
+            for i, p in zip(cls, self.label_probabilities([rows[i] for i in cls]), strict=True):
+                out[i] = p.tolist()
+        if gen:
+            for i, g in zip(gen, self.generate([rows[i] for i in gen]), strict=True):
+                out[i] = g
+        return out
+
+    # ------------------------------------------------------------------ one batch
+
+    @torch.no_grad()
+    def label_probabilities(
+        self, rows: Sequence[ClassifyRow], *, calibrated: bool = True
+    ) -> list[Tensor]:
+        """One batch of classify rows of any predictors: each row's label probabilities [L]
+        (mean over its predictor's members, then its bias)."""
+        # every (row, member) is a unit; units with prompts of one length share a packed pass
+        units = [(b, m) for b, r in enumerate(rows) for m in r.predictor.members]
+        groups: dict[int, list[int]] = {}
+        for u, (_, m) in enumerate(units):
+            groups.setdefault(m.front_length, []).append(u)
+        member_probs: list[Tensor | None] = [None] * len(units)
+        for part in groups.values():
+            scores = self._score([rows[units[u][0]] for u in part], [units[u][1] for u in part])
+            for u, s in zip(part, scores, strict=True):
+                member_probs[u] = torch.softmax(s.float(), -1).cpu()
+        out = []
+        u = 0
+        for r in rows:
+            k = len(r.predictor.members)
+            p = torch.stack(member_probs[u : u + k]).mean(0)
+            u += k
+            bias = r.predictor.bias if calibrated else None
+            out.append(apply_bias(p[None], bias)[0])
+        return out
+
+    def _score(self, rows: Sequence[ClassifyRow], members: Sequence[Member]) -> list[Tensor]:
+        """Log-probability of each row's labels after its member's prompt (one length P)."""
+        conts: dict[tuple[int, ...], int] = {}
+        for r in rows:
+            for c in r.predictor.label_ids:
+                conts.setdefault(tuple(c), len(conts))
+        if _is_sharded(self.model):
+            return self._score_sharded(rows, members, list(conts))
+        kv, index, bank, h = self._prompts(rows, members)
+        ids, mask = collate_left([r.ids[h:] for r in rows], self.tokenizer.pad_token_id)
+        scores = score_continuations(
+            self.model,
+            kv,
+            ids.to(self.device),
+            mask.to(self.device),
+            list(conts),
+            rows=index,
+            prompts=bank,
+        )
+        return [
+            scores[b, [conts[tuple(c)] for c in r.predictor.label_ids]] for b, r in enumerate(rows)
+        ]
+
+    def _score_sharded(self, rows, members, conts) -> list[Tensor]:
+        """`_score` on a sharded model, which keeps no KV cache (`full_label_scores`)."""
+        prompts = torch.stack([m.prompt for m in members])
+        pad = self.tokenizer.pad_token_id
+        logp = full_label_scores(self.model, prompts, [r.ids for r in rows], conts, pad)
+        index = {tuple(c): i for i, c in enumerate(conts)}
+        return [
+            logp[b, [index[tuple(c)] for c in r.predictor.label_ids]] for b, r in enumerate(rows)
+        ]
+
+    def _prompts(self, rows, members: Sequence[Member]):
+        """(stacked KV of the distinct members over their prompt and the first h tokens of their
+        template head [N, heads, P+h, d], each row's index into it [B], their suffix vectors
+        right-aligned [N, S, H] or None, h)."""
+        h = 0
+        if self.share_head:  # rows start after the part of their head that all of them have
+            h = min(common_prefix_length([r.ids], r.predictor.head, keep=1) for r in rows)
+        slot: dict[int, int] = {}
+        distinct: list[tuple[Member, Predictor]] = []
+        for r, m in zip(rows, members, strict=True):
+            if m.uid not in slot:
+                slot[m.uid] = len(distinct)
+                distinct.append((m, r.predictor))
+        kvs = [
+            slice_kv(
+                self.kv_cache.get(m, p.head if self.share_head else (), keep=not p.unloaded),
+                m.front_length + h,
+            )
+            for m, p in distinct
+        ]
+        index = torch.tensor([slot[m.uid] for m in members], device=self.device)
+        S = max(m.suffix_tokens for m, _ in distinct)
+        bank = None
+        if S:
+            H = distinct[0][0].prompt.shape[1]
+            bank = torch.zeros(len(distinct), S, H, device=self.device)
+            for i, (m, _) in enumerate(distinct):
+                if m.suffix_tokens:
+                    bank[i, S - m.suffix_tokens :] = m.suffix
+        return stack_kv(kvs), index, bank, h
+
+    @torch.no_grad()
+    def generate(self, rows: Sequence[GenerateRow]) -> list[tuple[list[int], bool]]:
+        """Each row's new tokens (up to its max_tokens, without the end token) and whether it
+        ended by the end token. Rows of one prompt length and sampling setting decode together."""
+        out: list = [None] * len(rows)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rows):
+            if r.predictor.is_ensemble:
+                raise SoftpromptError(
+                    f"{r.predictor.name} is an ensemble: generation uses one prompt (ensembles "
+                    "work with label scoring)"
+                )
+            key = (r.predictor.num_virtual_tokens, r.temperature, r.top_p)
+            groups.setdefault(key, []).append(i)
+        for (_, temperature, top_p), idx in groups.items():
+            part = [rows[i] for i in idx]
+            members = [r.predictor.members[0] for r in part]
+            kv, index, bank, h = self._prompts(part, members)
+            ids, mask = collate_left([r.ids[h:] for r in part], self.tokenizer.pad_token_id)
+            most = max(r.max_tokens for r in part)
+            new = generate(
+                self.model,
+                kv,
+                ids.to(self.device),
+                mask.to(self.device),
+                max_new_tokens=most,
+                eos_token_id=self.tokenizer.eos_token_id,
+                rows=index,
+                temperature=temperature,
+                top_p=top_p,
+                prompts=bank,
+            )
+            # generate drops the eos: a row that stopped short of the group's most tokens hit it
+            for i, r, toks in zip(idx, part, new, strict=True):
+                out[i] = (toks[: r.max_tokens], len(toks) < r.max_tokens)
+        return out
+
+
+def full_label_scores(
+    model,
+    prompt: Tensor,
+    seqs: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    pad_id: int,
+) -> Tensor:
+    """Log-probability of each continuation after prompt + each input: [B, L], as
+    `score_continuations` gives, by one plain forward over every (input, continuation) pair (no
+    KV cache): L times the compute, for sharded (FSDP) models, where a cache cannot be kept.
+    `prompt` is one prompt [P+S, H] or one per input [B, P+S, H]."""
+    pairs = [Encoded(list(s), list(c)) for s in seqs for c in continuations]
+    batch = {k: v.to(prompt.device) for k, v in collate_train(pairs, pad_id).items()}
+    if prompt.dim() == 3:
+        prompt = prompt.repeat_interleave(len(continuations), 0)
+    tok = label_loss(model, prompt, **batch, reduction="none", shared_prefix=False)
+    keep = batch["labels"][:, 1:] != -100  # the tokens label_loss scores, in its order
+    row = torch.arange(len(pairs), device=tok.device)[:, None].expand_as(keep)[keep]
+    logp = torch.zeros(len(pairs), device=tok.device).index_add_(0, row, -tok)
+    return logp.view(len(seqs), len(continuations))
+
+
+def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
