@@ -35,10 +35,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_args(data: Path, model_dir: Path, out: Path, *extra: str) -> list[str]:
+    """`softprompt train` on the tiny model with the guide's settings (a hold-out to evaluate
+    on every epoch, no suffix tokens), 2 epochs; `extra` flags (another --preset) win."""
     return [
         "train", "--data", str(data), "--text-column", "Tweet text", "--label-column", "Label",
-        "--model", str(model_dir), "--epochs", "2", "--batch-size", "8", "--no-progress",
-        "--out", str(out), *extra,
+        "--model", str(model_dir), "--preset", "guide", "--epochs", "2", "--batch-size", "8",
+        "--no-progress", "--out", str(out), *extra,
     ]  # fmt: skip
 
 
@@ -125,28 +127,73 @@ def test_same_seed_is_bit_identical(run_dir, tmp_path, tiny_model_dir, demo_trai
     assert torch.equal(prompt_of(tmp_path / "again" / "last"), prompt_of(run_dir / "last"))
 
 
-def test_preset_small_data_trains_its_recipe_and_given_flags_win(
+def test_defaults_are_the_recommended_recipe_and_guide_is_one_flag_away(
     tmp_path, tiny_model_dir, demo_train
 ):
-    out = tmp_path / "preset"
-    assert main(train_args(demo_train, tiny_model_dir, out, "--preset", "small-data")) == 0
+    out = tmp_path / "defaults"
+    argv = [
+        "train", "--data", str(demo_train), "--text-column", "Tweet text", "--label-column",
+        "Label", "--model", str(tiny_model_dir), "--epochs", "2", "--no-progress", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
     conf = json.loads((out / "train_config.json").read_text())
-    # the preset's values, except --epochs 2, which train_args gives
-    assert conf["balance"] is True and conf["eval_fraction"] == 0.0
-    assert conf["suffix_tokens"] == 32 and conf["epochs"] == 2
-    assert conf["extra"] == {"preset": "small-data"}
+    assert conf["balance"] is True and conf["eval_fraction"] == 0.0 and conf["init"] == "text"
+    assert conf["suffix_tokens"] == 32 and conf["epochs"] == 2 and conf["extra"] == {}
     assert json.loads((out / "softprompt.json").read_text())["suffix_tokens"] == 32
     assert (out / "softprompt_suffix.safetensors").is_file()
+    # the init text is built from this task's labels, not the guide's complaints instruction
+    peft_conf = json.loads((out / "adapter_config.json").read_text())
+    assert peft_conf["prompt_tuning_init_text"] == "Classify the text as complaint or no complaint:"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and "eval_loss" not in records[0]  # no hold-out: all rows train
-    # a flag given with the preset overrides it: no suffix tokens, a plain PEFT adapter
-    plain = tmp_path / "plain"
-    argv = train_args(demo_train, tiny_model_dir, plain, "--preset", "small-data")
-    assert main([*argv, "--suffix-tokens", "0", "--eval-fraction", "0.25"]) == 0
-    conf = json.loads((plain / "train_config.json").read_text())
-    assert conf["suffix_tokens"] == 0 and conf["eval_fraction"] == 0.25 and conf["balance"] is True
-    assert not (plain / "softprompt_suffix.safetensors").exists()
-    assert "eval_loss" in json.loads((plain / "metrics.jsonl").read_text().splitlines()[0])
+    # small-data is the same recipe under its earlier name
+    same = tmp_path / "small-data"
+    assert main([*argv[:-1], str(same), "--preset", "small-data"]) == 0
+    assert torch.equal(prompt_of(same), prompt_of(out))
+    # --preset guide: the guide's settings; a given flag still wins, booleans can be negated
+    guide = tmp_path / "guide"
+    assert main([*argv[:-1], str(guide), "--preset", "guide", "--eval-fraction", "0.25"]) == 0
+    conf = json.loads((guide / "train_config.json").read_text())
+    assert conf["suffix_tokens"] == 0 and conf["balance"] is False and conf["eval_fraction"] == 0.25
+    assert conf["init_text"] == "Classify if the tweet is a complaint or not:"
+    assert conf["extra"] == {"preset": "guide"} and conf["epochs"] == 2
+    assert not (guide / "softprompt_suffix.safetensors").exists()
+    assert "eval_loss" in json.loads((guide / "metrics.jsonl").read_text().splitlines()[0])
+    off = tmp_path / "off"
+    assert main([*argv[:-1], str(off), "--no-balance", "--suffix-tokens", "0"]) == 0
+    conf = json.loads((off / "train_config.json").read_text())
+    assert conf["balance"] is False and conf["suffix_tokens"] == 0
+
+
+def test_seeds_trains_one_servable_ensemble(
+    tmp_path, tiny_model_dir, demo_train, demo_test, capsys
+):
+    from softprompt.pipeline import SoftPrompt
+
+    out = tmp_path / "ens"
+    argv = train_args(
+        demo_train, tiny_model_dir, out, "--epochs", "1", "--seeds", "2", "--seed", "5"
+    )
+    assert main(argv) == 0
+    manifest = json.loads((out / "ensemble.json").read_text())
+    assert manifest["members"] == ["seed-5", "seed-6"]
+    assert json.loads((out / "seed-6" / "train_config.json").read_text())["seed"] == 6
+    assert not torch.equal(prompt_of(out / "seed-5"), prompt_of(out / "seed-6"))
+    sp = SoftPrompt.load(str(out), model=None)
+    assert sp.ensemble_size == 2
+    texts = ["my parcel never arrived", "thanks a lot"]
+    members = [SoftPrompt.load(str(out / m), sp.model, sp.tokenizer) for m in manifest["members"]]
+    for i, got in enumerate(sp.classify(texts)):
+        for name, p in got["probabilities"].items():
+            want = sum(m.classify(texts)[i]["probabilities"][name] for m in members) / 2
+            assert p == pytest.approx(want, abs=1e-5)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", str(demo_test), "--label-column", "Label", "--no-progress"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["n"] > 0
+    # the folder is a run: not replaced without --overwrite, replaced with it
+    cli_error(capsys, argv, "already holds a run")
+    assert main([*argv, "--overwrite"]) == 0
+    cli_error(capsys, [*argv, "--overwrite", "--seeds", "0"], "--seeds must be at least 1")
 
 
 def test_unknown_preset_and_preset_with_resume(

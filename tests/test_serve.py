@@ -28,11 +28,11 @@ from fastapi.testclient import TestClient  # noqa: E402
 from conftest import make_model  # noqa: E402
 from softprompt.adapters import save_adapter  # noqa: E402
 from softprompt.data import Task, input_token_ids  # noqa: E402
+from softprompt.engine import ClassifyRow, Engine, GenerateRow, KVCache  # noqa: E402
 from softprompt.model import common_prefix_length, generate, lane_width, pack_rows, prefix_kv  # noqa: E402
 from softprompt.pipeline import SoftPrompt  # noqa: E402
 from softprompt.prompt import init_prompt  # noqa: E402
 from softprompt.serve.app import ServeConfig, create_app  # noqa: E402
-from softprompt.engine import ClassifyRow, Engine, GenerateRow, KVCache  # noqa: E402
 from softprompt.serve.registry import load_predictor  # noqa: E402
 
 TEXTS = [

@@ -5,6 +5,7 @@ suffix vectors put in place, run through the model's plain forward (no softpromp
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -165,6 +166,27 @@ def test_adapter_keeps_the_front_in_peft_format_and_the_suffix_beside_it(tiny, t
     (folder / SUFFIX_NAME).unlink()
     with pytest.raises(SoftpromptError, match="softprompt_suffix.safetensors is missing"):
         load_adapter(folder)
+
+
+def test_peft_refuses_a_suffix_adapter_instead_of_loading_half_of_it(tiny, tmp_path):
+    """PEFT would place only the tokens in front and score with another model than ours: its
+    peft_type makes PEFT refuse it, while softprompt loads it whole."""
+    from peft import PeftModel
+
+    from softprompt.adapters import SUFFIX_PEFT_TYPE, peft_config
+
+    model, tok = tiny
+    prompt = init_prompt(model, tok, P + S, "random", seed=5)
+    conf = peft_config(model, prompt[:P], base_model=None, init="random", init_text=None, tokenizer_name=None)  # fmt: skip
+    folder = save_adapter(tmp_path / "a", prompt, conf, _task())
+    assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == SUFFIX_PEFT_TYPE
+    with pytest.raises(KeyError, match=SUFFIX_PEFT_TYPE):
+        PeftModel.from_pretrained(copy.deepcopy(model), str(folder))
+    assert torch.equal(load_adapter(folder).prompt, prompt)
+    # saved again without suffix tokens, it is a plain PEFT adapter once more
+    save_adapter(folder, prompt[:P], conf, Task(text_column="t", label_names=["a", "b"]))
+    peft = PeftModel.from_pretrained(copy.deepcopy(model), str(folder))
+    assert peft.peft_config["default"].num_virtual_tokens == P
 
 
 def test_train_with_suffix_tokens_reloads_and_classifies(tmp_path, tiny_model_dir, demo_train):

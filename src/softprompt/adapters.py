@@ -1,7 +1,8 @@
 """Adapters in PEFT's own format, plus softprompt's task file; Hub push.
 
 A run folder is an adapter folder:
-    adapter_config.json        PEFT's PromptTuningConfig fields (peft_type PROMPT_TUNING)
+    adapter_config.json        PEFT's PromptTuningConfig fields (peft_type PROMPT_TUNING; with
+                               suffix tokens SOFTPROMPT_SUFFIX_TUNING, which PEFT refuses)
     adapter_model.safetensors  {"prompt_embeddings": [P, H] float32}
     softprompt.json            template, label names, max length, base model, metrics
     softprompt_suffix.safetensors  {"suffix_embeddings": [S, H]}, only with --suffix-tokens:
@@ -35,6 +36,10 @@ WEIGHT_KEY = "prompt_embeddings"
 SUFFIX_NAME = "softprompt_suffix.safetensors"
 SUFFIX_KEY = "suffix_embeddings"
 ENSEMBLE_NAME = "ensemble.json"
+SUFFIX_PEFT_TYPE = "SOFTPROMPT_SUFFIX_TUNING"
+"""peft_type of an adapter with suffix tokens: PEFT knows no such type and refuses to load it,
+rather than silently loading the tokens in front alone (which do not classify as trained)."""
+PEFT_TYPES = ("PROMPT_TUNING", SUFFIX_PEFT_TYPE)
 
 
 @dataclass
@@ -136,12 +141,18 @@ def save_adapter(
             raise SoftpromptError(
                 f"a prompt of {prompt.shape[0]} vectors cannot hold {S} suffix tokens"
             )
-        config = {**config, "num_virtual_tokens": int(prompt.shape[0] - S)}
+        config = {
+            **config,
+            "num_virtual_tokens": int(prompt.shape[0] - S),
+            "peft_type": SUFFIX_PEFT_TYPE,
+        }
         suffix = save({SUFFIX_KEY: prompt[-S:].contiguous()})
         atomic_write_bytes(folder / SUFFIX_NAME, suffix)
         prompt = prompt[:-S]
     else:
         (folder / SUFFIX_NAME).unlink(missing_ok=True)  # a stale one from an earlier save
+        if config.get("peft_type") == SUFFIX_PEFT_TYPE:
+            config = {**config, "peft_type": "PROMPT_TUNING"}
     atomic_write_bytes(folder / WEIGHTS_NAME, save({WEIGHT_KEY: prompt.contiguous()}))
     atomic_write_json(folder / CONFIG_NAME, config)
     if task is not None:
@@ -193,7 +204,7 @@ def load_adapter(path: str | Path) -> Adapter:
             f"{conf_path}: holds a {type(config).__name__}, not a settings object; the file is corrupt"
         )
     ptype = config.get("peft_type")
-    if ptype != "PROMPT_TUNING":
+    if ptype not in PEFT_TYPES:
         raise SoftpromptError(
             f"{folder}: adapter type is {ptype!r}, softprompt loads only PROMPT_TUNING adapters "
             "(use PEFT itself for LoRA and other types)"
@@ -246,6 +257,11 @@ def load_adapter(path: str | Path) -> Adapter:
         base = task.extra.get("base_model", base)
         if task.suffix_tokens:
             prompt = torch.cat([prompt, _load_suffix(folder, task.suffix_tokens, prompt.shape[1])])
+    if ptype == SUFFIX_PEFT_TYPE and (task is None or not task.suffix_tokens):
+        raise SoftpromptError(
+            f"{conf_path}: peft_type {SUFFIX_PEFT_TYPE} needs {TASK_NAME} with suffix_tokens; "
+            "copy the whole adapter folder"
+        )
     return Adapter(prompt=prompt, config=config, task=task, path=str(folder), base_model=base)
 
 
@@ -347,7 +363,21 @@ def push_to_hub(
     from huggingface_hub import HfApi
 
     folder = Path(folder)
-    load_adapter(folder)  # refuse to push something that does not load
+    if is_ensemble(folder):
+        raise SoftpromptError(
+            f"{folder} is an ensemble ({ENSEMBLE_NAME}); push each member folder on its own"
+        )
+    adapter = load_adapter(folder)  # refuse to push something that does not load
+    if adapter.task is not None and adapter.task.suffix_tokens:
+        import logging
+
+        logging.getLogger("softprompt").warning(
+            "%s has %d suffix tokens: it loads in softprompt only (PEFT refuses its peft_type %s); "
+            "its model card says so",
+            folder,
+            adapter.task.suffix_tokens,
+            SUFFIX_PEFT_TYPE,
+        )
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)

@@ -46,8 +46,16 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         help_ = docs.get(f.name, "")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true", help=help_)
+        if f.type in ("bool", bool):  # --x / --no-x; None unless given
+            p.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{help_} [default: {'on' if f.default else 'off'}]",
+            )
+            continue
+        if f.name == "init_text":
+            p.add_argument(flag, default=None, help=help_)
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
         default = None if f.default is dataclasses.MISSING else f.default
@@ -65,7 +73,15 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             )
             for name, values in PRESETS.items()
         )
-        + " (small-data is the best measured with ~50 labeled rows, docs/accuracy.md)",
+        + " (the defaults are the recommended recipe, docs/accuracy.md; guide: the PEFT guide's)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="train this many prompts (seeds --seed, --seed+1, ...) into --out/seed-<s>/ and save "
+        "them as one ensemble (--out/ensemble.json): eval, predict and serve use their mean "
+        "[default: 1]",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -201,7 +217,7 @@ def _given_train_flags(args: argparse.Namespace) -> dict:
     return {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(TrainConfig)
-        if getattr(args, f.name, None) is not None and getattr(args, f.name) is not False
+        if getattr(args, f.name, None) is not None
     }
 
 
@@ -215,7 +231,7 @@ def _train_config(args: argparse.Namespace, given: dict):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import end_processes, resume_config, train
+    from .train import end_processes, resume_config, train, train_ensemble
 
     given = _given_train_flags(args)
     try:
@@ -229,9 +245,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             cfg = _train_config(args, given)
         cfg.progress = not args.no_progress
-        result = train(cfg)
+        if args.seeds != 1:
+            results = train_ensemble(cfg, args.seeds)
+        else:
+            result = train(cfg)
     finally:
         end_processes()
+    if args.seeds != 1:
+        if results[0].main_process:
+            f1 = [r.best.get("eval_macro_f1") for r in results]
+            said = "" if None in f1 else f"; members' eval macro-F1 {[round(x, 4) for x in f1]}"
+            print(f"ensemble of {len(results)} prompts saved in {cfg.out}{said}")
+        return 0
     if result.main_process:
         best = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.best.items()}
         print(f"best prompt (epoch {best['epoch']}) saved in {result.out}: {json.dumps(best)}")
@@ -245,6 +270,10 @@ def cmd_cv(args: argparse.Namespace) -> int:
     for flag in ("resume", "save_every_epoch", "eval_data"):
         if flag in given:
             raise SoftpromptError(f"--{flag.replace('_', '-')} cannot be used with `softprompt cv`")
+    if args.seeds != 1:
+        raise SoftpromptError(
+            "--seeds cannot be used with `softprompt cv` (it trains one prompt per fold)"
+        )
     cfg = _train_config(args, given)
     cfg.progress = not args.no_progress
     r = cross_validate(cfg, args.folds, retrain=not args.no_retrain)

@@ -15,7 +15,20 @@ INIT_METHODS = ("text", "labels", "vocab", "random")
 """`--init` choices: text (the guide's default), labels (Lester et al.'s class-label init),
 vocab (embeddings of sampled vocabulary tokens), random (normal, scaled like the embeddings)."""
 
-DEFAULT_INIT_TEXT = "Classify if the tweet is a complaint or not:"
+GUIDE_INIT_TEXT = "Classify if the tweet is a complaint or not:"
+"""The PEFT guide's init text, for its complaints task (`--preset guide`)."""
+DEFAULT_INIT_TEXT = GUIDE_INIT_TEXT  # the name older code imports
+
+
+def task_init_text(label_names: Sequence[str]) -> str:
+    """The default `--init-text`, built from the task's own labels so that no task starts from
+    another's instruction: "Classify the text as complaint or no complaint:"."""
+    names = [str(n) for n in label_names]
+    if not names:
+        return "Classify the text:"
+    said = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+    return f"Classify the text as {said}:"
+
 
 PEFT_INIT_NAMES = {"text": "TEXT", "vocab": "SAMPLE_VOCAB", "random": "RANDOM", "labels": "RANDOM"}
 """How each init is named in PEFT's adapter_config.json (PEFT has no label init)."""
@@ -39,17 +52,19 @@ def init_prompt(
     num_virtual_tokens: int,
     method: str = "text",
     *,
-    text: str = DEFAULT_INIT_TEXT,
+    text: str | None = None,
     label_names: Sequence[str] = (),
     seed: int = 0,
 ) -> Tensor:
-    """A new prompt [P, H] in float32 (whatever the base model's dtype)."""
+    """A new prompt [P, H] in float32 (whatever the base model's dtype). `text` (for the text
+    init) defaults to `task_init_text(label_names)`."""
     if num_virtual_tokens < 1:
         raise SoftpromptError(f"--num-virtual-tokens must be at least 1, got {num_virtual_tokens}")
     emb = model.get_input_embeddings().weight.detach()
     V, H = emb.shape
     gen = torch.Generator().manual_seed(seed)
     if method == "text":
+        text = text if text is not None else task_init_text(label_names)
         ids = torch.tensor(text_token_ids(tokenizer, text, num_virtual_tokens))
         return emb[ids.to(emb.device)].float().clone()
     if method == "vocab":

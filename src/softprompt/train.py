@@ -12,19 +12,22 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .adapters import (
+    ENSEMBLE_NAME,
+    SUFFIX_PEFT_TYPE,
     TASK_NAME,
     atomic_write_bytes,
     atomic_write_json,
     load_adapter,
     peft_config,
     save_adapter,
+    write_ensemble,
 )
 from .data import (
     DEFAULT_TEMPLATE,
@@ -50,9 +53,16 @@ from .model import (
     set_gradient_checkpointing,
     shard_model,
 )
-from .prompt import DEFAULT_INIT_TEXT, INIT_METHODS, REPARAM_METHODS, PromptEncoder, init_prompt
+from .prompt import (
+    GUIDE_INIT_TEXT,
+    INIT_METHODS,
+    REPARAM_METHODS,
+    PromptEncoder,
+    init_prompt,
+    task_init_text,
+)
 
-RUN_MARKERS = (TASK_NAME, "metrics.jsonl", "train_config.json", "cv.json")
+RUN_MARKERS = (TASK_NAME, "metrics.jsonl", "train_config.json", "cv.json", ENSEMBLE_NAME)
 """Files only softprompt writes: a folder holding one is a run (a bare PEFT adapter is not)."""
 
 
@@ -78,22 +88,24 @@ class TrainConfig:
     """Evaluation data (file or Hub id); default: hold out --eval-fraction of --data (--eval-data)."""
     eval_split: str = "test"
     """Hub split for --eval-data (--eval-split)."""
-    eval_fraction: float = 0.2
-    """Share of --data held out (stratified, seeded) when --eval-data is not given; 0 for none."""
+    eval_fraction: float = 0.0
+    """Share of --data held out (stratified, seeded) for per-epoch evaluation when --eval-data is
+    not given; 0 (default): every row trains and the last epoch's prompt is kept."""
     template: str = DEFAULT_TEMPLATE
     """Input template with {text} and {text_column} (--template)."""
     max_length: int = 64
     """Maximum tokens of input + label; the text is cut to fit, never the label (--max-length)."""
     num_virtual_tokens: int = 8
     """Length of the soft prompt (--num-virtual-tokens)."""
-    suffix_tokens: int = 0
+    suffix_tokens: int = 32
     """More soft tokens, placed right after the text instead of before it (--suffix-tokens). They
-    see the whole text, so they can gather it for the label (32: +0.10 macro-F1 on RAFT
-    complaints, docs/accuracy.md); PEFT cannot place them: it loads only the tokens in front."""
+    see the whole text, so they can gather it for the label (docs/accuracy.md). Such adapters
+    load in softprompt only (PEFT refuses them); 0 gives a plain PEFT prompt-tuning adapter."""
     init: str = "text"
     """Prompt init: text, labels, vocab or random (--init)."""
-    init_text: str = DEFAULT_INIT_TEXT
-    """Text for --init text (--init-text)."""
+    init_text: str | None = None
+    """Text for --init text (--init-text); default: "Classify the text as A or B:" from the
+    task's own labels."""
     reparam: str = "none"
     """Train the prompt through an encoder: none, or mlp (P-tuning's residual MLP); the saved
     adapter is always the plain prompt (--reparam)."""
@@ -103,14 +115,15 @@ class TrainConfig:
     """AdamW weight decay (--weight-decay)."""
     warmup_ratio: float = 0.0
     """Fraction of optimiser steps of linear warm-up before the linear decay (--warmup-ratio)."""
-    epochs: int = 50
+    epochs: int = 15
     """Passes over the training data (--epochs)."""
     batch_size: int = 8
     """Rows per batch (--batch-size)."""
     grad_accum: int = 1
     """Batches per optimiser step (--grad-accum)."""
-    balance: bool = False
-    """Weigh each row's loss by 1 / its label's frequency, so every class counts the same (--balance)."""
+    balance: bool = True
+    """Weigh each row's loss by 1 / its label's frequency, so every class counts the same
+    (--balance / --no-balance)."""
     seed: int = 42
     """Seed for prompt init, hold-out split and data order (--seed)."""
     eval_batch_size: int = 32
@@ -187,15 +200,23 @@ class TrainConfig:
 
 
 PRESETS: dict[str, dict] = {
-    "small-data": dict(balance=True, epochs=15, eval_fraction=0.0, suffix_tokens=32),
+    "small-data": {},
+    "guide": dict(
+        balance=False,
+        epochs=50,
+        eval_fraction=0.2,
+        suffix_tokens=0,
+        init="text",
+        init_text=GUIDE_INIT_TEXT,
+    ),
 }
 """Named recipes (`--preset`); flags given with a preset override its values.
 
-small-data: the best recipe measured for ~50 labeled rows (docs/accuracy.md): classes weigh the
-same, 15 epochs (chosen by `softprompt cv`), every row trains (no hold-out), and 32 soft tokens
-after the text. RAFT complaints, 50 tweets: 0.727 +- 0.008 macro-F1 on 1,000 unseen tweets
-against 0.627 for the guide's settings. Its adapters carry suffix tokens: PEFT loads only the
-tokens in front, and `softprompt serve` refuses them."""
+The defaults are the recommended recipe (docs/accuracy.md): classes weigh the same, 15 epochs,
+every row trains (no hold-out), 32 soft tokens after the text, a text init built from the
+task's labels. small-data: the same (its earlier name). guide: the PEFT guide's settings (50
+epochs, 20% held out, no suffix tokens, no class weights, its complaints init text), which
+give a plain PEFT adapter."""
 
 
 def preset_config(name: str, **given) -> TrainConfig:
@@ -316,13 +337,14 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         tokenizer, task, [table.texts[i] for i in train_idx], [table.labels[i] for i in train_idx]
     )
     eval_rows = encode_rows(tokenizer, task, eval_texts, eval_labels) if eval_texts else []
+    init_text = cfg.init_text or task_init_text(labels_all)
     row_weight = _row_weights([table.labels[i] for i in train_idx], cfg.balance)  # [N] floats
     prompt = init_prompt(  # [P+S, H]: the last S run after the text (--suffix-tokens)
         model,
         tokenizer,
         cfg.num_virtual_tokens + cfg.suffix_tokens,
         cfg.init,
-        text=cfg.init_text,
+        text=init_text,
         label_names=labels_all,
         seed=cfg.seed,
     ).to(device)
@@ -358,7 +380,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         prompt[: cfg.num_virtual_tokens],
         base_model=hub_name,
         init=cfg.init,
-        init_text=cfg.init_text,
+        init_text=init_text,
         tokenizer_name=hub_name,
     )
     task.extra = {"base_model": base_record, "init": cfg.init, "softprompt_version": _version()}
@@ -538,6 +560,32 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
 
 CHECKPOINT_FORMAT = 3
 """Version of checkpoint/state.pt; a run with another version cannot be resumed."""
+
+
+def train_ensemble(cfg: TrainConfig, seeds: int, model=None, tokenizer=None) -> list[TrainResult]:
+    """Train `seeds` prompts with seeds cfg.seed, cfg.seed + 1, ... into cfg.out/seed-<s>/ (each
+    a complete run) and write cfg.out/ensemble.json naming them: one folder that eval, predict,
+    `SoftPrompt.load` and the server use as one predictor (the mean of the members'
+    probabilities). The manifest is written last: a folder without it holds finished members."""
+    if seeds < 1:
+        raise SoftpromptError(f"--seeds must be at least 1 (got {seeds})")
+    if cfg.resume:
+        raise SoftpromptError(
+            "--seeds cannot be used with --resume; resume one member's run (RUN/seed-<s>), then "
+            "train the rest"
+        )
+    cfg.validate()
+    out = prepare_run_folder(cfg.out, cfg.overwrite)
+    results, names = [], []
+    for k in range(seeds):
+        seed = cfg.seed + k
+        names.append(f"seed-{seed}")
+        print(f"--- ensemble member {k + 1}/{seeds}: seed {seed} -> {out / names[-1]} ---")
+        member = replace(cfg, seed=seed, out=str(out / names[-1]), overwrite=False)
+        results.append(train(member, model, tokenizer))
+    if results[0].main_process:
+        write_ensemble(out, names)
+    return results
 
 
 def save_checkpoint(folder: Path, state: dict) -> None:
@@ -828,7 +876,7 @@ def model_card(task: Task, conf: dict, record: dict, base: str | None) -> str:
     hub = conf.get("base_model_name_or_path")
     lines = [
         "---",
-        "library_name: peft",
+        f"library_name: {'softprompt' if task.suffix_tokens else 'peft'}",
         *([f"base_model: {hub}"] if hub else []),
         "tags: [prompt-tuning, softprompt, peft]",
         "---",
@@ -844,9 +892,12 @@ def model_card(task: Task, conf: dict, record: dict, base: str | None) -> str:
     ]
     if task.suffix_tokens:
         lines.append(
-            f"\nIt also has {task.suffix_tokens} soft tokens that run right after the text "
-            "(`softprompt_suffix.safetensors`, softprompt's `--suffix-tokens`). softprompt loads "
-            "them; PEFT loads only the tokens in front, which alone do not classify as trained."
+            f"\n**Loads in softprompt only.** It also has {task.suffix_tokens} soft tokens that run "
+            "right after the text (`softprompt_suffix.safetensors`, softprompt's `--suffix-tokens`). "
+            "PEFT cannot place them, so its `adapter_config.json` says `peft_type: "
+            f"{SUFFIX_PEFT_TYPE}` and `PeftModel.from_pretrained` refuses it (the tokens in front "
+            'alone do not classify as trained). Use `softprompt predict <this repo> "text"`, '
+            "`softprompt.SoftPrompt.load(...)` or `softprompt serve`."
         )
     if base == "default":
         lines.append(
