@@ -195,14 +195,7 @@ def load_adapter(path: str | Path) -> Adapter:
         raise SoftpromptError(
             f"{folder}: no {CONFIG_NAME}; this is not an adapter folder (train one with `softprompt train`)"
         )
-    try:
-        config = json.loads(conf_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SoftpromptError(f"{conf_path}: not valid JSON ({e}); the file is corrupt") from None
-    if not isinstance(config, dict):
-        raise SoftpromptError(
-            f"{conf_path}: holds a {type(config).__name__}, not a settings object; the file is corrupt"
-        )
+    config = _read_json_object(conf_path)
     ptype = config.get("peft_type")
     if ptype not in PEFT_TYPES:
         raise SoftpromptError(
@@ -245,15 +238,7 @@ def load_adapter(path: str | Path) -> Adapter:
     base = config.get("base_model_name_or_path")
     task_path = folder / TASK_NAME
     if task_path.is_file():
-        try:
-            data = json.loads(task_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SoftpromptError(
-                f"{task_path}: not valid JSON ({e}); the file is corrupt"
-            ) from None
-        if not isinstance(data, dict):
-            raise SoftpromptError(f"{task_path}: not a settings object; the file is corrupt")
-        task = Task.from_dict(data)
+        task = Task.from_dict(_read_json_object(task_path))
         base = task.extra.get("base_model", base)
         if task.suffix_tokens:
             prompt = torch.cat([prompt, _load_suffix(folder, task.suffix_tokens, prompt.shape[1])])
@@ -263,6 +248,19 @@ def load_adapter(path: str | Path) -> Adapter:
             "copy the whole adapter folder"
         )
     return Adapter(prompt=prompt, config=config, task=task, path=str(folder), base_model=base)
+
+
+def _read_json_object(path: Path) -> dict:
+    """A JSON file holding an object, or a SoftpromptError naming the file if it is damaged."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SoftpromptError(f"{path}: not valid JSON ({e}); the file is corrupt") from None
+    if not isinstance(data, dict):
+        raise SoftpromptError(
+            f"{path}: holds a {type(data).__name__}, not a settings object; the file is corrupt"
+        )
+    return data
 
 
 def is_ensemble(path: str | Path) -> bool:
@@ -289,13 +287,8 @@ def load_members(path: str | Path) -> tuple[list[Adapter], list[float] | None | 
     manifest_path = folder / ENSEMBLE_NAME
     if not manifest_path.is_file():
         return [load_adapter(path)], "saved"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SoftpromptError(
-            f"{manifest_path}: not valid JSON ({e}); the file is corrupt"
-        ) from None
-    members = manifest.get("members") if isinstance(manifest, dict) else None
+    manifest = _read_json_object(manifest_path)
+    members = manifest.get("members")
     if not members or not isinstance(members, list) or not all(isinstance(m, str) for m in members):
         raise SoftpromptError(
             f'{manifest_path}: needs "members": a list of adapter folders (relative to it)'
