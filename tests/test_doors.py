@@ -260,3 +260,17 @@ def test_an_ensemble_manifest_pointing_outside_its_folder_is_refused(world, tmp_
     write_ensemble(ens, [str(root / "plain")])
     with pytest.raises(SoftpromptError, match="outside the ensemble folder"):
         SoftPrompt.load(str(ens), model, tok)
+
+
+@pytest.mark.parametrize("suffix", ["0", "3"])
+def test_train_evaluation_equals_eval_of_the_saved_prompt(tmp_path, tiny_model_dir, demo_train, demo_test, suffix):  # fmt: skip
+    """Train's per-epoch evaluation is the engine too: its metrics equal `softprompt eval` of the
+    prompt it saved, plain and with suffix tokens."""
+    out = tmp_path / "run"
+    _cli("train", "--data", str(demo_train), "--eval-data", str(demo_test), "--text-column",
+         "Tweet text", "--label-column", "Label", "--model", str(tiny_model_dir), "--epochs", "1",
+         "--suffix-tokens", suffix, "--max-length", "40", "--out", str(out), "--no-progress")  # fmt: skip
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    m = json.loads(_cli("eval", str(out), "--data", str(demo_test), "--model", str(tiny_model_dir), "--no-progress"))  # fmt: skip
+    assert record["eval_accuracy"] == pytest.approx(m["accuracy"])
+    assert record["eval_macro_f1"] == pytest.approx(m["macro_f1"])
