@@ -250,6 +250,12 @@ def input_token_ids(tokenizer, task: Task, text: str, budget: int) -> list[int]:
     return list(best)
 
 
+def encode_input(tokenizer, task: Task, text: str, budget: int) -> tuple[list[int], bool]:
+    """(`input_token_ids`, was the text cut to fit?)."""
+    ids = input_token_ids(tokenizer, task, text, budget)
+    return ids, len(ids) < len(_rendered_ids(tokenizer, task, text))
+
+
 def input_budget(tokenizer, task: Task) -> int:
     """Tokens left for the input when the longest label must fit after it."""
     longest = max((len(label_token_ids(tokenizer, n)) for n in task.label_names), default=0)

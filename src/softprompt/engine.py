@@ -32,9 +32,9 @@ from .calibrate import apply_bias
 from .data import (
     Encoded,
     Task,
-    _rendered_ids,
     collate_left,
     collate_train,
+    encode_input,
     input_budget,
     input_token_ids,
     label_token_ids,
@@ -220,12 +220,6 @@ def predictor_for_prompt(model, tokenizer, prompt: Tensor, task: Task, **kw) -> 
     return make_predictor(model, tokenizer, adapters, name=kw.pop("name", "prompt"), **kw)
 
 
-def encode(tokenizer, task: Task, text: str, budget: int) -> tuple[list[int], bool]:
-    """(token ids of the rendered text, cut as in training to fit `budget`; was it cut?)."""
-    ids = input_token_ids(tokenizer, task, text, budget)
-    return ids, len(ids) < len(_rendered_ids(tokenizer, task, text))
-
-
 def raw_task(task: Task) -> Task:
     """Completions: the client's text goes right after the soft prompt, no template (suffix
     tokens, if the adapter has them, still follow the text)."""
@@ -330,7 +324,7 @@ class Engine:
 
     def encode(self, predictor: Predictor, text: str) -> tuple[list[int], bool]:
         """A classification input: rendered with the predictor's template, cut to its budget."""
-        return encode(self.tokenizer, predictor.task, text, predictor.budget)
+        return encode_input(self.tokenizer, predictor.task, text, predictor.budget)
 
     def classify(
         self,

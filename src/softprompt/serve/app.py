@@ -27,8 +27,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..data import Task
-from ..engine import ClassifyRow, Engine, GenerateRow, Predictor, encode, raw_task
+from ..data import Task, encode_input
+from ..engine import ClassifyRow, Engine, GenerateRow, Predictor, raw_task
 from ..errors import SoftpromptError
 from .batcher import Batcher, Closed
 from .registry import load_predictor, scan_folder
@@ -243,9 +243,9 @@ class ServerState:
         return entry
 
     def encode(self, task: Task, text: str, budget: int, strict: bool, what: str):
-        """(token ids, truncated?) cut as in training (`engine.encode`), or 413 if strict."""
+        """(token ids, truncated?) cut as in training (`data.encode_input`), or 413 if strict."""
         try:
-            ids, truncated = encode(self.tokenizer, task, text, budget)
+            ids, truncated = encode_input(self.tokenizer, task, text, budget)
         except SoftpromptError as e:
             raise ApiError(400, str(e)) from None
         if truncated and strict:
