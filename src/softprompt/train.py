@@ -372,8 +372,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
     base_record, hub_name = _base_names(model_name)
     if cfg.suffix_tokens:
         say(
-            f"{cfg.suffix_tokens} soft tokens after the text (--suffix-tokens): softprompt loads the "
-            f"whole adapter; PEFT would load only the {cfg.num_virtual_tokens} in front"
+            f"{cfg.suffix_tokens} soft tokens after the text (--suffix-tokens): the adapter loads "
+            "in softprompt only (PEFT refuses it); --suffix-tokens 0 gives a plain PEFT adapter"
         )
     adapter_conf = peft_config(
         model,
