@@ -8,10 +8,10 @@ bash scripts/setup.sh
 DEMO=src/softprompt/demo
 OUT=${OUT:-runs/demo}
 set -x
-# the recommended recipe (the defaults); 5 epochs of these 160 rows are about the optimiser steps
-# the recipe's 15 epochs take on 50 rows
+# the recommended recipe (the defaults; 5 epochs of these 160 rows are about the optimiser steps
+# its 15 epochs take on 50 rows), as an ensemble of 3 seeds: one folder, served as one adapter
 softprompt train --data $DEMO/complaints_train.csv --text-column "Tweet text" --label-column Label \
-  --out "$OUT" --overwrite --epochs 5 ${DEMO_ARGS:-}
+  --out "$OUT" --overwrite --epochs 5 --seeds 3 ${DEMO_ARGS:-}
 softprompt eval "$OUT" --data $DEMO/complaints_test.csv --output "$OUT/test_metrics.json" --overwrite
 softprompt predict "$OUT" "@ZephyrMobile third day without signal and your chat keeps disconnecting me" \
   "@NorthRailUK thanks, the new timetable looks great"

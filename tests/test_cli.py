@@ -591,3 +591,32 @@ def test_missing_model_folder(run_dir, tmp_path, capsys):
         ["predict", str(run_dir), "hi", "--model", str(tmp_path / "no-model")],
         "no such folder",
     )
+
+
+def test_an_interrupted_ensemble_keeps_its_finished_members(
+    tmp_path, tiny_model_dir, demo_train, capsys, monkeypatch
+):
+    import importlib
+
+    train_module = importlib.import_module("softprompt.train")  # the package exports train()
+    real_train = train_module.train
+    calls = []
+
+    def fail_second(cfg, *a, **kw):
+        calls.append(cfg.seed)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(cfg, *a, **kw)
+
+    monkeypatch.setattr(train_module, "train", fail_second)
+    out = tmp_path / "ens"
+    argv = train_args(demo_train, tiny_model_dir, out, "--epochs", "1", "--seeds", "3")
+    assert main(argv) == 130
+    assert json.loads((out / "ensemble.json").read_text())["members"] == ["seed-42"]
+    capsys.readouterr()
+    assert main(["predict", str(out), "my parcel never arrived", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["label"] in LABELS
+    # the folder is a run: --overwrite replaces it
+    monkeypatch.setattr(train_module, "train", real_train)
+    assert main([*argv, "--overwrite"]) == 0
+    assert len(json.loads((out / "ensemble.json").read_text())["members"]) == 3

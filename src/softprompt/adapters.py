@@ -289,6 +289,11 @@ def load_members(path: str | Path) -> tuple[list[Adapter], list[float] | None | 
         return [load_adapter(path)], "saved"
     manifest = _read_json_object(manifest_path)
     members = manifest.get("members")
+    if members == []:
+        raise SoftpromptError(
+            f"{manifest_path}: no finished member yet (the ensemble is training, or its first "
+            "member was interrupted: train it again with --overwrite)"
+        )
     if not members or not isinstance(members, list) or not all(isinstance(m, str) for m in members):
         raise SoftpromptError(
             f'{manifest_path}: needs "members": a list of adapter folders (relative to it)'

@@ -566,7 +566,8 @@ def train_ensemble(cfg: TrainConfig, seeds: int, model=None, tokenizer=None) -> 
     """Train `seeds` prompts with seeds cfg.seed, cfg.seed + 1, ... into cfg.out/seed-<s>/ (each
     a complete run) and write cfg.out/ensemble.json naming them: one folder that eval, predict,
     `SoftPrompt.load` and the server use as one predictor (the mean of the members'
-    probabilities). The manifest is written last: a folder without it holds finished members."""
+    probabilities). The manifest is written first (no members: the folder is marked as a run)
+    and again after each member, so an interrupted run leaves an ensemble of the finished ones."""
     if seeds < 1:
         raise SoftpromptError(f"--seeds must be at least 1 (got {seeds})")
     if cfg.resume:
@@ -575,16 +576,20 @@ def train_ensemble(cfg: TrainConfig, seeds: int, model=None, tokenizer=None) -> 
             "train the rest"
         )
     cfg.validate()
-    out = prepare_run_folder(cfg.out, cfg.overwrite)
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes the folder
+    out = prepare_run_folder(cfg.out, cfg.overwrite) if main else Path(cfg.out)
     results, names = [], []
+    if main:
+        write_ensemble(out, names)
     for k in range(seeds):
         seed = cfg.seed + k
-        names.append(f"seed-{seed}")
-        print(f"--- ensemble member {k + 1}/{seeds}: seed {seed} -> {out / names[-1]} ---")
-        member = replace(cfg, seed=seed, out=str(out / names[-1]), overwrite=False)
+        name = f"seed-{seed}"
+        print(f"--- ensemble member {k + 1}/{seeds}: seed {seed} -> {out / name} ---")
+        member = replace(cfg, seed=seed, out=str(out / name), overwrite=False)
         results.append(train(member, model, tokenizer))
-    if results[0].main_process:
-        write_ensemble(out, names)
+        names.append(name)
+        if main:
+            write_ensemble(out, names)
     return results
 
 
