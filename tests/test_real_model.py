@@ -47,22 +47,18 @@ def test_fast_loss_equals_reference_on_the_real_model(base):
     assert abs(fast.item() - ref.item()) <= 1e-4 * abs(ref.item())
 
 
-# The README's main job (scripts/demo.sh): the recommended recipe (the defaults) for 5 epochs on
-# the 160 demo tweets, scored on the 80 held-out ones. Measured
-# with `python bench/demo_seeds.py` (docs/accuracy.md, "The demo"): over seeds 1-5 and 42 on one
-# thread and on two (another float
-# rounding), demo test macro-F1 ranged MIN_SEEN-MAX_SEEN and every run labelled both examples
-# right. The bound below sits MARGIN under the lowest run, and the majority answer scores 0.38.
-DEMO_MIN_MACRO_F1 = 0.0
-EXAMPLES = {
-    "@ZephyrMobile third day without signal and your chat keeps disconnecting me": "complaint",
-    "@NorthRailUK thanks, the new timetable looks great": "no complaint",
-}
+# The README's main job (scripts/demo.sh) trains the recommended recipe (the defaults, 5 epochs on
+# the 160 demo tweets) as a 3-seed ensemble; this test trains one of its prompts and scores it on
+# the 80 held-out tweets. Measured with `python bench/demo_seeds.py` (docs/accuracy.md, "The
+# demo"): over seeds 1-5, each under this machine's kernels and under torch's plain ones
+# (ATEN_CPU_CAPABILITY=default, another float rounding), one prompt scored macro-F1 MIN_SEEN to
+# MAX_SEEN. The bound sits about 0.1 under the lowest run; always answering the majority label
+# scores 0.38. (One prompt is not enough to label both README examples right on every seed; the
+# ensemble is, which is why the demo trains one.)
+DEMO_MIN_MACRO_F1 = 0.6
 
 
-def test_the_demo_recipe_learns_and_labels_the_examples_right(
-    tmp_path, demo_train, demo_test, capsys
-):
+def test_the_demo_recipe_learns_on_the_real_model(tmp_path, demo_train, demo_test, capsys):
     out = tmp_path / "run"
     argv = ["train", "--data", str(demo_train), "--text-column", "Tweet text", "--label-column",
             "Label", "--out", str(out), "--epochs", "5", "--no-progress"]  # fmt: skip
@@ -74,6 +70,5 @@ def test_the_demo_recipe_learns_and_labels_the_examples_right(
     m = json.loads(capsys.readouterr().out)
     assert m["invalid"] == 0 and m["n"] == 80
     assert m["macro_f1"] > DEMO_MIN_MACRO_F1, m
-    assert main(["predict", str(out), *EXAMPLES, "--no-progress"]) == 0
-    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert {g["text"]: g["label"] for g in got} == EXAMPLES, got
+    predicted = [sum(col) for col in zip(*m["confusion_matrix"]["matrix"], strict=True)]
+    assert min(predicted) > 0, m  # not a constant answer
