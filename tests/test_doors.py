@@ -274,3 +274,14 @@ def test_train_evaluation_equals_eval_of_the_saved_prompt(tmp_path, tiny_model_d
     m = json.loads(_cli("eval", str(out), "--data", str(demo_test), "--model", str(tiny_model_dir), "--no-progress"))  # fmt: skip
     assert record["eval_accuracy"] == pytest.approx(m["accuracy"])
     assert record["eval_macro_f1"] == pytest.approx(m["macro_f1"])
+
+
+def test_a_plain_peft_adapter_needs_labels_at_every_classifying_door(world, tmp_path):
+    model, tok, _, _, _ = world
+    prompt = init_prompt(model, tok, 4, "vocab", seed=7)
+    conf = peft_config(model, prompt, base_model=None, init="vocab", init_text=None, tokenizer_name=None)  # fmt: skip
+    folder = save_adapter(tmp_path / "bare", prompt, conf, None)  # no softprompt.json: no labels
+    with pytest.raises(SoftpromptError, match="no label names.*--labels"):
+        SoftPrompt.load(str(folder), model, tok).classify(TEXTS)
+    with_labels = SoftPrompt.load(str(folder), model, tok, labels=LABELS).classify(TEXTS)
+    assert [set(r["probabilities"]) for r in with_labels] == [set(LABELS)] * len(TEXTS)

@@ -124,6 +124,15 @@ class Predictor:
         }
 
 
+def need_labels(predictor: Predictor) -> None:
+    """Label scoring needs label names; a plain PEFT adapter has none of its own."""
+    if not predictor.task.label_names:
+        raise SoftpromptError(
+            f"{predictor.name} has no label names (a plain PEFT adapter); pass them with "
+            "--labels (e.g. --labels 'complaint,no complaint') or use --generate"
+        )
+
+
 def _saved_bias(adapter: Adapter) -> list[float] | None:
     task = adapter.task
     cal = (task.extra.get("calibration") or {}) if task is not None else {}
@@ -337,11 +346,7 @@ class Engine:
     ) -> Tensor:
         """Each label's probability for each text: [N, L] (rows sum to 1), the predictor's bias
         applied unless `calibrated` is False."""
-        if not predictor.task.label_names:
-            raise SoftpromptError(
-                f"{predictor.name} has no label names (a plain PEFT adapter); pass them with "
-                "--labels (e.g. --labels 'complaint,no complaint') or use --generate"
-            )
+        need_labels(predictor)
         rows = [ClassifyRow(predictor, self.encode(predictor, t)[0]) for t in texts]
         out = torch.empty(len(rows), len(predictor.label_ids))
         per_batch = max(1, batch_size // len(predictor.members))

@@ -10,7 +10,7 @@ import torch
 
 from .adapters import Adapter, load_members
 from .data import Task
-from .engine import Engine, Predictor, make_predictor
+from .engine import Engine, Predictor, make_predictor, need_labels
 from .errors import SoftpromptError
 from .evaluate import metrics
 from .model import load_base
@@ -104,11 +104,7 @@ class SoftPrompt:
         return cls(adapters[0], model, tokenizer, adapters[1:], bias=bias)
 
     def _need_labels(self) -> None:
-        if not self.task.label_names:
-            raise SoftpromptError(
-                f"{self.adapter.path} has no label names (a plain PEFT adapter); pass them with --labels "
-                "(e.g. --labels 'complaint,no complaint') or use --generate"
-            )
+        need_labels(self.predictor)
 
     def classify(
         self,
@@ -121,7 +117,6 @@ class SoftPrompt:
         """Score every label after each text: [{'label', 'probabilities': {label: p}}].
 
         With `calibrated` (default) the adapter's saved decision bias, if any, is applied."""
-        self._need_labels()
         probs = self.engine.classify(
             self.predictor, texts, batch_size=batch_size, progress=progress, calibrated=calibrated
         )
