@@ -214,19 +214,26 @@ def make_predictor(
     )
 
 
-def predictor_for_prompt(model, tokenizer, prompt: Tensor, task: Task, **kw) -> Predictor:
-    """A predictor of prompt [P+S, H] (or an ensemble [K, P+S, H]) for `task`, not from disk
-    (training's evaluation, cross-validation). `kw` as `make_predictor` (bias=None: raw)."""
+def predictor_for_prompt(
+    model,
+    tokenizer,
+    prompt: Tensor,
+    task: Task,
+    *,
+    bias: Sequence[float] | None = None,
+    name: str = "prompt",
+) -> Predictor:
+    """A predictor of prompt [P+S, H] (or an ensemble [K, P+S, H]) for `task`, not read from disk
+    (training's per-epoch evaluation, `evaluate.label_probabilities`); raw unless `bias` is given."""
     prompts = [prompt] if prompt.dim() == 2 else list(prompt)
     base = task.extra.get("base_model") if task.extra else None
     adapters = [
         Adapter(
-            prompt=p.detach().float(), config={}, task=task, path=f"prompt {i}", base_model=base
+            prompt=p.detach().float(), config={}, task=task, path=f"{name} {i}", base_model=base
         )
         for i, p in enumerate(prompts)
     ]
-    kw.setdefault("bias", None)
-    return make_predictor(model, tokenizer, adapters, name=kw.pop("name", "prompt"), **kw)
+    return make_predictor(model, tokenizer, adapters, name=name, bias=bias)
 
 
 def raw_task(task: Task) -> Task:
