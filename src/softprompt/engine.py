@@ -42,13 +42,18 @@ from .data import (
 from .errors import SoftpromptError
 from .model import (
     KV,
+    check_model,
     common_prefix_length,
     generate,
     label_loss,
+    note_path,
+    packed_fits,
+    packed_problem,
     prefix_kv,
     score_continuations,
     slice_kv,
     stack_kv,
+    window_reason,
 )
 
 _ids = itertools.count()
@@ -321,12 +326,16 @@ class Engine:
 
     `share_head=False` runs the template's head with every row instead of caching it with the
     prompt (the same numbers up to rounding; for tests). On an FSDP-sharded model no KV can be
-    kept: every (row, label) pair runs as one plain forward pass.
+    kept, and a model that cannot run packed rows (`model.packed_problem`) cannot take them:
+    there every (row, label) pair runs as one plain forward pass (the padded path).
     """
 
     def __init__(
         self, model, tokenizer, *, kv_cache_bytes: int | None = None, share_head: bool = True
     ):
+        check_model(model)
+        if not _is_sharded(model):
+            note_path(model)
         self.model = model
         self.tokenizer = tokenizer
         self.kv_cache = KVCache(model, kv_cache_bytes)
@@ -434,8 +443,12 @@ class Engine:
         for r in rows:
             for c in r.predictor.label_ids:
                 conts.setdefault(tuple(c), len(conts))
-        if _is_sharded(self.model):
-            return self._score_sharded(rows, members, list(conts))
+        span = max(m.prompt.shape[0] + len(r.ids) for r, m in zip(rows, members, strict=True))
+        span += max(len(c) for c in conts)
+        if _is_sharded(self.model) or not packed_fits(self.model, span):
+            if not _is_sharded(self.model):
+                note_path(self.model, packed_problem(self.model) or window_reason(self.model))
+            return self._score_full(rows, members, list(conts))
         kv, index, bank, h = self._prompts(rows, members)
         ids, mask = collate_left([r.ids[h:] for r in rows], self.tokenizer.pad_token_id)
         scores = score_continuations(
@@ -451,8 +464,9 @@ class Engine:
             scores[b, [conts[tuple(c)] for c in r.predictor.label_ids]] for b, r in enumerate(rows)
         ]
 
-    def _score_sharded(self, rows, members, conts) -> list[Tensor]:
-        """`_score` on a sharded model, which keeps no KV cache (`full_label_scores`)."""
+    def _score_full(self, rows, members, conts) -> list[Tensor]:
+        """`_score` without a KV cache or packing (`full_label_scores`): for a sharded model, and
+        for one that cannot run packed rows (`model.packed_problem`)."""
         prompts = torch.stack([m.prompt for m in members])
         pad = self.tokenizer.pad_token_id
         logp = full_label_scores(self.model, prompts, [r.ids for r in rows], conts, pad)

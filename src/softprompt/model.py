@@ -58,7 +58,7 @@ def load_base(
     SmolLM2-135M-Instruct. Returns (model, tokenizer, resolved_name); every parameter of the
     model has requires_grad=False and the model is in eval mode (no dropout).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .defaults import default_model_dir, is_default_model
 
@@ -71,6 +71,18 @@ def load_base(
             f"--model {name}: no such folder; pass a Hugging Face model id or a local model folder"
         )
     try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SoftpromptError(
+            f"could not load model {name!r}: {first_line(e)} (check the id or folder, your network, "
+            "or pass --trust-remote-code for models with custom code)"
+        ) from e
+    if getattr(config, "is_encoder_decoder", False):
+        raise SoftpromptError(
+            f"--model {name}: {config.model_type} is an encoder-decoder model; softprompt tunes "
+            "prompts for decoder-only causal LMs (Llama, Qwen, Mistral, Gemma, BLOOM, GPT-2, ...)"
+        )
+    try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
@@ -80,6 +92,7 @@ def load_base(
             f"could not load model {name!r}: {first_line(e)} (check the id or folder, your network, "
             "or pass --trust-remote-code for models with custom code)"
         ) from e
+    check_model(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False)
@@ -399,15 +412,170 @@ def _ids_or_embeds(model, ids: Tensor, prompts: Tensor | None, which: Tensor | N
     return {"inputs_embeds": embed_ids(model, ids, prompts, which)}
 
 
-def _check_4d_masks(model) -> None:
-    """Packed rows need an attention implementation that takes a custom 4D mask."""
+def check_model(model) -> None:
+    """Refuse, before any work, a model softprompt cannot put a prompt in front of: an
+    encoder-decoder, or one with no input embeddings or no decoder stack to run them through."""
+    name = type(model).__name__
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise SoftpromptError(
+            f"{name} is an encoder-decoder model: softprompt tunes prompts for decoder-only "
+            "causal LMs (Llama, Qwen, Mistral, Gemma, BLOOM, GPT-2, ...); pick one with --model"
+        )
+    try:
+        emb = model.get_input_embeddings()
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError):
+        emb = decoder = None
+    if not isinstance(emb, torch.nn.Embedding) or decoder is None or decoder is model:
+        raise SoftpromptError(
+            f"{name} exposes no input embeddings and decoder stack (get_input_embeddings / "
+            "get_decoder): softprompt cannot place a soft prompt in front of its input; pick a "
+            "causal LM from transformers with --model"
+        )
+
+
+def _bloom_slopes(model):
+    """BLOOM's ALiBi slope function when `model` is a BLOOM model (its packed path builds the
+    bias itself), else None."""
+    if getattr(model.config, "model_type", None) != "bloom":
+        return None
+    try:
+        from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+    except ImportError:  # pragma: no cover - a transformers release that moved it
+        return None
+    return _get_alibi_slopes
+
+
+def packed_problem(model) -> str | None:
+    """Why the packed path (rows packed into lanes after a prompt, with a 4D attention mask and
+    each token's position in its own row) cannot run this model, or None when it can.
+
+    Such a model runs on the padded path instead: each row after its own copy of the prompt,
+    a 2D padding mask, no KV cache in training and scoring (`label_loss(shared_prefix=False)`,
+    `engine.full_label_scores`): the reference computation, slower but exact."""
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     if impl not in ("sdpa", "eager"):
-        raise SoftpromptError(
-            f"softprompt's packed batches need the 'sdpa' or 'eager' attention implementation "
-            f"(this model uses {impl!r}, which takes no 4D mask): load the model with "
-            "attn_implementation='sdpa' or call model.set_attn_implementation('sdpa')"
+        return (
+            f"its attention implementation {impl!r} takes no custom 4D mask; load it with "
+            "attn_implementation='sdpa' for the packed path"
         )
+    if _bloom_slopes(model) is not None:
+        return None  # ALiBi rebuilt from per-row positions (`_bloom_packed`)
+    if getattr(model.config, "alibi", False):
+        return "it builds its ALiBi position bias from a 2D padding mask"
+    decoder = model.get_decoder()
+    if "position_ids" not in inspect.signature(decoder.forward).parameters:
+        return "its decoder takes no position ids, which packed rows need"
+    return None
+
+
+def sliding_window(model) -> int | None:
+    """The attention window of the model's sliding-window layers, or None if it has none.
+    A packed 4D mask replaces the window, so the packed path is exact only while a prompt and
+    its row fit in the window (`packed_fits`)."""
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    if not window or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    types = getattr(cfg, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return int(window)
+
+
+def packed_fits(model, span: int) -> bool:
+    """Whether sequences of up to `span` positions (prompt, row and label) can run packed."""
+    if packed_problem(model) is not None:
+        return False
+    window = sliding_window(model)
+    return window is None or span <= window
+
+
+_NOTED: set[tuple[int, str]] = set()
+
+
+def note_path(model, reason: str | None = None) -> str | None:
+    """Say once per model (a log line on stderr) that it runs on the padded path and why;
+    returns the line (None when the model takes the packed path)."""
+    import logging
+
+    reason = reason or packed_problem(model)
+    if reason is None:
+        return None
+    line = f"{type(model).__name__} runs on the padded path (exact, slower): {reason}"
+    if (id(model), reason) not in _NOTED:
+        _NOTED.add((id(model), reason))
+        logging.getLogger("softprompt").warning("softprompt: %s", line)
+    return line
+
+
+def window_reason(model) -> str:
+    return (
+        f"a prompt and its row exceed the model's sliding attention window "
+        f"({sliding_window(model)} positions), which a packed mask cannot apply"
+    )
+
+
+def _require_packed(model) -> None:
+    reason = packed_problem(model)
+    if reason is not None:
+        raise SoftpromptError(
+            f"{type(model).__name__} cannot run packed rows: {reason} (softprompt's engine and "
+            "training switch to the padded path by themselves)"
+        )
+
+
+def run_packed(
+    model,
+    inputs: dict,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+    cache=None,
+    past_positions: Tensor | None = None,
+) -> Tensor:
+    """The decoder over packed lanes: `inputs` {input_ids or inputs_embeds} [B, T(, H)],
+    `attention_mask` additive [B, 1, T, past+T] (`packed_mask`), `position_ids` [B, T] (each
+    token's place in its own sequence), `cache` the lanes' past [B, heads, past, d] whose keys
+    sit at `past_positions` [past] (default 0..past-1). Returns the hidden states [B, T, H]."""
+    decoder = model.get_decoder()
+    slopes = _bloom_slopes(model)
+    if slopes is None:
+        extra = {} if cache is None else {_cache_kw(decoder): cache}
+        out = decoder(
+            **inputs,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **extra,
+        )
+        return out.last_hidden_state
+    return _bloom_packed(
+        decoder, slopes, inputs, attention_mask, position_ids, cache, past_positions
+    )
+
+
+def _bloom_packed(decoder, slopes, inputs, mask, pos, cache, past_positions) -> Tensor:
+    """BLOOM's decoder over packed lanes. ALiBi adds slope x (key position) to every score; with
+    a query seeing only its own row and prompt, each key's position in its own sequence gives
+    the same softmax as BLOOM's bias over a 2D mask (a shift by the query's position cancels).
+    So the bias is built from the packed positions and the blocks run with the 4D mask."""
+    embeds = inputs.get("inputs_embeds")
+    if embeds is None:
+        embeds = decoder.word_embeddings(inputs["input_ids"])
+    hidden = decoder.word_embeddings_layernorm(embeds)
+    B = pos.shape[0]
+    keys = pos
+    if cache is not None:
+        past = cache.get_seq_length()
+        if past_positions is None:
+            past_positions = torch.arange(past, device=pos.device)
+        keys = torch.cat([past_positions.to(pos.device).expand(B, -1), pos], 1)
+    heads = decoder.num_heads
+    alibi = slopes(heads, pos.device)[None, :, None] * keys[:, None, :].to(torch.float32)
+    alibi = alibi.reshape(B * heads, 1, -1).to(hidden.dtype)  # [B*heads, 1, keys]
+    for block in decoder.h:
+        hidden = block(hidden, alibi=alibi, attention_mask=mask, layer_past=cache)[0]
+    return decoder.ln_f(hidden)
 
 
 def pack_rows(
@@ -518,13 +686,15 @@ def label_loss(
     which is what gradient checkpointing needs (a checkpointed layer runs without a cache).
     """
     h = 0
+    if shared_prefix and not packed_fits(model, prompt.shape[-2] + input_ids.shape[1]):
+        note_path(model, packed_problem(model) or window_reason(model))
+        shared_prefix = False
     if shared_prefix:
         if share_head:
             # the token before the first label token must stay in the rows (its output is used)
             first_label = int((labels != -100).long().argmax(-1).min())
             same = (input_ids == input_ids[:1]).all(0)[: max(first_label - 1, 0)]
             h = int(same.long().cumprod(0).sum())
-        _check_4d_masks(model)
         if prompt.dim() != 2:
             raise SoftpromptError(
                 f"label_loss(shared_prefix=True) takes one prompt [P, H], got shape "
@@ -558,16 +728,18 @@ def label_loss(
         )
         head_mask = torch.full((Q, Q + width), torch.finfo(dtype).min, dtype=dtype, device=device)
         head_mask[:, :Q].triu_(1)
-        hidden = model.get_decoder()(
-            inputs_embeds=torch.cat(
-                [prefix.expand(lanes, -1, -1), embed_ids(model, ids, prompt)], 1
-            ),
-            attention_mask=torch.cat([head_mask.expand(lanes, 1, -1, -1), rows_mask], 2),
-            position_ids=torch.cat(
+        hidden = run_packed(
+            model,
+            {
+                "inputs_embeds": torch.cat(
+                    [prefix.expand(lanes, -1, -1), embed_ids(model, ids, prompt)], 1
+                )
+            },
+            torch.cat([head_mask.expand(lanes, 1, -1, -1), rows_mask], 2),
+            torch.cat(
                 [torch.arange(Q, device=device).expand(lanes, -1), index.clamp(min=0) + Q], 1
             ),
-            use_cache=False,
-        ).last_hidden_state[:, Q:]
+        )[:, Q:]
         keep = target != -100
         logits = model.get_output_embeddings()(hidden[keep])
         tok = F.cross_entropy(logits.float(), target[keep], reduction="none")
@@ -655,8 +827,9 @@ def score_continuations(
     exact: each token sees what it would see run alone after its prompt). `rows` [B] picks each
     row's prompt out of kv's N. The LM head runs only at each row's last input token and trie.
     `prompts` (the whole prompts, [P+S, H] or [N, P+S, H]) fill the rows' suffix placeholders.
+    A model that cannot run packed rows (`packed_problem`) is refused: use `engine.full_label_scores`.
     """
-    _check_4d_masks(model)
+    _require_packed(model)
     B = input_ids.shape[0]
     device = input_ids.device
     tokens, parents, depths, reads = _continuation_trie(continuations)
@@ -706,17 +879,17 @@ def score_continuations(
             a = parents[a]
     past = (slot[:, :, None] == torch.arange(M, device=device)).repeat_interleave(P, -1)
     dtype = model.get_input_embeddings().weight.dtype
-    decoder = model.get_decoder()
-    out = decoder(
-        **_ids_or_embeds(model, ids, prompts, which),
-        attention_mask=packed_mask(seg, index, past, dtype, node, anc),
-        position_ids=pos,
-        use_cache=False,
-        **{_cache_kw(decoder): _cache_from(kv, gidx)},
+    hidden = run_packed(
+        model,
+        _ids_or_embeds(model, ids, prompts, which),
+        packed_mask(seg, index, past, dtype, node, anc),
+        pos,
+        _cache_from(kv, gidx),
+        torch.arange(P, device=device).repeat(M),
     )
     # [B*(1+K), H]: each row's last input position, then its trie nodes (2D and contiguous: a
     # strided 3D input sends the LM head to a batched matmul over a broadcast weight, 10x slower)
-    hidden = out.last_hidden_state.reshape(lanes * width, -1)[at.view(-1)]
+    hidden = hidden.reshape(lanes * width, -1)[at.view(-1)]
     logp = torch.log_softmax(model.get_output_embeddings()(hidden).float(), -1).view(B, 1 + K, -1)
     C = max(len(r) for r in reads)
     L = len(reads)

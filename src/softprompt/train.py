@@ -45,11 +45,13 @@ from .engine import ClassifyRow, Engine, predictor_for_prompt
 from .errors import SoftpromptError, first_line
 from .evaluate import metrics
 from .model import (
+    check_model,
     count_parameters,
     format_trainable,
     gather_root,
     label_loss,
     load_base,
+    note_path,
     set_gradient_checkpointing,
     shard_model,
 )
@@ -329,6 +331,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
             trust_remote_code=cfg.trust_remote_code,
         )
     else:
+        check_model(model)
         model_name = cfg.model or getattr(model.config, "_name_or_path", None)
     if cfg.gradient_checkpointing:
         set_gradient_checkpointing(model)
@@ -357,6 +360,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         )
     # the prompt KV cache of the shared-prefix path cannot outlive a sharded layer's weights
     shared_prefix = not (cfg.gradient_checkpointing or procs.fsdp)
+    if shared_prefix:
+        note_path(model)  # one line when the model cannot run packed rows (`label_loss` falls back)
     encoder = PromptEncoder(prompt, cfg.reparam)
     prompt = encoder.export()  # the prompt as saved; refreshed after every optimiser step
     trainable = sum(p.numel() for p in encoder.parameters())
