@@ -113,6 +113,12 @@ def main() -> None:
         folders, f1s = [], []
         for seed in args.seeds:
             folder = runs / f"{name}_{seed}"
+            # "{runs}" and "{seed}" in a text value name this grid's folder and seed, e.g.
+            # init_from='{runs}/prompt_{seed}' (a two-stage recipe: an earlier recipe's run)
+            mine = {
+                k: v.format(runs=runs, seed=seed) if isinstance(v, str) else v
+                for k, v in fields.items()
+            }
             cfg = TrainConfig(
                 data=str(data / "train.csv"),
                 text_column=args.text_column,
@@ -120,7 +126,7 @@ def main() -> None:
                 out=str(folder),
                 seed=seed,
                 device=args.device,
-                **{**BASE, **fields},
+                **{**BASE, **mine},
             )
             t0 = time.perf_counter()
             result = train(cfg, model, tokenizer)

@@ -8,6 +8,10 @@ A run folder is an adapter folder:
     softprompt_suffix.safetensors  {"suffix_embeddings": [S, H]}, only with --suffix-tokens:
                                vectors that run after the text, which PEFT cannot place
                                (PEFT loads the P vectors in front alone)
+A deep prompt (`--method prefix`) is PEFT's PREFIX_TUNING adapter: adapter_model.safetensors
+holds {"prompt_embeddings": [P, layers*2*kv_heads*head_dim]}, each position's keys and values
+in every layer (`model.prefix_to_kv`). PEFT's P-tuning adapters (P_TUNING) load as plain
+prompts: PEFT saves their encoder's output, [P, H].
     README.md                  a short model card
 An ensemble folder holds `ensemble.json` ({"members": [sub-folders], "calibration"?: {"bias"}})
 and its member adapters; it loads and serves under one name (`load_members`).
@@ -39,7 +43,14 @@ ENSEMBLE_NAME = "ensemble.json"
 SUFFIX_PEFT_TYPE = "SOFTPROMPT_SUFFIX_TUNING"
 """peft_type of an adapter with suffix tokens: PEFT knows no such type and refuses to load it,
 rather than silently loading the tokens in front alone (which do not classify as trained)."""
-PEFT_TYPES = ("PROMPT_TUNING", SUFFIX_PEFT_TYPE)
+PREFIX_PEFT_TYPE = "PREFIX_TUNING"
+PTUNING_PEFT_TYPES = ("P_TUNING", "PROMPT_ENCODER")
+"""PEFT's P-tuning (PromptEncoderConfig): saved as its encoder's output, a plain prompt."""
+PEFT_TYPES = ("PROMPT_TUNING", SUFFIX_PEFT_TYPE, PREFIX_PEFT_TYPE, *PTUNING_PEFT_TYPES)
+KINDS = {"PROMPT_TUNING": "prompt", SUFFIX_PEFT_TYPE: "prompt"} | dict.fromkeys(
+    PTUNING_PEFT_TYPES, "prompt"
+)
+"""What each peft_type loads as: a prompt of input embeddings, or (the rest) a deep prompt."""
 
 
 @dataclass
@@ -54,6 +65,8 @@ class Adapter:
     task: Task | None
     path: str
     base_model: str | None
+    kind: str = "prompt"
+    """prompt (input embeddings [P(+S), H]) or prefix (a deep prompt [P, layers*2*heads*d])."""
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -199,8 +212,8 @@ def load_adapter(path: str | Path) -> Adapter:
     ptype = config.get("peft_type")
     if ptype not in PEFT_TYPES:
         raise SoftpromptError(
-            f"{folder}: adapter type is {ptype!r}, softprompt loads only PROMPT_TUNING adapters "
-            "(use PEFT itself for LoRA and other types)"
+            f"{folder}: adapter type is {ptype!r}; softprompt loads PROMPT_TUNING, PREFIX_TUNING "
+            "and P_TUNING (prompt encoder) adapters (use PEFT itself for LoRA and other types)"
         )
     if config.get("task_type") not in (None, "CAUSAL_LM"):
         raise SoftpromptError(
@@ -247,7 +260,15 @@ def load_adapter(path: str | Path) -> Adapter:
             f"{conf_path}: peft_type {SUFFIX_PEFT_TYPE} needs {TASK_NAME} with suffix_tokens; "
             "copy the whole adapter folder"
         )
-    return Adapter(prompt=prompt, config=config, task=task, path=str(folder), base_model=base)
+    kind = KINDS.get(ptype, "prefix")
+    if kind == "prefix" and task is not None and task.suffix_tokens:
+        raise SoftpromptError(
+            f"{task_path}: suffix_tokens={task.suffix_tokens} with a {ptype} adapter; deep prompts "
+            "take no suffix tokens (the file is damaged or hand-edited)"
+        )
+    return Adapter(
+        prompt=prompt, config=config, task=task, path=str(folder), base_model=base, kind=kind
+    )
 
 
 def _read_json_object(path: Path) -> dict:
@@ -342,10 +363,55 @@ def _load_suffix(folder: Path, S: int, width: int) -> Tensor:
     return suffix.float()
 
 
-def check_fits(adapter: Adapter, model) -> None:
-    """Refuse a prompt whose width is not the base model's hidden size."""
-    from .model import hidden_size
+def prefix_config(model, prefix: Tensor, *, base_model: str | None, projection: bool) -> dict:
+    """adapter_config.json contents with PEFT's PrefixTuningConfig fields, for a deep prompt
+    [P, layers*2*heads*d]. Saved in PEFT's inference layout (the keys/values themselves), which
+    PEFT loads with or without `prefix_projection`."""
+    from .model import prefix_dims
 
+    L, heads, d = prefix_dims(model)
+    conf = {
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model,
+        "encoder_hidden_size": heads * d,
+        "inference_mode": True,
+        "num_attention_heads": heads,
+        "num_layers": L,
+        "num_transformer_submodules": 1,
+        "num_virtual_tokens": int(prefix.shape[0]),
+        "peft_type": PREFIX_PEFT_TYPE,
+        "prefix_projection": bool(projection),
+        "revision": None,
+        "task_type": "CAUSAL_LM",
+        "token_dim": heads * d,
+    }
+    try:
+        from importlib.metadata import version
+
+        conf["peft_version"] = version("peft")
+    except Exception:  # noqa: BLE001 - peft is optional
+        pass
+    return conf
+
+
+def check_fits(adapter: Adapter, model) -> None:
+    """Refuse a prompt whose width is not the base model's hidden size, and a deep prompt whose
+    layers, heads or head size are not the model's (one line naming both shapes)."""
+    from .model import hidden_size, prefix_dims
+
+    if adapter.kind == "prefix":
+        L, heads, d = prefix_dims(model)
+        c = adapter.config
+        n_l, n_h = c.get("num_layers"), c.get("num_attention_heads")
+        t = c.get("token_dim")
+        theirs = (n_l, n_h, t // n_h if isinstance(t, int) and n_h else None)
+        if theirs != (L, heads, d) or adapter.prompt.shape[1] != L * 2 * heads * d:
+            raise SoftpromptError(
+                f"{adapter.path}: deep prompt for {theirs[0]} layers x {theirs[1]} key/value heads "
+                f"x head size {theirs[2]}, but the base model has {L} x {heads} x {d}; it was "
+                f"trained for another model ({adapter.base_model}); pass that one with --model"
+            )
+        return
     H = hidden_size(model)
     if adapter.prompt.shape[1] != H:
         raise SoftpromptError(

@@ -225,6 +225,8 @@ def _train_config(args: argparse.Namespace, given: dict):
     """The TrainConfig of `train` / `cv`: the --preset's values (if any), then the given flags."""
     from .train import TrainConfig, preset_config
 
+    if given.get("method") == "prefix" and "suffix_tokens" not in given:
+        given = {**given, "suffix_tokens": 0}  # deep prompts take no suffix tokens
     if args.preset:
         return preset_config(args.preset, **given)
     return TrainConfig(**{"data": None, **given})

@@ -44,12 +44,15 @@ from .model import (
     KV,
     check_model,
     common_prefix_length,
+    extend_kv,
     generate,
     label_loss,
     note_path,
     packed_fits,
     packed_problem,
     prefix_kv,
+    prefix_label_loss,
+    prefix_to_kv,
     score_continuations,
     slice_kv,
     stack_kv,
@@ -62,11 +65,13 @@ _ids = itertools.count()
 @dataclass(eq=False)
 class Member:
     """One prompt of a predictor: [P+S, H] float32 on the model's device; its last S vectors
-    run after the text (suffix tokens)."""
+    run after the text (suffix tokens). With kind "prefix" a deep prompt [P, layers*2*heads*d]
+    (its keys/values in every layer, `model.prefix_to_kv`)."""
 
     prompt: Tensor
     suffix_tokens: int = 0
     path: str | None = None
+    kind: str = "prompt"
     uid: int = field(default_factory=lambda: next(_ids))
     """Unique per load: the KV cache's key (a prompt loaded again is a new member)."""
 
@@ -121,6 +126,7 @@ class Predictor:
             "labels": list(self.task.label_names),
             "num_virtual_tokens": self.num_virtual_tokens,
             "suffix_tokens": self.task.suffix_tokens,
+            "method": self.members[0].kind,
             "template": self.task.template,
             "max_length": self.task.max_length,
             "base_model": self.base_model,
@@ -147,6 +153,8 @@ def _saved_bias(adapter: Adapter) -> list[float] | None:
 def _difference(first: Adapter, other: Adapter) -> list[str]:
     """How ensemble member `other` differs from `first` in what must be the same."""
     what = []
+    if other.kind != first.kind:
+        what.append(f"a {other.kind} adapter (not a {first.kind} one)")
     if other.base_model != first.base_model:
         what.append(f"base model {other.base_model!r} (not {first.base_model!r})")
     if other.prompt.shape[1] != first.prompt.shape[1]:
@@ -209,7 +217,8 @@ def make_predictor(
         name=name or str(first.path),
         task=task,
         members=[
-            Member(a.prompt.to(device), task.suffix_tokens, path=str(a.path)) for a in adapters
+            Member(a.prompt.to(device), task.suffix_tokens, path=str(a.path), kind=a.kind)
+            for a in adapters
         ],
         bias=values,
         label_ids=[label_token_ids(tokenizer, n) for n in task.label_names],
@@ -227,17 +236,30 @@ def predictor_for_prompt(
     *,
     bias: Sequence[float] | None = None,
     name: str = "prompt",
+    kind: str = "prompt",
 ) -> Predictor:
     """A predictor of prompt [P+S, H] (or an ensemble [K, P+S, H]) for `task`, not read from disk
-    (training's per-epoch evaluation, `evaluate.label_probabilities`); raw unless `bias` is given."""
+    (training's per-epoch evaluation, `evaluate.label_probabilities`); raw unless `bias` is given.
+    kind "prefix": deep prompts [P, layers*2*heads*d] (no config to check them against)."""
+    from .model import prefix_dims
+
     prompts = [prompt] if prompt.dim() == 2 else list(prompt)
     base = task.extra.get("base_model") if task.extra else None
     adapters = [
         Adapter(
-            prompt=p.detach().float(), config={}, task=task, path=f"{name} {i}", base_model=base
+            prompt=p.detach().float(),
+            config={},
+            task=task,
+            path=f"{name} {i}",
+            base_model=base,
+            kind=kind,
         )
         for i, p in enumerate(prompts)
     ]
+    if kind == "prefix":
+        L, heads, d = prefix_dims(model)
+        for a in adapters:
+            a.config = {"num_layers": L, "num_attention_heads": heads, "token_dim": heads * d}
     return make_predictor(model, tokenizer, adapters, name=name, bias=bias)
 
 
@@ -290,8 +312,11 @@ class KVCache:
                 self.hits += 1
                 return kv
         with torch.no_grad():
-            ids = torch.tensor(list(head), dtype=torch.long) if len(head) else None
-            kv = prefix_kv(self.model, member.front, ids)
+            if member.kind == "prefix":  # a deep prompt is a KV already; the head runs after it
+                kv = extend_kv(self.model, prefix_to_kv(self.model, member.prompt), head)
+            else:
+                ids = torch.tensor(list(head), dtype=torch.long) if len(head) else None
+                kv = prefix_kv(self.model, member.front, ids)
         with self._lock:
             self.misses += 1
             if not keep:
@@ -467,13 +492,17 @@ class Engine:
     def _score_full(self, rows, members, conts) -> list[Tensor]:
         """`_score` without a KV cache or packing (`full_label_scores`): for a sharded model, and
         for one that cannot run packed rows (`model.packed_problem`)."""
-        prompts = torch.stack([m.prompt for m in members])
         pad = self.tokenizer.pad_token_id
-        logp = full_label_scores(self.model, prompts, [r.ids for r in rows], conts, pad)
         index = {tuple(c): i for i, c in enumerate(conts)}
-        return [
-            logp[b, [index[tuple(c)] for c in r.predictor.label_ids]] for b, r in enumerate(rows)
-        ]
+        out: list = [None] * len(rows)
+        for kind in {m.kind for m in members}:
+            part = [b for b, m in enumerate(members) if m.kind == kind]
+            prompts = torch.stack([members[b].prompt for b in part])
+            seqs = [rows[b].ids for b in part]
+            logp = full_label_scores(self.model, prompts, seqs, conts, pad, kind=kind)
+            for j, b in enumerate(part):
+                out[b] = logp[j, [index[tuple(c)] for c in rows[b].predictor.label_ids]]
+        return out
 
     def _prompts(self, rows, members: Sequence[Member]):
         """(stacked KV of the distinct members over their prompt and the first h tokens of their
@@ -550,16 +579,22 @@ def full_label_scores(
     seqs: Sequence[Sequence[int]],
     continuations: Sequence[Sequence[int]],
     pad_id: int,
+    *,
+    kind: str = "prompt",
 ) -> Tensor:
     """Log-probability of each continuation after prompt + each input: [B, L], as
     `score_continuations` gives, by one plain forward over every (input, continuation) pair (no
     KV cache): L times the compute, for sharded (FSDP) models, where a cache cannot be kept.
-    `prompt` is one prompt [P+S, H] or one per input [B, P+S, H]."""
+    `prompt` is one prompt [P+S, H] or one per input [B, P+S, H]; with kind "prefix" deep
+    prompts [(B,) P, layers*2*heads*d]."""
     pairs = [Encoded(list(s), list(c)) for s in seqs for c in continuations]
     batch = {k: v.to(prompt.device) for k, v in collate_train(pairs, pad_id).items()}
     if prompt.dim() == 3:
         prompt = prompt.repeat_interleave(len(continuations), 0)
-    tok = label_loss(model, prompt, **batch, reduction="none", shared_prefix=False)
+    if kind == "prefix":
+        tok = prefix_label_loss(model, prompt, **batch, reduction="none", packed=False)
+    else:
+        tok = label_loss(model, prompt, **batch, reduction="none", shared_prefix=False)
     keep = batch["labels"][:, 1:] != -100  # the tokens label_loss scores, in its order
     row = torch.arange(len(pairs), device=tok.device)[:, None].expand_as(keep)[keep]
     logp = torch.zeros(len(pairs), device=tok.device).index_add_(0, row, -tok)

@@ -289,6 +289,55 @@ def prefix_kv(model, prompts: Tensor, head_ids: Tensor | None = None) -> KV:
     return tuple((layer.keys, layer.values) for layer in _out_cache(out).layers)
 
 
+_DIMS: dict[int, tuple[int, int, int]] = {}
+
+
+def prefix_dims(model) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of the model's KV cache: a deep prompt (prefix) of P
+    positions holds layers x 2 x heads x head dim numbers per position (PEFT's PREFIX_TUNING
+    `num_layers`, `num_attention_heads`, `token_dim // num_attention_heads`). Read off one
+    forward of a single position, so grouped-query and multi-query attention count right."""
+    key = id(model)
+    if key not in _DIMS:
+        with torch.no_grad():
+            emb = model.get_input_embeddings().weight[:1]
+            kv = prefix_kv(model, emb.float())
+        shapes = {(k.shape[1], k.shape[3], v.shape[1], v.shape[3]) for k, v in kv}
+        if len(shapes) != 1:
+            raise SoftpromptError(
+                f"{type(model).__name__} has layers of different key/value shapes {sorted(shapes)}; "
+                "a deep prompt (--method prefix) needs one shape in every layer: use --method prompt"
+            )
+        heads, d, _, _ = shapes.pop()
+        _DIMS[key] = (len(kv), heads, d)
+    return _DIMS[key]
+
+
+def prefix_to_kv(model, prefix: Tensor) -> KV:
+    """A deep prompt in PEFT's PREFIX_TUNING layout [P, layers*2*heads*d] (or [N, P, ...]) as
+    per-layer keys/values ((k, v), ...) [N, heads, P, d] in the model's dtype. Differentiable:
+    training optimises `prefix` itself."""
+    L, heads, d = prefix_dims(model)
+    x = prefix if prefix.dim() == 3 else prefix[None]
+    N, P, width = x.shape
+    if width != L * 2 * heads * d:
+        raise SoftpromptError(
+            f"a deep prompt of width {width} does not fit {type(model).__name__}: it needs "
+            f"{L} layers x 2 x {heads} heads x {d} = {L * 2 * heads * d}"
+        )
+    dtype = model.get_input_embeddings().weight.dtype
+    x = x.to(dtype).view(N, P, L, 2, heads, d).permute(2, 3, 0, 4, 1, 5)  # [L, 2, N, heads, P, d]
+    return tuple((x[i, 0], x[i, 1]) for i in range(L))
+
+
+def kv_to_prefix(kv: KV) -> Tensor:
+    """Keys/values [N, heads, P, d] per layer as a deep prompt [N, P, layers*2*heads*d] in
+    float32 (PEFT's PREFIX_TUNING layout; the inverse of `prefix_to_kv`)."""
+    x = torch.stack([torch.stack([k, v]) for k, v in kv])  # [L, 2, N, heads, P, d]
+    L, _, N, heads, P, d = x.shape
+    return x.permute(2, 4, 0, 1, 3, 5).reshape(N, P, L * 2 * heads * d).float()
+
+
 def extend_kv(model, kv: KV, ids: Sequence[int]) -> KV:
     """kv (N prompts, length P) followed by the same tokens `ids` [h] for every prompt: a KV of
     length P+h. Exact (causal attention): those tokens' keys/values depend only on what is before."""
@@ -756,6 +805,11 @@ def label_loss(
         logits = model.get_output_embeddings()(hidden[:, :-1][keep])
         tok = F.cross_entropy(logits.float(), target[keep], reduction="none")
         rows = keep.nonzero()[:, 0]
+    return _reduce(tok, rows, weights, reduction)
+
+
+def _reduce(tok: Tensor, rows: Tensor, weights: Tensor | None, reduction: str) -> Tensor:
+    """Label tokens' losses `tok` (of rows `rows`, row-major) reduced as `label_loss` says."""
     if weights is None:
         if reduction == "none":
             return tok
@@ -763,6 +817,65 @@ def label_loss(
     w = weights.to(tok.device, torch.float32)[rows]
     tok = tok * w
     return tok.sum() if reduction == "sum" else tok.sum() / w.sum()
+
+
+def prefix_label_loss(
+    model,
+    prefix: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    *,
+    reduction: str = "mean",
+    weights: Tensor | None = None,
+    packed: bool = True,
+) -> Tensor:
+    """`label_loss` for a deep prompt `prefix` [P, layers*2*heads*d] (`prefix_to_kv`): the rows
+    run after its keys/values in every layer, at positions P.. (as PEFT's prefix tuning runs
+    them). The prefix needs no forward pass of its own: packed, the rows share lanes after it
+    (each seeing the whole prefix and its own earlier tokens); with packed=False (or a model that
+    cannot run packed rows) each right-padded row runs after its own copy, with a 2D mask."""
+    kv = prefix_to_kv(model, prefix)
+    P = kv[0][0].shape[2]
+    if packed and not packed_fits(model, P + input_ids.shape[1]):
+        note_path(model, packed_problem(model) or window_reason(model))
+        packed = False
+    if not packed:
+        hidden, _ = run_after_prefix(model, kv, input_ids, attention_mask)
+        target = labels[:, 1:]
+        keep = target != -100
+        logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+        tok = F.cross_entropy(logits.float(), target[keep], reduction="none")
+        return _reduce(tok, keep.nonzero()[:, 0], weights, reduction)
+    device = input_ids.device
+    lengths = [max(int(n) - 1, 0) for n in attention_mask.sum(-1).tolist()]
+    width = lane_width(lengths)
+    lanes, places = pack_rows(lengths, width)
+    ids = input_ids.new_full((lanes, width), max(int(input_ids[0, 0]), 0))
+    target = labels.new_full((lanes, width), -100)
+    row_of = torch.full((lanes, width), -1, dtype=torch.long, device=device)
+    index = torch.full((lanes, width), -1, dtype=torch.long, device=device)
+    for b, (lane, off) in enumerate(places):
+        n = lengths[b]
+        ids[lane, off : off + n] = input_ids[b, :n]
+        target[lane, off : off + n] = labels[b, 1 : 1 + n]
+        row_of[lane, off : off + n] = b
+        index[lane, off : off + n] = torch.arange(n, device=device)
+    dtype = model.get_input_embeddings().weight.dtype
+    past = torch.ones((lanes, width, P), dtype=torch.bool, device=device)
+    hidden = run_packed(
+        model,
+        {"input_ids": ids},
+        packed_mask(row_of, index, past, dtype),
+        index.clamp(min=0) + P,
+        _cache_from(kv, lanes),
+    )
+    keep = target != -100
+    logits = model.get_output_embeddings()(hidden[keep])
+    tok = F.cross_entropy(logits.float(), target[keep], reduction="none")
+    rows = row_of[keep]
+    order = torch.argsort(rows * labels.shape[1] + index[keep])
+    return _reduce(tok[order], rows[order], weights, reduction)
 
 
 def reference_loss(

@@ -91,6 +91,36 @@ def init_prompt(
     raise SoftpromptError(f"--init {method!r} is not one of {', '.join(INIT_METHODS)}")
 
 
+@torch.no_grad()
+def init_prefix(
+    model,
+    tokenizer,
+    num_virtual_tokens: int,
+    method: str = "text",
+    *,
+    text: str | None = None,
+    label_names: Sequence[str] = (),
+    seed: int = 0,
+    start: Tensor | None = None,
+) -> Tensor:
+    """A new deep prompt [P, layers*2*heads*d] in float32: the real keys/values, in every layer,
+    of a prompt from `init_prompt` (the init text, labels, vocabulary or random vectors run
+    through the model), or of `start` [P, H], a trained prompt (`--init-from`)."""
+    from .model import kv_to_prefix, prefix_kv
+
+    if start is None:
+        start = init_prompt(
+            model,
+            tokenizer,
+            num_virtual_tokens,
+            method,
+            text=text,
+            label_names=label_names,
+            seed=seed,
+        )
+    return kv_to_prefix(prefix_kv(model, start))[0]
+
+
 REPARAM_METHODS = ("none", "mlp")
 """`--reparam` choices: none (train the embeddings directly) or mlp (P-tuning's encoder)."""
 

@@ -24,8 +24,10 @@ from .adapters import (
     TASK_NAME,
     atomic_write_bytes,
     atomic_write_json,
+    check_fits,
     load_adapter,
     peft_config,
+    prefix_config,
     save_adapter,
     write_ensemble,
 )
@@ -52,6 +54,8 @@ from .model import (
     label_loss,
     load_base,
     note_path,
+    prefix_dims,
+    prefix_label_loss,
     set_gradient_checkpointing,
     shard_model,
 )
@@ -60,6 +64,7 @@ from .prompt import (
     INIT_METHODS,
     REPARAM_METHODS,
     PromptEncoder,
+    init_prefix,
     init_prompt,
     task_init_text,
 )
@@ -99,6 +104,16 @@ class TrainConfig:
     """Maximum tokens of input + label; the text is cut to fit, never the label (--max-length)."""
     num_virtual_tokens: int = 8
     """Length of the soft prompt (--num-virtual-tokens)."""
+    method: str = "prompt"
+    """prompt: input embeddings in front of the text (prompt tuning); prefix: keys and values in
+    every layer (prefix tuning / P-tuning v2, PEFT's PREFIX_TUNING), layers x 2 x kv width
+    numbers per virtual token (--method)."""
+    init_from: str | None = None
+    """--method prefix: start from this adapter's keys/values (a prompt run's prompt, or a
+    prefix run), instead of those of --init (--init-from)."""
+    prefix_projection: bool = False
+    """--method prefix: train the keys/values through a residual MLP (PEFT's prefix_projection
+    is a plain one); the saved adapter is the keys/values (--prefix-projection)."""
     suffix_tokens: int = 32
     """More soft tokens, placed right after the text instead of before it (--suffix-tokens). They
     see the whole text, so they can gather it for the label (docs/accuracy.md). Such adapters
@@ -181,6 +196,28 @@ class TrainConfig:
             p.append(
                 f"--reparam must be one of {', '.join(REPARAM_METHODS)} (got {self.reparam!r})"
             )
+        if self.method not in METHODS:
+            p.append(f"--method must be one of {', '.join(METHODS)} (got {self.method!r})")
+        if self.method == "prefix":
+            if self.suffix_tokens:
+                p.append(
+                    f"--suffix-tokens {self.suffix_tokens} does not combine with --method prefix; "
+                    "pass --suffix-tokens 0"
+                )
+            if self.gradient_checkpointing or self.fsdp:
+                p.append(
+                    "--method prefix trains keys/values that every layer reads from its cache, "
+                    "which checkpointed or sharded layers do not keep; drop "
+                    "--gradient-checkpointing / --fsdp (a prefix needs no prompt forward pass, so "
+                    "it uses less memory than --method prompt)"
+                )
+            if self.reparam != "none":
+                p.append("--reparam is for --method prompt; use --prefix-projection with prefix")
+        else:
+            if self.init_from:
+                p.append("--init-from is for --method prefix")
+            if self.prefix_projection:
+                p.append("--prefix-projection is for --method prefix")
         if self.init not in INIT_METHODS:
             p.append(f"--init must be one of {', '.join(INIT_METHODS)} (got {self.init!r})")
         if self.save_steps < 0:
@@ -200,6 +237,9 @@ class TrainConfig:
         if p:
             raise SoftpromptError("invalid settings: " + "; ".join(p))
 
+
+METHODS = ("prompt", "prefix")
+"""`--method` choices: prompt tuning, or deep prompts (prefix tuning)."""
 
 PRESETS: dict[str, dict] = {
     "small-data": {},
@@ -342,15 +382,30 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
     eval_rows = encode_rows(tokenizer, task, eval_texts, eval_labels) if eval_texts else []
     init_text = cfg.init_text or task_init_text(labels_all)
     row_weight = _row_weights([table.labels[i] for i in train_idx], cfg.balance)  # [N] floats
-    prompt = init_prompt(  # [P+S, H]: the last S run after the text (--suffix-tokens)
-        model,
-        tokenizer,
-        cfg.num_virtual_tokens + cfg.suffix_tokens,
-        cfg.init,
-        text=init_text,
-        label_names=labels_all,
-        seed=cfg.seed,
-    ).to(device)
+    prefix = cfg.method == "prefix"
+    if prefix:  # [P, layers*2*heads*d]: keys/values in every layer
+        if cfg.init_from:
+            prompt = _init_from(cfg, model, tokenizer, say).to(device)
+        else:
+            prompt = init_prefix(
+                model,
+                tokenizer,
+                cfg.num_virtual_tokens,
+                cfg.init,
+                text=init_text,
+                label_names=labels_all,
+                seed=cfg.seed,
+            ).to(device)
+    else:
+        prompt = init_prompt(  # [P+S, H]: the last S run after the text (--suffix-tokens)
+            model,
+            tokenizer,
+            cfg.num_virtual_tokens + cfg.suffix_tokens,
+            cfg.init,
+            text=init_text,
+            label_names=labels_all,
+            seed=cfg.seed,
+        ).to(device)
     # float32 whatever the model's dtype; cast where it enters the model
     if procs.fsdp:  # after the prompt's init, which reads the whole embedding table
         held, all_weights = shard_model(model, device)
@@ -362,10 +417,16 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
     shared_prefix = not (cfg.gradient_checkpointing or procs.fsdp)
     if shared_prefix:
         note_path(model)  # one line when the model cannot run packed rows (`label_loss` falls back)
-    encoder = PromptEncoder(prompt, cfg.reparam)
+    encoder = PromptEncoder(prompt, "mlp" if cfg.prefix_projection else cfg.reparam)
     prompt = encoder.export()  # the prompt as saved; refreshed after every optimiser step
     trainable = sum(p.numel() for p in encoder.parameters())
     say(format_trainable(*count_parameters(model, trainable)))
+    if prefix:
+        L, heads, d = prefix_dims(model)
+        say(
+            f"deep prompt (--method prefix): {cfg.num_virtual_tokens} positions x {L} layers x 2 "
+            f"x {heads * d} (keys and values) = {prompt.numel():,} numbers"
+        )
     if encoder.mlp is not None:
         say(f"reparameterised: {trainable:,} trainable, saved as a {tuple(prompt.shape)} prompt")
     say(f"train rows: {len(train_rows)}, eval rows: {len(eval_rows)}, labels: {labels_all}")
@@ -380,14 +441,19 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
             f"{cfg.suffix_tokens} soft tokens after the text (--suffix-tokens): the adapter loads "
             "in softprompt only (PEFT refuses it); --suffix-tokens 0 gives a plain PEFT adapter"
         )
-    adapter_conf = peft_config(
-        model,
-        prompt[: cfg.num_virtual_tokens],
-        base_model=hub_name,
-        init=cfg.init,
-        init_text=init_text,
-        tokenizer_name=hub_name,
-    )
+    if prefix:
+        adapter_conf = prefix_config(
+            model, prompt, base_model=hub_name, projection=cfg.prefix_projection
+        )
+    else:
+        adapter_conf = peft_config(
+            model,
+            prompt[: cfg.num_virtual_tokens],
+            base_model=hub_name,
+            init=cfg.init,
+            init_text=init_text,
+            tokenizer_name=hub_name,
+        )
     task.extra = {"base_model": base_record, "init": cfg.init, "softprompt_version": _version()}
     if procs.main and not cfg.resume:
         atomic_write_json(out / "train_config.json", asdict(cfg))
@@ -483,12 +549,12 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
                 gather_root(model)
             if mine or procs.fsdp:
                 batch = {k: v.to(device) for k, v in collate_train(share, pad).items()}
-                loss = label_loss(
+                loss = _loss(
                     model,
                     encoder(),
-                    **batch,
-                    reduction="sum",
-                    shared_prefix=shared_prefix,
+                    batch,
+                    prefix=prefix,
+                    packed=shared_prefix,
                     weights=torch.tensor(w) if cfg.balance or not mine else None,
                 )
                 loss = loss / label_token_count(rows, weights)
@@ -724,13 +790,47 @@ RUN_FILE_NAMES = (
 )  # fmt: skip
 
 
+def _loss(model, prompt, batch: dict, *, prefix: bool, packed: bool, weights=None):
+    """The summed label-token loss of a batch, for a prompt or a deep prompt (`prefix`)."""
+    if prefix:
+        return prefix_label_loss(
+            model, prompt, **batch, reduction="sum", packed=packed, weights=weights
+        )
+    return label_loss(
+        model, prompt, **batch, reduction="sum", shared_prefix=packed, weights=weights
+    )
+
+
+def _init_from(cfg: TrainConfig, model, tokenizer, say) -> torch.Tensor:
+    """--init-from: the starting deep prompt [P, layers*2*heads*d]: the keys/values of a prompt
+    adapter's trained prompt (the vectors in front of the text), or a deep prompt as it is."""
+    adapter = load_adapter(cfg.init_from)
+    check_fits(adapter, model)
+    S = adapter.task.suffix_tokens if adapter.task is not None else 0
+    front = adapter.prompt[: adapter.prompt.shape[0] - S]
+    if S:
+        say(f"--init-from {cfg.init_from}: its {S} suffix tokens are left out (a prefix has none)")
+    if cfg.num_virtual_tokens != front.shape[0]:
+        say(
+            f"--init-from {cfg.init_from}: {front.shape[0]} virtual tokens (its length; "
+            f"--num-virtual-tokens {cfg.num_virtual_tokens} is overridden)"
+        )
+        cfg.num_virtual_tokens = int(front.shape[0])
+    if adapter.kind == "prefix":
+        return front.clone()
+    device = model.get_input_embeddings().weight.device
+    return init_prefix(model, tokenizer, front.shape[0], start=front.to(device))
+
+
 def _evaluate(model, tokenizer, prompt, task, eval_rows, texts, labels, cfg, procs) -> dict:
     """Eval loss (mean over all label tokens), accuracy and macro-F1 (label scoring by the
     inference engine, raw). Each process takes every world-th row; the sums and predictions are
     gathered, so any process count gives the same."""
     mine = list(range(procs.rank, len(eval_rows), procs.world))
     engine = Engine(model, tokenizer, kv_cache_bytes=0)
-    predictor = predictor_for_prompt(model, tokenizer, prompt.detach(), task)
+    prefix = cfg.method == "prefix"
+    kind = "prefix" if prefix else "prompt"
+    predictor = predictor_for_prompt(model, tokenizer, prompt.detach(), task, kind=kind)
     pad = tokenizer.pad_token_id
     device = prompt.device
     size = cfg.eval_batch_size
@@ -746,7 +846,7 @@ def _evaluate(model, tokenizer, prompt, task, eval_rows, texts, labels, cfg, pro
             idx = mine[s : s + size] or [0]
             rows = [eval_rows[j] for j in idx]
             batch = {k: v.to(device) for k, v in collate_train(rows, pad).items()}
-            loss = label_loss(model, prompt, **batch, reduction="sum", shared_prefix=not procs.fsdp)
+            loss = _loss(model, prompt, batch, prefix=prefix, packed=not procs.fsdp)
             probs = engine.label_probabilities(
                 [ClassifyRow(predictor, engine.encode(predictor, texts[j])[0]) for j in idx]
             )
@@ -881,6 +981,19 @@ def _version() -> str:
         return "unknown"
 
 
+def _card_what(conf: dict) -> str:
+    """The card's first words: what the adapter is and what it costs."""
+    P = conf["num_virtual_tokens"]
+    if conf.get("peft_type") == "PREFIX_TUNING":
+        per = conf["num_layers"] * 2 * conf["token_dim"]
+        return (
+            f"A {P}-position deep prompt (prefix tuning, Li & Liang 2021; PEFT's PREFIX_TUNING): "
+            f"keys and values in each of {conf['num_layers']} layers, {per:,} numbers per position, "
+            f"{P * per:,} in all,"
+        )
+    return f"A {P}-token soft prompt (prompt tuning, Lester et al. 2021)"
+
+
 def model_card(task: Task, conf: dict, record: dict, base: str | None) -> str:
     """A short README.md for the adapter folder (Hub model card)."""
     hub = conf.get("base_model_name_or_path")
@@ -893,8 +1006,8 @@ def model_card(task: Task, conf: dict, record: dict, base: str | None) -> str:
         "",
         "# Soft prompt",
         "",
-        f"A {conf['num_virtual_tokens']}-token soft prompt (prompt tuning, Lester et al. 2021) for "
-        f"`{hub or base}`, trained with softprompt. It classifies `{task.text_column}` into: "
+        _card_what(conf)
+        + f" for `{hub or base}`, trained with softprompt. It classifies `{task.text_column}` into: "
         + ", ".join(f"`{n}`" for n in task.label_names)
         + ".",
         "",
