@@ -754,22 +754,9 @@ def label_loss(
         head = embed_ids(model, input_ids[0, :h], prompt)
         prefix = torch.cat([prompt[:P].to(dtype), head])  # [Q, H]
         Q = prefix.shape[0]
-        # A row runs its tokens after the head up to its last but one (the last is only ever a
-        # target), packed with other rows into lanes after the prefix (see `pack_rows`).
-        lengths = [max(int(n) - 1 - h, 0) for n in attention_mask.sum(-1).tolist()]
-        width = lane_width(lengths, Q)
-        lanes, places = pack_rows(lengths, width)
+        ids, target, row_of, index = _pack_label_rows(input_ids, attention_mask, labels, h, Q)
+        lanes, width = ids.shape
         device = input_ids.device
-        ids = input_ids.new_full((lanes, width), max(int(input_ids[0, 0]), 0))
-        target = labels.new_full((lanes, width), -100)
-        row_of = torch.full((lanes, width), -1, dtype=torch.long, device=device)
-        index = torch.full((lanes, width), -1, dtype=torch.long, device=device)
-        for b, (lane, off) in enumerate(places):
-            n = lengths[b]
-            ids[lane, off : off + n] = input_ids[b, h : h + n]
-            target[lane, off : off + n] = labels[b, h + 1 : h + 1 + n]
-            row_of[lane, off : off + n] = b
-            index[lane, off : off + n] = torch.arange(n, device=device)
         # The prefix sees itself causally; a row sees the whole prefix and its own earlier
         # tokens (`packed_mask` with the prefix as every position's past).
         rows_mask = packed_mask(
@@ -789,23 +776,57 @@ def label_loss(
                 [torch.arange(Q, device=device).expand(lanes, -1), index.clamp(min=0) + Q], 1
             ),
         )[:, Q:]
-        keep = target != -100
-        logits = model.get_output_embeddings()(hidden[keep])
-        tok = F.cross_entropy(logits.float(), target[keep], reduction="none")
-        rows = row_of[keep]
-        order = torch.argsort(rows * labels.shape[1] + index[keep])
-        rows, tok = rows[order], tok[order]  # row-major, as the padded layout gives them
-    else:
-        embeds, mask = _concat_inputs(model, prompt, input_ids, attention_mask)
-        hidden = model.get_decoder()(
-            inputs_embeds=embeds, attention_mask=mask, use_cache=False
-        ).last_hidden_state[:, embeds.shape[1] - input_ids.shape[1] :]  # after the prompt
-        target = labels[:, 1:]
-        keep = target != -100
-        logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-        tok = F.cross_entropy(logits.float(), target[keep], reduction="none")
-        rows = keep.nonzero()[:, 0]
-    return _reduce(tok, rows, weights, reduction)
+        return _packed_loss(model, hidden, target, row_of, index, weights, reduction)
+    embeds, mask = _concat_inputs(model, prompt, input_ids, attention_mask)
+    hidden = model.get_decoder()(
+        inputs_embeds=embeds, attention_mask=mask, use_cache=False
+    ).last_hidden_state[:, embeds.shape[1] - input_ids.shape[1] :]  # after the prompt
+    return _padded_loss(model, hidden, labels, weights, reduction)
+
+
+def _pack_label_rows(
+    input_ids: Tensor, attention_mask: Tensor, labels: Tensor, h: int, prefix: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Right-padded training rows [B, T] packed into lanes (`pack_rows`), each row from its
+    token h (the first h are shared and run elsewhere) up to its last but one (the last is only
+    ever a target); `prefix` positions come before each lane (for the lane width's cost).
+    Returns (ids, target, row_of, index), each [lanes, width]: the token, the label it predicts
+    (-100: none), its row (-1: unused) and its place among its row's packed tokens."""
+    lengths = [max(int(n) - 1 - h, 0) for n in attention_mask.sum(-1).tolist()]
+    width = lane_width(lengths, prefix)
+    lanes, places = pack_rows(lengths, width)
+    device = input_ids.device
+    ids = input_ids.new_full((lanes, width), max(int(input_ids[0, 0]), 0))
+    target = labels.new_full((lanes, width), -100)
+    row_of = torch.full((lanes, width), -1, dtype=torch.long, device=device)
+    index = torch.full((lanes, width), -1, dtype=torch.long, device=device)
+    for b, (lane, off) in enumerate(places):
+        n = lengths[b]
+        ids[lane, off : off + n] = input_ids[b, h : h + n]
+        target[lane, off : off + n] = labels[b, h + 1 : h + 1 + n]
+        row_of[lane, off : off + n] = b
+        index[lane, off : off + n] = torch.arange(n, device=device)
+    return ids, target, row_of, index
+
+
+def _packed_loss(model, hidden, target, row_of, index, weights, reduction) -> Tensor:
+    """The loss of packed lanes' hidden states [lanes, width, H]: the LM head only where a label
+    is predicted; token losses put back in row-major order, as the padded layout gives them."""
+    keep = target != -100
+    logits = model.get_output_embeddings()(hidden[keep])
+    tok = F.cross_entropy(logits.float(), target[keep], reduction="none")
+    rows = row_of[keep]
+    order = torch.argsort(rows * (int(index.max()) + 2) + index[keep])
+    return _reduce(tok[order], rows[order], weights, reduction)
+
+
+def _padded_loss(model, hidden, labels, weights, reduction) -> Tensor:
+    """The loss of right-padded rows' hidden states [B, T, H] aligned with `labels` [B, T]."""
+    target = labels[:, 1:]
+    keep = target != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    tok = F.cross_entropy(logits.float(), target[keep], reduction="none")
+    return _reduce(tok, keep.nonzero()[:, 0], weights, reduction)
 
 
 def _reduce(tok: Tensor, rows: Tensor, weights: Tensor | None, reduction: str) -> Tensor:
@@ -842,27 +863,11 @@ def prefix_label_loss(
         packed = False
     if not packed:
         hidden, _ = run_after_prefix(model, kv, input_ids, attention_mask)
-        target = labels[:, 1:]
-        keep = target != -100
-        logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-        tok = F.cross_entropy(logits.float(), target[keep], reduction="none")
-        return _reduce(tok, keep.nonzero()[:, 0], weights, reduction)
-    device = input_ids.device
-    lengths = [max(int(n) - 1, 0) for n in attention_mask.sum(-1).tolist()]
-    width = lane_width(lengths)
-    lanes, places = pack_rows(lengths, width)
-    ids = input_ids.new_full((lanes, width), max(int(input_ids[0, 0]), 0))
-    target = labels.new_full((lanes, width), -100)
-    row_of = torch.full((lanes, width), -1, dtype=torch.long, device=device)
-    index = torch.full((lanes, width), -1, dtype=torch.long, device=device)
-    for b, (lane, off) in enumerate(places):
-        n = lengths[b]
-        ids[lane, off : off + n] = input_ids[b, :n]
-        target[lane, off : off + n] = labels[b, 1 : 1 + n]
-        row_of[lane, off : off + n] = b
-        index[lane, off : off + n] = torch.arange(n, device=device)
+        return _padded_loss(model, hidden, labels, weights, reduction)
+    ids, target, row_of, index = _pack_label_rows(input_ids, attention_mask, labels, 0, 0)
+    lanes, width = ids.shape
     dtype = model.get_input_embeddings().weight.dtype
-    past = torch.ones((lanes, width, P), dtype=torch.bool, device=device)
+    past = torch.ones((lanes, width, P), dtype=torch.bool, device=ids.device)
     hidden = run_packed(
         model,
         {"input_ids": ids},
@@ -870,12 +875,7 @@ def prefix_label_loss(
         index.clamp(min=0) + P,
         _cache_from(kv, lanes),
     )
-    keep = target != -100
-    logits = model.get_output_embeddings()(hidden[keep])
-    tok = F.cross_entropy(logits.float(), target[keep], reduction="none")
-    rows = row_of[keep]
-    order = torch.argsort(rows * labels.shape[1] + index[keep])
-    return _reduce(tok[order], rows[order], weights, reduction)
+    return _packed_loss(model, hidden, target, row_of, index, weights, reduction)
 
 
 def reference_loss(
