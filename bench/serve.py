@@ -50,12 +50,13 @@ def log(msg: str) -> None:
     print(f"[serve-bench] {msg}", file=sys.stderr, flush=True)
 
 
-def make_adapters(folder: Path, n: int, P: int, train_epochs: int) -> list[str]:
-    """a00 directly in `folder` (loaded at start), a01.. in folder/more (loaded later)."""
-    from softprompt.adapters import peft_config, save_adapter
+def make_adapters(folder: Path, n: int, P: int, train_epochs: int, method: str = "prompt") -> list[str]:  # fmt: skip
+    """a00 directly in `folder` (loaded at start), a01.. in folder/more (loaded later).
+    method "prefix": deep prompts (PEFT's PREFIX_TUNING), the real keys/values of vocab tokens."""
+    from softprompt.adapters import peft_config, prefix_config, save_adapter
     from softprompt.data import Task
     from softprompt.model import load_base
-    from softprompt.prompt import init_prompt
+    from softprompt.prompt import init_prefix, init_prompt
 
     names = [f"a{i:02d}" for i in range(n)]
     paths = [folder / names[0]] + [folder / "more" / x for x in names[1:]]
@@ -69,11 +70,16 @@ def make_adapters(folder: Path, n: int, P: int, train_epochs: int) -> list[str]:
             log(f"training {names[i]} ({train_epochs} epochs)")
             train(TrainConfig(data=str(DEMO), text_column="Tweet text", label_column="Label",
                               out=str(path), epochs=train_epochs, init="vocab", seed=i,
-                              num_virtual_tokens=P, overwrite=True, progress=False))  # fmt: skip
+                              num_virtual_tokens=P, overwrite=True, progress=False,
+                              method=method, suffix_tokens=0))  # fmt: skip
             continue
-        prompt = init_prompt(model, tok, P, "vocab", seed=i)
-        conf = peft_config(model, prompt, base_model="default", init="vocab", init_text=None,
-                           tokenizer_name=None)  # fmt: skip
+        if method == "prefix":
+            prompt = init_prefix(model, tok, P, "vocab", seed=i)
+            conf = prefix_config(model, prompt, base_model="default", projection=False)
+        else:
+            prompt = init_prompt(model, tok, P, "vocab", seed=i)
+            conf = peft_config(model, prompt, base_model="default", init="vocab", init_text=None,
+                               tokenizer_name=None)  # fmt: skip
         task = Task(text_column="Tweet text", label_names=LABELS, label_column="Label",
                     extra={"base_model": "default"})  # fmt: skip
         save_adapter(path, prompt, conf, task)
@@ -348,7 +354,10 @@ def main() -> None:
     p.add_argument(
         "--train-epochs", type=int, default=0, help="train the adapters (default: init only)"
     )
-    p.add_argument("--adapters-dir", default=str(ROOT / "bench" / "results" / "serve_adapters"))
+    p.add_argument("--method", choices=["prompt", "prefix"], default="prompt",
+                   help="adapters of prompt tuning or deep prompts (prefix tuning), both for PEFT too")  # fmt: skip
+    p.add_argument("--adapters-dir", default=None,
+                   help="default: bench/results/serve_adapters (prompt) or serve_adapters_prefix")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-cpus", type=cpu_list, default=None,
                    help="CPUs for the server and for PEFT, e.g. 1 or 2-3 (default: all, shared)")  # fmt: skip
@@ -358,8 +367,9 @@ def main() -> None:
     args = p.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
 
-    folder = Path(args.adapters_dir)
-    names = make_adapters(folder, args.adapters, args.num_virtual_tokens, args.train_epochs)
+    suffix = "" if args.method == "prompt" else f"_{args.method}"
+    folder = Path(args.adapters_dir or ROOT / "bench" / "results" / f"serve_adapters{suffix}")
+    names = make_adapters(folder, args.adapters, args.num_virtual_tokens, args.train_epochs, args.method)  # fmt: skip
     with open(DEMO, newline="") as f:
         texts = [row["Tweet text"] for row in csv.DictReader(f)]
     rng = random.Random(args.seed)
@@ -384,7 +394,7 @@ def main() -> None:
     m1, mn = sp["memory_1"], sp["memory_n"]
     result = {
         "settings": vars(args) | {"peft_requests": peft_n},
-        "adapters_made_by": f"training {args.train_epochs} epochs" if args.train_epochs else "init_prompt(vocab, seed=i) + save_adapter (untrained)",
+        "adapters_made_by": f"training {args.train_epochs} epochs" if args.train_epochs else f"init_{args.method}(vocab, seed=i) + save_adapter (untrained)",
         "softprompt": {k: v for k, v in sp["load"].items() if k != "answers"}
         | {"mean_batch_rows": sp["mean_batch_rows"], "mean_batch_adapters": sp["mean_batch_adapters"]},
         "peft": {k: v for k, v in pf.items() if k != "answers"}
@@ -405,7 +415,7 @@ def main() -> None:
     s, m = result["softprompt"], result["memory"]
     note = f" (measured on {peft_n}, extrapolated to {args.requests})" if extrapolated else ""
     print(
-        f"adapters: {len(names)} x {args.num_virtual_tokens} virtual tokens, {result['adapters_made_by']}"
+        f"adapters: {len(names)} x {args.num_virtual_tokens} virtual tokens ({args.method}), {result['adapters_made_by']}"
     )
     print(f"softprompt serve: {s['requests']} requests, {args.clients} clients: "
           f"{s['throughput_rps']:.1f} req/s, p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms, "
