@@ -113,7 +113,7 @@ def resolve_dtype(dtype: str, device: torch.device | str | None = None) -> str:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """ "bfloat16" for torch.bfloat16 (the --dtype spelling of a torch dtype)."""
+    """The --dtype spelling of a torch dtype: torch.bfloat16 -> "bfloat16"."""
     return str(dtype).removeprefix("torch.")
 
 
