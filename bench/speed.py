@@ -3,6 +3,7 @@
     python bench/speed.py                       # the full run (takes a while on a CPU)
     python bench/speed.py --quick               # a short smoke run (16 rows, 64 dev tweets)
     python bench/speed.py --tokens 8 32 100 --epochs 3 --threads 2 --out bench/results/speed.json
+    python bench/speed.py --dtypes float32,bfloat16   # everything once per base-model dtype
 
 Three measurements on the RAFT twitter_complaints data (train.csv: 50 tweets, dev.csv: 1000):
 
@@ -20,6 +21,11 @@ Three measurements on the RAFT twitter_complaints data (train.csv: 50 tweets, de
    `softprompt.evaluate.classify` (rank classification).
 3. The floor: one no-grad forward pass over exactly the real tokens of one epoch (prompt + row,
    batch size 1, no padding), to show how far each training epoch is from the bare compute.
+
+With `--dtypes float32,bfloat16` all of it runs once per dtype of the frozen base model (PEFT
+and softprompt alike; the prompts stay float32 in softprompt) and a last table sets the dtypes
+side by side. The default, `auto`, is softprompt's own choice (bfloat16 where the CPU or GPU
+has bfloat16 hardware, else float32). bfloat16 on a CPU without it is emulated and slower.
 """
 
 from __future__ import annotations
@@ -345,9 +351,12 @@ def setup(spec: dict):
     warnings.filterwarnings("ignore", message="Position ids are not supported")
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
-    from softprompt.model import load_base
+    from softprompt.model import dtype_line, dtype_name, load_base
 
-    model, tokenizer, _ = load_base(None, device=spec.get("device"))
+    dtype = spec.get("dtype", "auto")
+    log(f"  {dtype_line(dtype, spec.get('device'))}")
+    model, tokenizer, _ = load_base(None, dtype=dtype, device=spec.get("device"))
+    spec["resolved_dtype"] = dtype_name(model.get_input_embeddings().weight.dtype)
     device = model.get_input_embeddings().weight.device
     return model, tokenizer, device
 
@@ -557,7 +566,9 @@ def worker_classify(spec: dict) -> dict:
     results["softprompt"] = _classification_record(gold, pred, dt, metrics)
 
     # softprompt: rank classification on an int8-quantised copy of the model (--int8; not exact)
-    if spec.get("int8") and device.type == "cpu":
+    if spec.get("int8") and device.type == "cpu" and spec["resolved_dtype"] != "float32":
+        log("classification: --int8 skipped (it quantises a float32 model)")
+    elif spec.get("int8") and device.type == "cpu":
         log(f"classification: softprompt on an int8-quantised model, {len(texts)} tweets")
         qmodel = quantize_int8(model)
         kw = {"batch_size": CLASSIFY_BATCH_SIZE}
@@ -913,6 +924,80 @@ def classification_table(c: dict) -> str:
     return "\n".join(lines)
 
 
+def measure(base: dict, args: argparse.Namespace, tmp: Path) -> dict:
+    """The training runs (each P, alternating PEFT and softprompt over the rounds) and the
+    classification run, all with the base model in base["dtype"]."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    prompt_path = str(tmp / f"prompt_P{CLASSIFY_P}.safetensors")
+    raw: dict[int, dict[str, list[dict]]] = {}
+    summary: dict[int, dict] = {}
+    for P in args.tokens:
+        raw[P] = {"peft": [], "softprompt": []}
+        for rnd in range(args.rounds):
+            order = ["peft", "softprompt"] if rnd % 2 == 0 else ["softprompt", "peft"]
+            for system in order:
+                log(f"training: {system}, P={P}, {base['dtype']}, round {rnd + 1}/{args.rounds}")
+                spec = {**base, "system": system, "P": P}
+                if system == "softprompt" and P == CLASSIFY_P:
+                    spec["save_prompt"] = prompt_path
+                r = run_worker(spec)
+                r["round"] = rnd + 1
+                raw[P][system].append(r)
+        summary[P] = summarise(raw[P])
+    classification = None
+    if not args.skip_classify:
+        log(f"classification, {base['dtype']}")
+        classification = run_worker({**base, "system": "classify", "prompt_path": prompt_path})
+    resolved = {r["dtype"] for rs in raw.values() for runs in rs.values() for r in runs}
+    if classification is not None:
+        resolved.add(classification["dtype"])
+    return {
+        "raw": raw,
+        "summary": summary,
+        "classification": classification,
+        "resolved": sorted(resolved),
+    }
+
+
+def _dtype_title(dtype: str, run: dict) -> str:
+    """The dtype as asked, with what the workers loaded where that differs: auto (float32)."""
+    got = "/".join(run["resolved"])
+    return dtype if got == dtype else f"{dtype} ({got})"
+
+
+def dtype_table(runs: dict[str, dict]) -> str:
+    """Each dtype's seconds per epoch (training, per P and system) and tweets per second
+    (classification), side by side, with each dtype's speed-up over the first one."""
+    names = list(runs)
+    first = names[0]
+    head = ["measure", *(_dtype_title(d, runs[d]) for d in names)]
+    head += [f"{d} speed-up" for d in names[1:]]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "|".join("---:" for _ in head[1:]) + "|"]
+
+    def add(label: str, values: list, higher_is_faster: bool) -> None:
+        row = [label, *(_f(v) for v in values)]
+        for v in values[1:]:
+            if values[0] is None or v is None or not v or not values[0]:
+                row.append("-")
+            else:
+                row.append(_f(v / values[0] if higher_is_faster else values[0] / v) + "x")
+        lines.append("| " + " | ".join(row) + " |")
+
+    for P in runs[first]["summary"]:
+        for system, label in (("peft", "PEFT"), ("softprompt", "softprompt")):
+            secs = [runs[d]["summary"][P][system]["seconds_per_epoch"] for d in names]
+            add(f"train P={P}, {label} s/epoch", secs, False)
+    if all(runs[d]["classification"] for d in names):
+        for key, label in (
+            ("peft", "PEFT generate"),
+            ("softprompt_generate", "softprompt generate"),
+            ("softprompt", "softprompt classify"),
+        ):
+            tps = [runs[d]["classification"][key]["tweets_per_second"] for d in names]
+            add(f"{label} tweets/s", tps, True)
+    return "\n".join(lines)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description="softprompt vs PEFT speed benchmark (see bench/README.md)"
@@ -967,6 +1052,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="classify only the first N dev tweets (default all 1000; 64 with --quick)",
     )
+    ap.add_argument(
+        "--train-rows",
+        type=int,
+        default=None,
+        help="train on only the first N training tweets (default all 50; 16 with --quick)",
+    )
+    ap.add_argument(
+        "--dtypes",
+        default="auto",
+        help="comma-separated base-model dtypes to measure one after the other, e.g. "
+        "float32,bfloat16 (auto: softprompt's choice for this machine) [default: auto]",
+    )
     ap.add_argument("--seed", type=int, default=SEED, help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -987,10 +1084,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         problems.append(f"--rounds must be at least 1 (got {args.rounds})")
     if not args.rss_interval_ms > 0:
         problems.append(f"--rss-interval-ms must be positive (got {args.rss_interval_ms})")
+    if args.train_rows is not None and args.train_rows < 1:
+        problems.append(f"--train-rows must be at least 1 (got {args.train_rows})")
     if args.dev_rows is not None and args.dev_rows < 1:
         problems.append(f"--dev-rows must be at least 1 (got {args.dev_rows})")
     if args.threads < 1:
         problems.append(f"--threads must be at least 1 (got {args.threads})")
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    allowed = ("auto", "float32", "bfloat16", "float16")
+    if not args.dtypes or any(d not in allowed for d in args.dtypes):
+        problems.append(f"--dtypes must list some of {', '.join(allowed)} (got {args.dtypes})")
+    elif len(set(args.dtypes)) < len(args.dtypes):
+        problems.append(f"--dtypes lists a dtype twice (got {args.dtypes})")
     if any(p < 1 for p in args.tokens):
         problems.append(f"--tokens must all be at least 1 (got {args.tokens})")
     if problems:
@@ -1003,6 +1108,7 @@ def main(argv=None) -> int:
     if args.worker is not None:
         spec = json.loads(args.worker)
         result = WORKERS[spec["system"]](spec)
+        result["dtype"] = spec.get("resolved_dtype")
         Path(args.worker_out).write_text(json.dumps(result))
         return 0
 
@@ -1020,7 +1126,7 @@ def main(argv=None) -> int:
         "seed": args.seed,
         "data_dir": str(data_dir),
         "device": args.device,
-        "train_rows": QUICK_TRAIN_ROWS if args.quick else None,
+        "train_rows": args.train_rows or (QUICK_TRAIN_ROWS if args.quick else None),
         "dev_rows": args.dev_rows or (QUICK_DEV_ROWS if args.quick else None),
         "int8": args.int8,
         "warmup": 1,
@@ -1029,30 +1135,13 @@ def main(argv=None) -> int:
     }
     load_start = load_average()
     started = time.time()
-    raw: dict[int, dict[str, list[dict]]] = {}
-    summary: dict[int, dict] = {}
+    runs: dict[str, dict] = {}  # per dtype: raw runs, summary, classification
     with tempfile.TemporaryDirectory(prefix="speed-") as tmp:
-        prompt_path = str(Path(tmp) / f"prompt_P{CLASSIFY_P}.safetensors")
-        for P in args.tokens:
-            raw[P] = {"peft": [], "softprompt": []}
-            for rnd in range(args.rounds):
-                order = ["peft", "softprompt"] if rnd % 2 == 0 else ["softprompt", "peft"]
-                for system in order:
-                    log(f"training: {system}, P={P}, round {rnd + 1}/{args.rounds}")
-                    spec = {**base, "system": system, "P": P}
-                    if system == "softprompt" and P == CLASSIFY_P:
-                        spec["save_prompt"] = prompt_path
-                    r = run_worker(spec)
-                    r["round"] = rnd + 1
-                    raw[P][system].append(r)
-            summary[P] = summarise(raw[P])
-        classification = None
-        if not args.skip_classify:
-            log("classification")
-            classification = run_worker({**base, "system": "classify", "prompt_path": prompt_path})
+        for dtype in args.dtypes:
+            runs[dtype] = measure({**base, "dtype": dtype}, args, Path(tmp) / dtype)
 
     gpu = info["cuda"] is not None and (args.device is None or str(args.device).startswith("cuda"))
-    rows = QUICK_TRAIN_ROWS if args.quick else "all"
+    rows = base["train_rows"] or "all"
     print("## Machine\n")
     print(f"- CPU: {info['cpu']} ({info['cpu_count']} logical CPUs); torch threads: {args.threads}")
     if info["cuda"]:
@@ -1065,15 +1154,23 @@ def main(argv=None) -> int:
         f"- train rows: {rows}, batch {BATCH_SIZE}, 1 warm-up + {args.epochs} timed epochs, "
         f"{args.rounds} round(s), median reported{'; QUICK smoke run' if args.quick else ''}"
     )
-    print("\n## Training (seconds per epoch, median)\n")
-    print(training_table(summary, gpu))
-    print("\n## Parity at initialisation (same TEXT-init prompt, loss before training)\n")
-    print(parity_table(summary))
-    if classification is not None:
+    for dtype, r in runs.items():
+        name = _dtype_title(dtype, r)
+        print(f"\n## Training, base model in {name} (seconds per epoch, median)\n")
+        print(training_table(r["summary"], gpu))
         print(
-            f"\n## Classification ({classification['n']} dev tweets, prompt: {classification['prompt_source']})\n"
+            f"\n## Parity at initialisation, {name} (same TEXT-init prompt, loss before training)\n"
         )
-        print(classification_table(classification))
+        print(parity_table(r["summary"]))
+        c = r["classification"]
+        if c is not None:
+            print(
+                f"\n## Classification, {name} ({c['n']} dev tweets, prompt: {c['prompt_source']})\n"
+            )
+            print(classification_table(c))
+    if len(runs) > 1:
+        print("\n## The dtypes side by side (seconds per epoch; tweets per second)\n")
+        print(dtype_table(runs))
 
     result = {
         "machine": info,
@@ -1091,12 +1188,23 @@ def main(argv=None) -> int:
             "data_dir": str(data_dir),
             "seed": args.seed,
             "rss_interval_ms": args.rss_interval_ms,
+            "dtypes": args.dtypes,
         },
         "load_average": {"start": load_start, "end": load_average()},
         "wall_seconds": time.time() - started,
-        "training": {str(P): {"summary": summary[P], "runs": raw[P]} for P in args.tokens},
-        "classification": classification,
+        "by_dtype": {
+            dtype: {
+                "resolved": r["resolved"],
+                "training": {
+                    str(P): {"summary": r["summary"][P], "runs": r["raw"][P]} for P in r["raw"]
+                },
+                "classification": r["classification"],
+            }
+            for dtype, r in runs.items()
+        },
     }
+    first = result["by_dtype"][args.dtypes[0]]  # the shape of a one-dtype run, as before
+    result["training"], result["classification"] = first["training"], first["classification"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

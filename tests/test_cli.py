@@ -83,8 +83,13 @@ def cli_error(capsys, argv: list[str], *fragments: str) -> str:
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "Traceback" not in err
-    # ignore transformers' weight-loading bar (see test_no_progress_hides_loading_bar)
-    lines = [ln for ln in err.splitlines() if ln.strip() and "Loading weights" not in ln]
+    # ignore transformers' weight-loading bar (see test_no_progress_hides_loading_bar) and the
+    # line saying which dtype the model loads in (eval/predict say it on stderr before loading)
+    lines = [
+        ln
+        for ln in err.splitlines()
+        if ln.strip() and "Loading weights" not in ln and not ln.startswith("dtype: ")
+    ]
     assert len(lines) == 1, err
     assert lines[0].startswith("softprompt: error: "), err
     for frag in fragments:

@@ -292,7 +292,8 @@ def test_low_precision_base_keeps_prompt_and_optimizer_in_float32(
         for t in s.values()
         if t.dim() > 0
     )
-    assert json.loads((out / "train_config.json").read_text())["dtype"] == dtype
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["dtype"] == config["dtype_requested"] == dtype
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradient(tiny, monkeypatch):

@@ -20,6 +20,12 @@ from pathlib import Path
 
 from .errors import SoftpromptError
 
+DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]  # model.DTYPE_CHOICES (no torch here)
+DTYPE_HELP = (
+    "base model dtype: auto (bfloat16 where the CPU or GPU has bfloat16 hardware, else float32), "
+    "float32, bfloat16 or float16; the prompt stays float32 [default: auto]"
+)
+
 
 def _field_docs(cls) -> dict[str, str]:
     """The docstring under each dataclass field (used as the flag's help)."""
@@ -102,7 +108,7 @@ def _adapter_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="column with the text (default: the one used in training)",
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--device", default=None)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
@@ -203,7 +209,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     )
     s.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger bodies get 413")
     s.add_argument("--max-inputs", type=int, default=1024, help="most inputs per request")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     s.add_argument("--device", default=None)
     s.add_argument("--trust-remote-code", action="store_true")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -285,8 +291,11 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
 
 def _load(args):
+    from .model import dtype_line
     from .pipeline import SoftPrompt
 
+    if not args.no_progress:  # on stderr: stdout carries the results
+        print(dtype_line(args.dtype, args.device), file=sys.stderr)
     labels = [s.strip() for s in args.labels.split(",") if s.strip()] if args.labels else None
     return SoftPrompt.load(
         args.adapter,

@@ -23,7 +23,7 @@ from .data import label_set, load_table, stratified_folds
 from .engine import Engine
 from .errors import SoftpromptError
 from .evaluate import metrics
-from .model import load_base
+from .model import dtype_line, load_base
 from .train import TrainConfig, TrainResult, prepare_run_folder, train
 
 
@@ -66,6 +66,7 @@ def cross_validate(
     out = prepare_run_folder(cfg.out, cfg.overwrite)
     atomic_write_json(out / "cv.json", {"status": "running", "folds": folds, "config": asdict(cfg)})
     if model is None:
+        print(dtype_line(cfg.dtype, cfg.device))
         model, tokenizer, _ = load_base(
             cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code
         )

@@ -18,6 +18,7 @@ This module never imports training or CLI code.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,8 @@ KV = tuple[tuple[Tensor, Tensor], ...]
 """A prompt's keys/values: per layer (k, v), each [N, heads, P, head_dim]."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+"""What --dtype takes: "auto" (see `resolve_dtype`) or one of DTYPES."""
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -45,10 +48,90 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 `flags`, Arm `Features`); empty where
+    there is no such file (macOS, Windows)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return flags
+
+
+def bf16_hardware(device: torch.device) -> str | None:
+    """What gives `device` bfloat16 arithmetic in hardware, in words ("the CPU has AMX bf16"),
+    or None where bfloat16 would only be emulated (then it runs slower than float32).
+
+    CUDA: `torch.cuda.is_bf16_supported` without emulation (Ampere and later). CPU: AMX bf16 or
+    AVX512-BF16 (x86), BF16 (Arm), as torch's own probes say where it has them, else the
+    flags in /proc/cpuinfo. MPS and anything else: None.
+    """
+    if device.type == "cuda":
+        on = (
+            torch.cuda.device(device.index)
+            if device.index is not None
+            else contextlib.nullcontext()
+        )
+        with on:  # is_bf16_supported asks about the current device
+            try:
+                ok = torch.cuda.is_bf16_supported(including_emulation=False)
+            except TypeError:  # torch without the argument
+                ok = torch.cuda.is_bf16_supported()
+            return f"the GPU ({torch.cuda.get_device_name(device)}) has bfloat16" if ok else None
+    if device.type != "cpu":
+        return None
+    probes = torch._C._cpu  # present in some torch releases only
+    if getattr(probes, "_is_amx_tile_supported", lambda: False)():
+        return "the CPU has AMX bf16"
+    if getattr(probes, "_is_avx512_bf16_supported", lambda: False)():
+        return "the CPU has AVX512-BF16"
+    flags = _cpu_flags()
+    if "amx_bf16" in flags:
+        return "the CPU has AMX bf16"
+    if "avx512_bf16" in flags:
+        return "the CPU has AVX512-BF16"
+    if "bf16" in flags:  # Arm (e.g. Neoverse V1, Graviton3)
+        return "the CPU has Arm BF16"
+    return None
+
+
+def resolve_dtype(dtype: str, device: torch.device | str | None = None) -> str:
+    """The dtype to load the base model in: `dtype` itself, or for "auto" bfloat16 where
+    `device` (default: `pick_device()`) has bfloat16 hardware (`bf16_hardware`) and float32
+    elsewhere. The prompt and its optimiser state stay float32 either way."""
+    if dtype not in DTYPE_CHOICES:
+        raise SoftpromptError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    if dtype != "auto":
+        return dtype
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    return "bfloat16" if bf16_hardware(dev) else "float32"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The --dtype spelling of a torch dtype: torch.bfloat16 -> "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_line(dtype: str, device: torch.device | str | None = None) -> str:
+    """One line saying which dtype `dtype` gives on `device` and why:
+    "dtype: bfloat16 (auto: the CPU has AMX bf16)", "dtype: float32 (--dtype float32)"."""
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    resolved = resolve_dtype(dtype, dev)
+    if dtype != "auto":
+        return f"dtype: {resolved} (--dtype {dtype})"
+    why = bf16_hardware(dev) or f"no bfloat16 hardware found on {dev.type}"
+    return f"dtype: {resolved} (auto: {why})"
+
+
 def load_base(
     name: str | None = None,
     *,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str | None = None,
     trust_remote_code: bool = False,
 ):
@@ -56,14 +139,15 @@ def load_base(
 
     `name` is a Hugging Face model id, a local folder, or None/`default` for the built-in
     SmolLM2-135M-Instruct. Returns (model, tokenizer, resolved_name); every parameter of the
-    model has requires_grad=False and the model is in eval mode (no dropout).
+    model has requires_grad=False and the model is in eval mode (no dropout). `dtype` "auto"
+    is bfloat16 where the device has bfloat16 hardware, else float32 (`resolve_dtype`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .defaults import default_model_dir, is_default_model
 
-    if dtype not in DTYPES:
-        raise SoftpromptError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    target = pick_device(device)
+    dtype = resolve_dtype(dtype, target)
     source = str(default_model_dir()) if is_default_model(name) else name
     looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
     if looks_local and not Path(source).expanduser().is_dir():
@@ -97,7 +181,7 @@ def load_base(
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False)
     model.eval()
-    model.to(pick_device(device))
+    model.to(target)
     return model, tokenizer, "default" if is_default_model(name) else name
 
 

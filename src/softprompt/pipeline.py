@@ -70,7 +70,7 @@ class SoftPrompt:
         tokenizer=None,
         *,
         base_model: str | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str | None = None,
         labels: Sequence[str] | None = None,
         template: str | None = None,
@@ -81,6 +81,8 @@ class SoftPrompt:
         """Load an adapter folder, an ensemble folder (ensemble.json) or a Hub repo, and its
         base model (or use the one given).
 
+        `dtype` (for a base model loaded here): "auto" is bfloat16 where the device has bfloat16
+        hardware, else float32 (`model.resolve_dtype`); or float32, bfloat16, float16.
         `ensemble`: more adapters for the same task; label probabilities are then the mean of
         all prompts' (each text runs once per prompt, all in the same batches)."""
         adapters, bias = load_members(path)

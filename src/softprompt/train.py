@@ -47,15 +47,20 @@ from .engine import ClassifyRow, Engine, predictor_for_prompt
 from .errors import SoftpromptError, first_line
 from .evaluate import metrics
 from .model import (
+    DTYPE_CHOICES,
     check_model,
     count_parameters,
+    dtype_line,
+    dtype_name,
     format_trainable,
     gather_root,
     label_loss,
     load_base,
     note_path,
+    pick_device,
     prefix_dims,
     prefix_label_loss,
+    resolve_dtype,
     set_gradient_checkpointing,
     shard_model,
 )
@@ -146,8 +151,10 @@ class TrainConfig:
     """Seed for prompt init, hold-out split and data order (--seed)."""
     eval_batch_size: int = 32
     """Rows per batch when evaluating (--eval-batch-size)."""
-    dtype: str = "float32"
-    """dtype of the frozen base model; the prompt stays float32 (--dtype)."""
+    dtype: str = "auto"
+    """dtype of the frozen base model: auto (bfloat16 where the CPU or GPU has bfloat16
+    hardware, else float32), float32, bfloat16 or float16; the prompt stays float32 (--dtype).
+    train_config.json records the resolved type, and "auto" as dtype_requested."""
     device: str | None = None
     """cuda, mps or cpu; default: the first available (--device)."""
     trust_remote_code: bool = False
@@ -225,8 +232,8 @@ class TrainConfig:
             p.append(f"--save-steps must be 0 or more (got {self.save_steps})")
         if not self.data and not self.resume:
             p.append("--data is required (or --resume RUN to continue a run)")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            p.append(f"--dtype must be float32, bfloat16 or float16 (got {self.dtype!r})")
+        if self.dtype not in DTYPE_CHOICES:
+            p.append(f"--dtype must be one of {', '.join(DTYPE_CHOICES)} (got {self.dtype!r})")
         try:
             validate_template(self.template)
         except SoftpromptError as e:
@@ -316,6 +323,13 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
     cfg.validate()
     procs = _start_processes(cfg.device, cfg.fsdp)
     say = print if procs.main else _silent
+    # --dtype auto becomes a real type here (recorded as such; the request as dtype_requested)
+    requested = cfg.dtype
+    if model is None:
+        target = procs.device or pick_device(cfg.device)
+        cfg = replace(cfg, dtype=resolve_dtype(cfg.dtype, target))
+    else:  # a model passed in runs in the dtype it has
+        cfg = replace(cfg, dtype=dtype_name(model.get_input_embeddings().weight.dtype))
     if cfg.resume:
         _check_resume(cfg)
     torch.manual_seed(cfg.seed)
@@ -365,6 +379,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
 
     # --- model and prompt ---
     if model is None:  # FSDP: load on the CPU, then each process moves its shard to its device
+        say(dtype_line(requested, target))
         model, tokenizer, model_name = load_base(
             cfg.model,
             dtype=cfg.dtype,
@@ -457,7 +472,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         )
     task.extra = {"base_model": base_record, "init": cfg.init, "softprompt_version": _version()}
     if procs.main and not cfg.resume:
-        atomic_write_json(out / "train_config.json", asdict(cfg))
+        atomic_write_json(out / "train_config.json", config_record(cfg, requested))
 
     # --- optimiser ---
     from transformers import get_linear_schedule_with_warmup
@@ -632,6 +647,17 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
 
 CHECKPOINT_FORMAT = 3
 """Version of checkpoint/state.pt; a run with another version cannot be resumed."""
+
+
+def config_record(cfg: TrainConfig, dtype_requested: str) -> dict:
+    """train_config.json: the settings, `dtype` the type the model ran in, followed by
+    `dtype_requested`, the --dtype asked for (e.g. "auto")."""
+    record = {}
+    for k, v in asdict(cfg).items():
+        record[k] = v
+        if k == "dtype":
+            record["dtype_requested"] = dtype_requested
+    return record
 
 
 def train_ensemble(cfg: TrainConfig, seeds: int, model=None, tokenizer=None) -> list[TrainResult]:

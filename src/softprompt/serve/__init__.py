@@ -16,7 +16,7 @@ def run_server(
     model: str | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str | None = None,
     trust_remote_code: bool = False,
     max_batch_size: int = 32,
@@ -30,10 +30,11 @@ def run_server(
     SIGINT/SIGTERM (in-flight requests finish first)."""
     import uvicorn
 
-    from ..model import load_base
+    from ..model import dtype_line, load_base
     from .app import ServeConfig, create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    logging.getLogger("softprompt.serve").info("%s", dtype_line(dtype, device))
     base, tokenizer, name = load_base(
         model, dtype=dtype, device=device, trust_remote_code=trust_remote_code
     )
