@@ -87,7 +87,8 @@ def _app(model, tok, folder, **kw):
 
 @pytest.fixture
 def client(model, tokenizer, adapters_dir):
-    with TestClient(_app(model, tokenizer, adapters_dir, max_body_bytes=20_000)) as c:
+    app = _app(model, tokenizer, adapters_dir, max_body_bytes=20_000, allow_adapter_admin=True)
+    with TestClient(app) as c:
         yield c
 
 
@@ -275,6 +276,45 @@ def test_load_and_unload_adapters(client, adapters_dir):
     assert r.status_code == 404
 
 
+def test_api_key_is_required_everywhere_but_health_and_the_page(model, tokenizer, adapters_dir):
+    app = _app(model, tokenizer, adapters_dir, api_key="s3cret")
+    with TestClient(app) as c:
+        for method, path, body in (
+            ("GET", "/v1/models", None),
+            ("GET", "/metrics", None),
+            ("POST", "/v1/classify", {"adapter": "alpha", "inputs": ["hi"]}),
+            ("POST", "/v1/completions", {"model": "alpha", "prompt": "hi"}),
+        ):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                r = c.request(method, path, json=body, headers=headers)
+                assert r.status_code == 401, (path, headers)
+                assert _err(r)["code"] == "invalid_api_key" and "--api-key" in _err(r)["message"]
+            r = c.request(method, path, json=body, headers={"Authorization": "Bearer s3cret"})
+            assert r.status_code == 200, (path, r.text)
+        assert c.get("/health").status_code == 200
+        page = c.get("/")
+        assert page.status_code == 200 and 'id="api-key"' in page.text
+
+
+def test_adapter_admin_is_off_unless_the_flag_turns_it_on(model, tokenizer, adapters_dir):
+    with TestClient(_app(model, tokenizer, adapters_dir)) as c:
+        r = c.post("/v1/adapters", json={"path": "more/eps"})
+        assert r.status_code == 403 and "--allow-adapter-admin" in _err(r)["message"]
+        r = c.delete("/v1/adapters/alpha")
+        assert r.status_code == 403 and "--allow-adapter-admin" in _err(r)["message"]
+        assert "alpha" in [m["id"] for m in c.get("/v1/models").json()["data"]]
+
+
+def test_openai_client_sends_the_api_key(model, tokenizer, adapters_dir):
+    openai = pytest.importorskip("openai")
+    with running(_app(model, tokenizer, adapters_dir, api_key="s3cret")) as url:
+        bad = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", timeout=30, max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", timeout=30, max_retries=0)
+        assert "alpha" in {m.id for m in good.models.list()}
+
+
 def test_metrics_are_prometheus_text(client):
     client.post("/v1/classify", json={"adapter": "alpha", "inputs": TEXTS})
     text = client.get("/metrics").text
@@ -327,7 +367,9 @@ def running(app):
 @pytest.fixture(scope="module")
 def slow_server(model, tokenizer, adapters_dir):
     """Batches wait 300 ms to fill: requests sent together share a batch."""
-    app = _app(model, tokenizer, adapters_dir, max_wait_ms=300, max_batch_size=64)
+    app = _app(
+        model, tokenizer, adapters_dir, max_wait_ms=300, max_batch_size=64, allow_adapter_admin=True
+    )
     with running(app) as url:
         yield url
 

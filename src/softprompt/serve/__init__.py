@@ -25,6 +25,8 @@ def run_server(
     max_body_bytes: int = 1_000_000,
     max_inputs: int = 1024,
     log_level: str = "info",
+    api_key: str | None = None,
+    allow_adapter_admin: bool = False,
 ) -> None:
     """Load the base model and every adapter under `adapters` that fits it, then serve until
     SIGINT/SIGTERM (in-flight requests finish first)."""
@@ -44,6 +46,8 @@ def run_server(
         kv_cache_mb=kv_cache_mb,
         max_body_bytes=max_body_bytes,
         max_inputs=max_inputs,
+        api_key=api_key,
+        allow_adapter_admin=allow_adapter_admin,
     )
     app = create_app(base, tokenizer, config, model_name=name)
     state = app.state.softprompt

@@ -13,6 +13,7 @@ Endpoints (every error is JSON: {"error": {"message", "type", ...}}):
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
@@ -53,6 +54,12 @@ class ServeConfig:
     """Larger request bodies get 413 (`--max-body-bytes`)."""
     max_inputs: int = 1024
     """Most inputs (or prompts) in one request (`--max-inputs`)."""
+    api_key: str | None = None
+    """If set, every request but `/health` and the playground page `/` needs
+    `Authorization: Bearer <key>` (`--api-key`, or the SOFTPROMPT_API_KEY environment variable)."""
+    allow_adapter_admin: bool = False
+    """Allow loading and unloading adapters over HTTP (`POST /v1/adapters`,
+    `DELETE /v1/adapters/{name}`); off by default (`--allow-adapter-admin`)."""
 
     def validate(self) -> None:
         """Every problem at once, naming the flag to change."""
@@ -64,6 +71,10 @@ class ServeConfig:
                 (self.kv_cache_mb < 0, "--kv-cache-mb must be 0 or more"),
                 (self.max_body_bytes < 1, "--max-body-bytes must be at least 1"),
                 (self.max_inputs < 1, "--max-inputs must be at least 1"),
+                (
+                    self.api_key is not None and not self.api_key.strip(),
+                    "--api-key (or SOFTPROMPT_API_KEY) is empty; give a key or leave it unset",
+                ),
             )
             if bad
         ]
@@ -287,9 +298,20 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
+OPEN_PATHS = ("/health", "/")
+"""Paths that need no API key (the playground page asks for the key itself)."""
+
+
+def _authorized(scope, key: str) -> bool:
+    headers = dict(scope.get("headers") or [])
+    got = headers.get(b"authorization", b"").decode("latin-1")
+    scheme, _, token = got.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), key)
+
+
 class Guard:
-    """ASGI middleware: refuse bodies over the limit (413) before anything parses them, and
-    count every request in the metrics."""
+    """ASGI middleware: refuse requests without the API key (401) and bodies over the limit
+    (413) before anything parses them, and count every request in the metrics."""
 
     def __init__(self, app, state: ServerState):
         self.app = app
@@ -307,6 +329,19 @@ class Guard:
             await send(message)
 
         try:
+            key = self.state.config.api_key
+            if key and scope["path"] not in OPEN_PATHS and not _authorized(scope, key):
+                await JSONResponse(
+                    error_body(
+                        "missing or wrong API key: send the header 'Authorization: Bearer <key>' "
+                        "with the key the server was started with (--api-key)",
+                        "invalid_request_error",
+                        code="invalid_api_key",
+                    ),
+                    401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )(scope, receive, send_status)
+                return
             body = await self._read_body(scope, receive)
             if isinstance(body, JSONResponse):
                 await body(scope, receive, send_status)
@@ -569,8 +604,18 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
             body["warnings"] = warnings
         return body
 
+    def need_admin(what: str) -> None:
+        if not config.allow_adapter_admin:
+            raise ApiError(
+                403,
+                f"{what} adapters over HTTP is off; start the server with --allow-adapter-admin "
+                "to allow it",
+                "forbidden",
+            )
+
     @app.post("/v1/adapters", status_code=201)
     async def load(req: LoadRequest):
+        need_admin("loading")
         raw = Path(req.path).expanduser()
         target = (raw if raw.is_absolute() else state.root / raw).resolve()
         if state.root not in target.parents:
@@ -600,6 +645,7 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
 
     @app.delete("/v1/adapters/{name}")
     async def unload(name: str):
+        need_admin("unloading")
         entry = state.get(name)
         del state.entries[name]
         state.created.pop(name, None)
