@@ -185,8 +185,10 @@ def test_kv_cache_is_bounded_lru(model, tokenizer, adapters_dir):
 
 def test_models_health_and_refused(client):
     models = client.get("/v1/models").json()
-    assert [m["id"] for m in models["data"]] == ["alpha", "beta", "delta", "gamma"]
-    assert models["data"][2]["softprompt"]["num_virtual_tokens"] == 6
+    assert [m["id"] for m in models["data"]] == ["tiny", "alpha", "beta", "delta", "gamma"]
+    assert models["data"][0]["softprompt"]["base"] is True
+    assert models["data"][0]["softprompt"]["num_virtual_tokens"] == 0
+    assert models["data"][3]["softprompt"]["num_virtual_tokens"] == 6
     health = client.get("/health").json()
     assert health["status"] == "ok" and "wide" in health["refused"]
     assert "hidden size" in health["refused"]["wide"]
@@ -232,6 +234,29 @@ def test_bad_requests_get_clear_json_errors(client):
     r = client.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 10**6})
     assert r.status_code == 400 and "max_tokens" in _err(r)["message"]
     assert client.get("/health").json()["status"] == "ok"  # still serving
+
+
+def test_base_model_is_served_without_a_prompt(client, model, tokenizer):
+    r = client.post(
+        "/v1/completions",
+        json={"model": "tiny", "prompt": TEXTS[0], "max_tokens": 6, "temperature": 0},
+    )
+    assert r.status_code == 200, r.text
+    x = torch.tensor([tokenizer(TEXTS[0])["input_ids"]])
+    want = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                          pad_token_id=tokenizer.eos_token_id)[0, x.shape[1]:].tolist()  # fmt: skip
+    if tokenizer.eos_token_id in want:
+        want = want[: want.index(tokenizer.eos_token_id)]
+    body = r.json()
+    assert body["model"] == "tiny" and body["usage"]["completion_tokens"] == len(want)
+    assert body["choices"][0]["text"] == tokenizer.decode(want, skip_special_tokens=True)
+    assert client.get("/v1/models/tiny").json()["softprompt"]["base"] is True
+    r = client.post("/v1/classify", json={"adapter": "tiny", "inputs": ["x"]})
+    assert r.status_code == 400 and "base model" in _err(r)["message"]
+    assert "labels" in _err(r)["message"] and _err(r)["param"] == "adapter"
+    assert client.delete("/v1/adapters/tiny").status_code == 400
+    r = client.post("/v1/adapters", json={"path": "more/eps", "name": "tiny"})
+    assert r.status_code == 409 and "base model" in _err(r)["message"]
 
 
 def test_long_input_is_cut_as_in_training_or_413_when_strict(
@@ -408,7 +433,7 @@ def _metric(text: str, name: str) -> float:
 def test_openai_client_completions(slow_server, model, tokenizer, adapters_dir):
     openai = pytest.importorskip("openai")
     c = openai.OpenAI(base_url=f"{slow_server}/v1", api_key="unused", timeout=30, max_retries=0)
-    assert {m.id for m in c.models.list()} == {"alpha", "beta", "gamma", "delta"}
+    assert {m.id for m in c.models.list()} == {"tiny", "alpha", "beta", "gamma", "delta"}
     out = c.completions.create(model="gamma", prompt=TEXTS[0], max_tokens=5, temperature=0)
     prompt = SoftPrompt.load(str(adapters_dir / "gamma"), model, tokenizer).prompt
     x = torch.tensor([tokenizer(TEXTS[0])["input_ids"]])

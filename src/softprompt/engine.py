@@ -291,7 +291,10 @@ class KVCache:
                 return kv
         with torch.no_grad():
             ids = torch.tensor(list(head), dtype=torch.long) if len(head) else None
-            kv = prefix_kv(self.model, member.front, ids)
+            if member.front_length == 0 and ids is None:  # the base model: an empty KV
+                kv = slice_kv(prefix_kv(self.model, member.prompt.new_zeros(1, member.prompt.shape[1])), 0)  # fmt: skip
+            else:
+                kv = prefix_kv(self.model, member.front, ids)
         with self._lock:
             self.misses += 1
             if not keep:
@@ -346,6 +349,15 @@ class Engine:
 
     def predictor(self, adapters: Sequence[Adapter], **kw) -> Predictor:
         return make_predictor(self.model, self.tokenizer, adapters, **kw)
+
+    def base_predictor(self, name: str) -> Predictor:
+        """The base model itself, no soft prompt in front (P = 0): for generation; it has no
+        labels, so label scoring refuses it (`need_labels`)."""
+        from .model import hidden_size
+
+        prompt = torch.zeros(0, hidden_size(self.model))
+        adapter = Adapter(prompt=prompt, config={}, task=None, path=name, base_model=name)
+        return make_predictor(self.model, self.tokenizer, [adapter], name=name, bias=None)
 
     def encode(self, predictor: Predictor, text: str) -> tuple[list[int], bool]:
         """A classification input: rendered with the predictor's template, cut to its budget."""

@@ -2,8 +2,8 @@
 
 Endpoints (every error is JSON: {"error": {"message", "type", ...}}):
     POST   /v1/classify          {adapter, inputs: [...], strict?}: label and probabilities
-    POST   /v1/completions       OpenAI-compatible (model = adapter name), n=1, no streaming
-    GET    /v1/models            OpenAI-compatible list of the loaded adapters
+    POST   /v1/completions       OpenAI-compatible (model = adapter name or the base model)
+    GET    /v1/models            OpenAI-compatible list: the base model, then the adapters
     POST   /v1/adapters          {path, name?}: load an adapter from under the adapters folder
     DELETE /v1/adapters/{name}   unload (its queued requests still finish)
     GET    /health, /metrics     status; Prometheus text
@@ -216,6 +216,14 @@ class ServerState:
         self.engine = Engine(model, tokenizer, kv_cache_bytes=int(config.kv_cache_mb * 1e6))
         self.kv = self.engine.kv_cache
         self.entries, self.refused = scan_folder(self.root, self.engine)
+        self.base = self.engine.base_predictor(model_name)
+        """The base model itself (no soft prompt), served under `model_name`."""
+        if model_name in self.entries:
+            del self.entries[model_name]
+            self.refused[model_name] = (
+                f"the name {model_name!r} is the base model's; rename the adapter's folder"
+            )
+            log.warning("refused adapter %s: %s", model_name, self.refused[model_name])
         self.created = {name: int(time.time()) for name in self.entries}
         self.metrics = Metrics(self)
         self.batcher = Batcher(
@@ -242,12 +250,16 @@ class ServerState:
             self.batcher.start()
 
     def get(self, name: str) -> Predictor:
+        """The adapter named `name`, or the base model under its own name (404 otherwise)."""
+        if name == self.model_name:
+            return self.base
         entry = self.entries.get(name)
         if entry is None:
             known = sorted(self.entries)
             raise ApiError(
                 404,
-                f"unknown adapter {name!r}; known adapters: {', '.join(known) or '(none)'}",
+                f"unknown adapter {name!r}; known adapters: {', '.join(known) or '(none)'} "
+                f"(and the base model, {self.model_name!r})",
                 "not_found_error",
                 known_adapters=known,
             )
@@ -464,22 +476,24 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
         return Response(state.metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
     def model_card(name: str, entry: Predictor) -> dict:
+        about = entry.describe()
+        about["base"] = entry is state.base
         return {
             "id": name,
             "object": "model",
             "created": state.created.get(name, 0),
             "owned_by": "softprompt",
-            "softprompt": entry.describe(),
+            "softprompt": about,
         }
 
     @app.get("/v1/models")
     async def list_models():
-        return {
-            "object": "list",
-            "data": [model_card(n, e) for n, e in sorted(state.entries.items())],
-        }
+        """The base model first (no soft prompt), then every adapter by name."""
+        cards = [model_card(state.model_name, state.base)]
+        cards += [model_card(n, e) for n, e in sorted(state.entries.items())]
+        return {"object": "list", "data": cards}
 
-    @app.get("/v1/models/{name}")
+    @app.get("/v1/models/{name:path}")
     async def get_model(name: str):
         return model_card(name, state.get(name))
 
@@ -491,6 +505,13 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
         if len(req.inputs) > config.max_inputs:
             raise ApiError(
                 413, f"{len(req.inputs)} inputs, more than the {config.max_inputs} allowed"
+            )
+        if entry is state.base:
+            raise ApiError(
+                400,
+                f"{entry.name!r} is the base model (no soft prompt): it has no labels to score; "
+                "name an adapter with labels in 'adapter', or use /v1/completions",
+                param="adapter",
             )
         if not entry.task.label_names:
             raise ApiError(
@@ -630,6 +651,8 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
                 404, f"no adapter folder at {req.path!r} under {state.root}", "not_found_error"
             )
         name = req.name or target.name
+        if name == state.model_name:
+            raise ApiError(409, f"{name!r} is the base model's name; give another name", "conflict")
         if name in state.entries:
             raise ApiError(409, f"adapter {name!r} is already loaded; unload it first", "conflict")
         try:
@@ -646,6 +669,8 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
     @app.delete("/v1/adapters/{name}")
     async def unload(name: str):
         need_admin("unloading")
+        if name == state.model_name:
+            raise ApiError(400, f"{name!r} is the base model; it cannot be unloaded")
         entry = state.get(name)
         del state.entries[name]
         state.created.pop(name, None)
