@@ -529,6 +529,60 @@ def test_cli_serve_sigint_finishes_in_flight_requests(tiny_model_dir, adapters_d
             proc.wait()
 
 
+def test_health_is_503_while_loading(model, tokenizer, adapters_dir):
+    app = _app(model, tokenizer, adapters_dir)
+    r = TestClient(app).get("/health")  # no `with`: the startup has not run
+    assert r.status_code == 503 and r.json()["status"] == "loading"
+    with TestClient(app) as c:
+        r = c.get("/health")
+        assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_cli_serve_sigterm_drains_then_exits(tiny_model_dir, adapters_dir, tmp_path):
+    """SIGTERM: /health turns 503 and new requests get 503 at once, the request in flight still
+    gets its answer, then the process exits 0. The key comes from SOFTPROMPT_API_KEY."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+           "OMP_NUM_THREADS": "1", "SOFTPROMPT_API_KEY": "k3y"}  # fmt: skip
+    cmd = [sys.executable, "-m", "softprompt.cli", "serve", "--model", str(tiny_model_dir),
+           "--adapters", str(adapters_dir), "--port", str(port), "--max-wait-ms", "2500",
+           "--log-level", "warning"]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": "Bearer k3y"}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log.read_text()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "server did not start: " + log.read_text()
+            time.sleep(0.1)
+        assert httpx.get(f"{url}/v1/models", timeout=5).status_code == 401
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault("r", httpx.post(f"{url}/v1/classify", json={"adapter": "alpha", "inputs": TEXTS}, headers=auth, timeout=30)))  # fmt: skip
+        t.start()
+        time.sleep(0.3)  # the request waits in the batcher (2.5 s)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        health = httpx.get(f"{url}/health", timeout=5)
+        assert health.status_code == 503 and health.json()["status"] == "draining"
+        late = httpx.post(f"{url}/v1/classify", json={"adapter": "alpha", "inputs": ["x"]}, headers=auth, timeout=5)  # fmt: skip
+        assert late.status_code == 503 and "shutting down" in _err(late)["message"]
+        assert proc.poll() is None  # still draining
+        t.join(30)
+        assert box["r"].status_code == 200, box["r"].text
+        assert len(box["r"].json()["results"]) == 4
+        assert proc.wait(30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_cli_serve_without_extra_names_the_extra(monkeypatch, capsys, tmp_path):
     import importlib.util
 

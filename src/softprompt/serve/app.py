@@ -233,6 +233,13 @@ class ServerState:
             on_batch=self.metrics.on_batch,
         )
         self.started = False
+        self.ready = False
+        """True once the app's startup (lifespan) finished; /health says 503 before."""
+        self.draining = False
+        """True once shutdown began: /health says 503, new requests get 503, in-flight ones finish."""
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.in_flight = 0
+        """HTTP requests being answered (not counting /health), streams included."""
         cfg = model.config
         self.context = (
             getattr(cfg, "max_position_embeddings", None)
@@ -279,6 +286,14 @@ class ServerState:
                 "input_too_long",
             )
         return ids, truncated
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new requests (503, /health too) and wait for the in-flight ones, at most
+        `timeout` seconds."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     async def run(self, rows, request: Request) -> list:
         """Queue rows and wait for them; a client that goes away cancels its queued rows."""
@@ -340,7 +355,17 @@ class Guard:
                 status[0] = message["status"]
             await send(message)
 
+        counted = scope["path"] != "/health"
+        if counted:
+            self.state.in_flight += 1
         try:
+            if counted and self.state.draining:
+                await JSONResponse(
+                    error_body("the server is shutting down; retry on another one", "unavailable"),
+                    503,
+                    headers={"Retry-After": "1", "Connection": "close"},
+                )(scope, receive, send_status)
+                return
             key = self.state.config.api_key
             if key and scope["path"] not in OPEN_PATHS and not _authorized(scope, key):
                 await JSONResponse(
@@ -371,6 +396,8 @@ class Guard:
 
             await self.app(scope, replay, send_status)
         finally:
+            if counted:
+                self.state.in_flight -= 1
             route = getattr(scope.get("route"), "path", "unmatched")
             m = self.state.metrics
             m.requests.labels(scope["method"], route, str(status[0])).inc()
@@ -430,8 +457,11 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.start()
+        state.loop = asyncio.get_running_loop()
+        state.ready = True
         yield
         # uvicorn has already let in-flight requests finish; drain anything left.
+        state.draining = True
         await asyncio.to_thread(state.batcher.close)
 
     app = FastAPI(title="softprompt", lifespan=lifespan, docs_url="/docs", redoc_url=None)
@@ -460,14 +490,21 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
 
     @app.get("/health")
     async def health():
-        return {
-            "status": "shutting_down" if state.batcher._closed else "ok",
+        """200 when ready; 503 while loading (startup not finished) and while draining."""
+        if state.draining or state.batcher._closed:
+            status = "draining"
+        else:
+            status = "ok" if state.ready else "loading"
+        body = {
+            "status": status,
             "model": state.model_name,
             "adapters": sorted(state.entries),
             "refused": state.refused,
             "queue_depth": state.queue_depth,
             "kv_cache": {"entries": len(state.kv), "bytes": state.kv.bytes},
+            "in_flight": state.in_flight,
         }
+        return JSONResponse(body, 200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics():
