@@ -29,7 +29,14 @@ from conftest import make_model  # noqa: E402
 from softprompt.adapters import save_adapter  # noqa: E402
 from softprompt.data import Task, input_token_ids  # noqa: E402
 from softprompt.engine import ClassifyRow, Engine, GenerateRow, KVCache  # noqa: E402
-from softprompt.model import common_prefix_length, generate, lane_width, pack_rows, prefix_kv  # noqa: E402
+from softprompt.model import (  # noqa: E402
+    common_prefix_length,
+    generate,
+    lane_width,
+    pack_rows,
+    prefix_kv,
+    slice_kv,
+)
 from softprompt.pipeline import SoftPrompt  # noqa: E402
 from softprompt.prompt import init_prompt  # noqa: E402
 from softprompt.serve.app import ServeConfig, create_app  # noqa: E402
@@ -257,6 +264,122 @@ def test_base_model_is_served_without_a_prompt(client, model, tokenizer):
     assert client.delete("/v1/adapters/tiny").status_code == 400
     r = client.post("/v1/adapters", json={"path": "more/eps", "name": "tiny"})
     assert r.status_code == 409 and "base model" in _err(r)["message"]
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tokenizer):
+    """The tiny tokenizer with a small chat template (a copy: the shared one has none)."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory, model, tokenizer) -> Path:
+    """alpha, and `suf`: an adapter with 2 suffix tokens after the text."""
+    folder = _write_adapters(tmp_path_factory.mktemp("chat"), model, tokenizer)
+    task = Task(text_column="Tweet text", label_names=["yes", "no"], max_length=64, suffix_tokens=2)
+    prompt = init_prompt(model, tokenizer, 4 + 2, "vocab", seed=9)
+    save_adapter(folder / "suf", prompt, {"peft_type": "PROMPT_TUNING"}, task)
+    return folder
+
+
+@pytest.fixture
+def chat_client(model, chat_tok, chat_dir):
+    with TestClient(_app(model, chat_tok, chat_dir)) as c:
+        yield c
+
+
+def _reference(model, tok, prompt, ids, max_tokens):
+    """Greedy tokens after prompt [P+S, H] (its last S vectors in the ids' placeholders)."""
+    from softprompt.data import suffix_placeholders
+
+    S = sum(1 for i in ids if i < 0)
+    x = torch.tensor([ids])
+    front = prompt[: prompt.shape[0] - S]
+    assert not S or ids[-S:] == suffix_placeholders(S)
+    kv = prefix_kv(model, front) if len(front) else slice_kv(prefix_kv(model, prompt.new_zeros(1, 32)), 0)  # fmt: skip
+    return generate(model, kv, x, torch.ones_like(x), max_new_tokens=max_tokens,
+                    eos_token_id=tok.eos_token_id, prompts=prompt if S else None)[0]  # fmt: skip
+
+
+def test_chat_completions_render_the_template_after_the_prompt(
+    chat_client, model, chat_tok, chat_dir
+):
+    messages = [
+        {"role": "system", "content": "You sort tweets."},
+        {"role": "user", "content": [{"type": "text", "text": TEXTS[0]}]},
+    ]
+    plain = [messages[0], {"role": "user", "content": TEXTS[0]}]
+    text = chat_tok.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<assistant> ")
+    ids = chat_tok(text, add_special_tokens=False)["input_ids"]
+    for name, S in (("alpha", 0), ("suf", 2), ("tiny", 0)):
+        body = {"model": name, "messages": messages, "max_tokens": 5, "temperature": 0}
+        r = chat_client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        prompt = (
+            torch.zeros(0, 32)
+            if name == "tiny"
+            else SoftPrompt.load(str(chat_dir / name), model, chat_tok).prompt
+        )
+        want = _reference(model, chat_tok, prompt, ids + list(range(-S, 0)), 5)
+        assert out["object"] == "chat.completion" and out["model"] == name
+        (choice,) = out["choices"]
+        assert choice["message"] == {
+            "role": "assistant",
+            "content": chat_tok.decode(want, skip_special_tokens=True),
+        }
+        assert choice["finish_reason"] == ("length" if len(want) == 5 else "stop")
+        assert out["usage"]["prompt_tokens"] == len(ids) + S
+        assert out["usage"]["completion_tokens"] == len(want)
+
+
+def test_chat_errors_name_the_field(chat_client, client):
+    r = client.post("/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+    assert r.status_code == 400 and "chat template" in _err(r)["message"]
+    assert _err(r)["param"] == "messages"
+    for body, field in (
+        ({"model": "alpha", "messages": []}, "messages"),
+        ({"model": "alpha", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+        ({"model": "alpha"}, "messages"),
+        ({"model": "alpha", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+        ({"model": "alpha", "messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+    ):  # fmt: skip
+        r = chat_client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and field in _err(r)["message"] + _err(r).get("param", ""), (
+            body,
+            r.text,
+        )
+    r = chat_client.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})  # fmt: skip
+    assert r.status_code == 404
+
+
+def test_openai_client_chat(model, chat_tok, chat_dir):
+    openai = pytest.importorskip("openai")
+    with running(_app(model, chat_tok, chat_dir)) as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=30, max_retries=0)
+        out = c.chat.completions.create(
+            model="alpha",
+            messages=[{"role": "user", "content": "hello"}],
+            max_tokens=4,
+            temperature=0,
+        )
+        assert out.choices[0].message.role == "assistant"
+        text = chat_tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True, tokenize=False)  # fmt: skip
+        prompt = SoftPrompt.load(str(chat_dir / "alpha"), model, chat_tok).prompt
+        want = _reference(model, chat_tok, prompt, chat_tok(text, add_special_tokens=False)["input_ids"], 4)  # fmt: skip
+        assert out.choices[0].message.content == chat_tok.decode(want, skip_special_tokens=True)
+        assert out.usage.completion_tokens == len(want)
 
 
 def test_long_input_is_cut_as_in_training_or_413_when_strict(

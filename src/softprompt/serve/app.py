@@ -3,6 +3,7 @@
 Endpoints (every error is JSON: {"error": {"message", "type", ...}}):
     POST   /v1/classify          {adapter, inputs: [...], strict?}: label and probabilities
     POST   /v1/completions       OpenAI-compatible (model = adapter name or the base model)
+    POST   /v1/chat/completions  OpenAI-compatible chat: the base tokenizer's chat template
     GET    /v1/models            OpenAI-compatible list: the base model, then the adapters
     POST   /v1/adapters          {path, name?}: load an adapter from under the adapters folder
     DELETE /v1/adapters/{name}   unload (its queued requests still finish)
@@ -21,6 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,7 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..data import Task, encode_input
+from ..data import Task, encode_input, suffix_placeholders
 from ..engine import ClassifyRow, Engine, GenerateRow, Predictor, raw_task
 from ..errors import SoftpromptError
 from .batcher import Batcher, Closed
@@ -118,6 +120,26 @@ class CompletionRequest(BaseModel):
     best_of: int | None = None
     suffix: str | None = None
     strict: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict] | None = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(None, ge=1)
+    """None: what fits in the context after the messages, at most 256."""
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
 
 
 class LoadRequest(BaseModel):
@@ -582,12 +604,70 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
             body["warnings"] = warnings
         return body
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        entry = state.get(req.model)
+    def generation_entry(name: str) -> Predictor:
+        entry = state.get(name)
+        if entry.is_ensemble:
+            raise ApiError(
+                400,
+                f"{entry.name!r} is an ensemble of {len(entry.members)} prompts: completions use one "
+                "prompt; use /v1/classify, or one of its members",
+                param="model",
+            )
+        return entry
+
+    def common_checks(req) -> list[str]:
+        """The settings completions and chat share; returns the stop strings."""
         for flag, bad, what in (
             ("n", req.n != 1, "n must be 1 (one completion per prompt)"),
             ("stream", req.stream, "streaming is not supported; send stream=false"),
+        ):
+            if bad:
+                raise ApiError(400, what, param=flag)
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ApiError(400, "stop: up to 4 non-empty strings", param="stop")
+        return stops
+
+    def room(entry: Predictor, max_tokens: int) -> int:
+        """Prompt tokens allowed once the prompt's vectors and max_tokens are counted."""
+        budget = state.context - entry.num_virtual_tokens - entry.task.suffix_tokens - max_tokens
+        if budget < 1:
+            raise ApiError(
+                400,
+                f"max_tokens {max_tokens} leaves no room in the model's context of "
+                f"{state.context} tokens ({entry.num_virtual_tokens} virtual tokens)",
+                param="max_tokens",
+            )
+        return budget
+
+    def gen_row(entry: Predictor, ids: list[int], req) -> GenerateRow:
+        greedy = req.temperature == 0
+        top_p = 1.0 if greedy else req.top_p
+        return GenerateRow(entry, ids, req.max_tokens, req.temperature, top_p)
+
+    def finish(toks: list[int], hit_eos: bool, stops: list[str]) -> tuple[str, str]:
+        """(text, finish_reason) of one row's new tokens; the text ends before a stop string."""
+        text = state.tokenizer.decode(toks, skip_special_tokens=True)
+        reason = "stop" if hit_eos else "length"
+        cuts = [text.find(s) for s in stops if s in text]
+        if cuts:
+            text, reason = text[: min(cuts)], "stop"
+        return text, reason
+
+    def usage(rows, outs) -> dict:
+        prompt_tokens = sum(len(r.ids) for r in rows)
+        completion_tokens = sum(len(t) for t, _ in outs)
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        entry = generation_entry(req.model)
+        stops = common_checks(req)
+        for flag, bad, what in (
             ("echo", req.echo, "echo is not supported"),
             ("logprobs", req.logprobs is not None, "logprobs are not supported"),
             ("best_of", req.best_of not in (None, 1), "best_of must be 1"),
@@ -598,30 +678,12 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
             raise ApiError(400, "prompt is an empty list", param="prompt")
-        if entry.is_ensemble:
-            raise ApiError(
-                400,
-                f"{entry.name!r} is an ensemble of {len(entry.members)} prompts: completions use one "
-                "prompt; use /v1/classify, or one of its members",
-                param="model",
-            )
         if len(prompts) > config.max_inputs:
             raise ApiError(
                 413, f"{len(prompts)} prompts, more than the {config.max_inputs} allowed"
             )
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ApiError(400, "stop: up to 4 non-empty strings", param="stop")
         task = raw_task(entry.task)
-        budget = state.context - entry.num_virtual_tokens - task.suffix_tokens - req.max_tokens
-        if budget < 1:
-            raise ApiError(
-                400,
-                f"max_tokens {req.max_tokens} leaves no room in the model's context of "
-                f"{state.context} tokens ({entry.num_virtual_tokens} virtual tokens)",
-                param="max_tokens",
-            )
-        greedy = req.temperature == 0
+        budget = room(entry, req.max_tokens)
         rows, warnings = [], []
         for i, text in enumerate(prompts):
             ids, truncated = state.encode(task, text, budget, req.strict, f"prompt {i}")
@@ -630,37 +692,98 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
                 warnings.append(f"prompt {i} was cut at the end to fit {budget} tokens")
             if not ids:  # as OpenAI: an empty prompt is the end-of-text token
                 ids = [state.tokenizer.eos_token_id]
-            rows.append(
-                GenerateRow(
-                    entry, ids, req.max_tokens, req.temperature, 1.0 if greedy else req.top_p
-                )
-            )
+            rows.append(gen_row(entry, ids, req))
         outs = await state.run(rows, request)
         choices = []
         for i, (toks, hit_eos) in enumerate(outs):
-            text = state.tokenizer.decode(toks, skip_special_tokens=True)
-            finish = "stop" if hit_eos else "length"
-            cuts = [text.find(s) for s in stops if s in text]
-            if cuts:
-                text, finish = text[: min(cuts)], "stop"
-            choices.append({"text": text, "index": i, "logprobs": None, "finish_reason": finish})
-        prompt_tokens = sum(len(r.ids) for r in rows)
-        completion_tokens = sum(len(t) for t, _ in outs)
+            text, reason = finish(toks, hit_eos, stops)
+            choices.append({"text": text, "index": i, "logprobs": None, "finish_reason": reason})
         body = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": entry.name,
             "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
+            "usage": usage(rows, outs),
         }
         if warnings:
             body["warnings"] = warnings
         return body
+
+    def chat_ids(entry: Predictor, messages: list[ChatMessage]) -> list[int]:
+        """The messages rendered with the base tokenizer's chat template (and the assistant's
+        turn opened), tokenised; the adapter's suffix placeholders after them, if it has any."""
+        tok = state.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise ApiError(
+                400,
+                f"the base model {state.model_name!r} has no chat template in its tokenizer, so "
+                "messages cannot be rendered; use /v1/completions with a prompt",
+                param="messages",
+            )
+        if not messages:
+            raise ApiError(400, "messages is empty; give at least one message", param="messages")
+        plain = []
+        for i, m in enumerate(messages):
+            if isinstance(m.content, list):
+                texts = [p.get("text") for p in m.content if isinstance(p, dict)]
+                if any(p.get("type") != "text" for p in m.content) or None in texts:
+                    raise ApiError(
+                        400,
+                        f"messages[{i}].content: only text parts ({{type: 'text', text}}) are "
+                        "supported",
+                        param=f"messages[{i}].content",
+                    )
+                content = "".join(texts)
+            else:
+                content = m.content or ""
+            plain.append({"role": m.role, "content": content})
+        try:
+            text = tok.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # noqa: BLE001 - a template's own error (e.g. roles out of order)
+            raise ApiError(
+                400, f"the chat template refused the messages: {e}", param="messages"
+            ) from None
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        return ids + suffix_placeholders(entry.task.suffix_tokens)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest, request: Request):
+        entry = generation_entry(req.model)
+        stops = common_checks(req)
+        if req.max_completion_tokens is not None:
+            req.max_tokens = req.max_completion_tokens
+        ids = chat_ids(entry, req.messages)
+        left = state.context - entry.num_virtual_tokens - len(ids)
+        if req.max_tokens is None:
+            req.max_tokens = min(256, left)
+        if left < max(req.max_tokens, 1):
+            raise ApiError(
+                413,
+                f"the rendered messages are {len(ids)} tokens: with max_tokens {req.max_tokens} "
+                f"and {entry.num_virtual_tokens} virtual tokens they do not fit the model's "
+                f"context of {state.context}; send fewer or shorter messages or lower max_tokens",
+                "input_too_long",
+                param="messages",
+            )
+        rows = [gen_row(entry, ids, req)]
+        outs = await state.run(rows, request)
+        text, reason = finish(*outs[0], stops)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": entry.name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": reason,
+                }
+            ],
+            "usage": usage(rows, outs),
+        }
 
     def need_admin(what: str) -> None:
         if not config.allow_adapter_admin:
