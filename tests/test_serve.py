@@ -236,8 +236,8 @@ def test_bad_requests_get_clear_json_errors(client):
     assert r.status_code == 404 and "error" in r.json()
     r = client.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "n": 2})
     assert r.status_code == 400 and "n must be 1" in _err(r)["message"]
-    r = client.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "stream": True})
-    assert r.status_code == 400
+    r = client.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "stop": [""]})
+    assert r.status_code == 400 and _err(r)["param"] == "stop"
     r = client.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 10**6})
     assert r.status_code == 400 and "max_tokens" in _err(r)["message"]
     assert client.get("/health").json()["status"] == "ok"  # still serving
@@ -380,6 +380,116 @@ def test_openai_client_chat(model, chat_tok, chat_dir):
         want = _reference(model, chat_tok, prompt, chat_tok(text, add_special_tokens=False)["input_ids"], 4)  # fmt: skip
         assert out.choices[0].message.content == chat_tok.decode(want, skip_special_tokens=True)
         assert out.usage.completion_tokens == len(want)
+
+
+@pytest.fixture(scope="module")
+def chat_server(model, chat_tok, chat_dir):
+    """A real server for the chat-template tokenizer; answers at once (no batch wait)."""
+    with running(_app(model, chat_tok, chat_dir, max_wait_ms=0)) as url:
+        yield url
+
+
+def test_openai_client_streams_completions_and_chat(chat_server, model, chat_tok, chat_dir):
+    openai = pytest.importorskip("openai")
+    c = openai.OpenAI(base_url=f"{chat_server}/v1", api_key="unused", timeout=30, max_retries=0)
+    for name in ("alpha", "suf", "tiny"):
+        kw = dict(model=name, prompt=TEXTS[2], max_tokens=12, temperature=0)
+        whole = c.completions.create(**kw)
+        chunks = list(c.completions.create(**kw, stream=True))
+        pieces = [ch.choices[0].text for ch in chunks if ch.choices]
+        assert len([p for p in pieces if p]) > 1, pieces  # token by token, not all at once
+        assert "".join(pieces) == whole.choices[0].text
+        reasons = [ch.choices[0].finish_reason for ch in chunks if ch.choices]
+        assert reasons[-1] == whole.choices[0].finish_reason and set(reasons[:-1]) == {None}
+        text = whole.choices[0].text
+        if len(text) > 3:  # a stop string ends the stream right before it
+            stop = text[2:4]
+            cut = list(c.completions.create(**kw, stop=[stop], stream=True))
+            streamed = "".join(ch.choices[0].text for ch in cut if ch.choices)
+            assert streamed == text[: text.find(stop)] and stop not in streamed
+            assert cut[-1].choices[0].finish_reason == "stop"
+        msgs = [{"role": "user", "content": TEXTS[0]}]
+        whole = c.chat.completions.create(model=name, messages=msgs, max_tokens=8, temperature=0)
+        chunks = list(
+            c.chat.completions.create(
+                model=name, messages=msgs, max_tokens=8, temperature=0, stream=True,
+                stream_options={"include_usage": True},
+            )
+        )  # fmt: skip
+        assert chunks[0].choices[0].delta.role == "assistant"
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert streamed == whole.choices[0].message.content
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason  # fmt: skip
+        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+        assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_stream_is_plain_sse_ending_in_done(chat_server):
+    body = {"model": "alpha", "prompt": "hi", "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{chat_server}/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [x for x in r.iter_lines() if x]
+    assert all(x.startswith("data: ") for x in lines) and lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
+    r = httpx.post(f"{chat_server}/v1/completions", json={**body, "model": "nope"}, timeout=30)
+    assert r.status_code == 404  # refused before the stream starts: a plain JSON error
+
+
+def test_client_leaving_a_stream_ends_its_row_only(model, chat_tok, chat_dir):
+    app = _app(model, chat_tok, chat_dir, max_wait_ms=0)
+    state = app.state.softprompt
+    made: list[int] = []
+    real = state.engine.generate
+
+    def slow_generate(rows):  # 5 ms a token, and a note of how many each row made
+        for r in rows:
+            if r.on_token is not None:
+                inner = r.on_token
+                r.on_token = lambda t, lg, inner=inner: (time.sleep(0.005), inner(t, lg))[1]
+        outs = real(rows)
+        made.extend(len(t) for t, _ in outs)
+        return outs
+
+    state.engine.generate = slow_generate
+    long = {"model": "tiny", "prompt": "a", "max_tokens": 200, "temperature": 0.7, "stream": True}
+    with running(app) as url:
+        with httpx.stream("POST", f"{url}/v1/completions", json=long, timeout=30) as r:
+            got = 0
+            for line in r.iter_lines():
+                got += line.startswith("data: ")
+                if got == 3:
+                    break  # leave mid-stream
+        other = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": "alpha", "prompt": TEXTS[1], "max_tokens": 4, "temperature": 0},
+            timeout=30,
+        )
+        assert other.status_code == 200
+        prompt = SoftPrompt.load(str(chat_dir / "alpha"), model, chat_tok).prompt
+        want = _reference(model, chat_tok, prompt, chat_tok(TEXTS[1])["input_ids"], 4)
+        assert other.json()["choices"][0]["text"] == chat_tok.decode(want, skip_special_tokens=True)
+        deadline = time.monotonic() + 10
+        while len(made) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert made[0] < 100, made  # the left stream's row ended soon after its client left
+        metrics = httpx.get(f"{url}/metrics").text
+        assert _metric(metrics, "softprompt_client_disconnects_total") == 1
+
+
+def test_text_stream_holds_back_what_could_start_a_stop_string(tokenizer):
+    from softprompt.serve.text import TextStream
+
+    ids = tokenizer("thanks for nothing, again")["input_ids"]
+    pieces = []
+    st = TextStream(tokenizer, ["nothing"], on_piece=lambda p, _: pieces.append(p))
+    ended = [st.on_token(t, torch.zeros(len(tokenizer))) for t in ids]
+    assert st.stopped and ended[-1] is True and ended.index(True) < len(ids)
+    assert "".join(pieces) == st.text == "thanks for "
+    st = TextStream(tokenizer, ["zzz"], on_piece=lambda p, _: pieces.append(p))
+    pieces.clear()
+    for t in ids:
+        assert st.on_token(t, torch.zeros(len(tokenizer))) is False
+    assert "".join(pieces) + st.finish()[0] == "thanks for nothing, again"
 
 
 def test_long_input_is_cut_as_in_training_or_413_when_strict(

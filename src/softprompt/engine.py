@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -43,8 +43,9 @@ from .errors import SoftpromptError
 from .model import (
     KV,
     check_model,
+    choose_tokens,
     common_prefix_length,
-    generate,
+    decode_steps,
     label_loss,
     note_path,
     packed_fits,
@@ -261,6 +262,10 @@ class GenerateRow:
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
+    on_token: Callable[[int, Tensor], bool] | None = None
+    """Called (on the model's thread) with each new token but the end token and the logits
+    [V] it was chosen from; returning True ends the row there (a stop string, a client that
+    left). Streaming and stop strings use it."""
 
 
 def kv_bytes(kv: KV) -> int:
@@ -521,7 +526,9 @@ class Engine:
     @torch.no_grad()
     def generate(self, rows: Sequence[GenerateRow]) -> list[tuple[list[int], bool]]:
         """Each row's new tokens (up to its max_tokens, without the end token) and whether it
-        ended by the end token. Rows of one prompt length and sampling setting decode together."""
+        ended by the end token. Rows of one prompt length and sampling setting decode together,
+        one step at a time (`model.decode_steps`); a row leaves the loop at its end token, its
+        max_tokens, or when its `on_token` says so, and the loop ends when every row has left."""
         out: list = [None] * len(rows)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
@@ -532,27 +539,44 @@ class Engine:
                 )
             key = (r.predictor.num_virtual_tokens, r.temperature, r.top_p)
             groups.setdefault(key, []).append(i)
+        eos = self.tokenizer.eos_token_id
         for (_, temperature, top_p), idx in groups.items():
             part = [rows[i] for i in idx]
-            members = [r.predictor.members[0] for r in part]
-            kv, index, bank, h = self._prompts(part, members)
-            ids, mask = collate_left([r.ids[h:] for r in part], self.tokenizer.pad_token_id)
-            most = max(r.max_tokens for r in part)
-            new = generate(
-                self.model,
-                kv,
-                ids.to(self.device),
-                mask.to(self.device),
-                max_new_tokens=most,
-                eos_token_id=self.tokenizer.eos_token_id,
-                rows=index,
-                temperature=temperature,
-                top_p=top_p,
-                prompts=bank,
-            )
-            # generate drops the eos: a row that stopped short of the group's most tokens hit it
-            for i, r, toks in zip(idx, part, new, strict=True):
-                out[i] = (toks[: r.max_tokens], len(toks) < r.max_tokens)
+            toks: list[list[int]] = [[] for _ in part]
+            ended = [False] * len(part)
+            active = [r.max_tokens > 0 for r in part]
+            if any(active):
+                members = [r.predictor.members[0] for r in part]
+                kv, index, bank, h = self._prompts(part, members)
+                ids, mask = collate_left([r.ids[h:] for r in part], self.tokenizer.pad_token_id)
+                steps = decode_steps(
+                    self.model,
+                    kv,
+                    ids.to(self.device),
+                    mask.to(self.device),
+                    rows=index,
+                    prompts=bank,
+                )
+                logits = next(steps)
+                while True:
+                    nxt = choose_tokens(logits, temperature, top_p)
+                    for j, r in enumerate(part):
+                        if not active[j]:
+                            continue
+                        t = int(nxt[j])
+                        if eos is not None and t == eos:
+                            active[j], ended[j] = False, True
+                            continue
+                        toks[j].append(t)
+                        stop = r.on_token is not None and r.on_token(t, logits[j])
+                        if stop or len(toks[j]) >= r.max_tokens:
+                            active[j] = False
+                    if not any(active):
+                        break
+                    logits = steps.send(nxt)
+                steps.close()
+            for i, t, e in zip(idx, toks, ended, strict=True):
+                out[i] = (t, e)
         return out
 
 

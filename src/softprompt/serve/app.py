@@ -2,7 +2,8 @@
 
 Endpoints (every error is JSON: {"error": {"message", "type", ...}}):
     POST   /v1/classify          {adapter, inputs: [...], strict?}: label and probabilities
-    POST   /v1/completions       OpenAI-compatible (model = adapter name or the base model)
+    POST   /v1/completions       OpenAI-compatible (model = adapter name or the base model);
+                                 stream: true sends server-sent events
     POST   /v1/chat/completions  OpenAI-compatible chat: the base tokenizer's chat template
     GET    /v1/models            OpenAI-compatible list: the base model, then the adapters
     POST   /v1/adapters          {path, name?}: load an adapter from under the adapters folder
@@ -14,7 +15,9 @@ Endpoints (every error is JSON: {"error": {"message", "type", ...}}):
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -26,7 +29,7 @@ from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -35,6 +38,7 @@ from ..engine import ClassifyRow, Engine, GenerateRow, Predictor, raw_task
 from ..errors import SoftpromptError
 from .batcher import Batcher, Closed
 from .registry import load_predictor, scan_folder
+from .text import TextStream
 
 log = logging.getLogger("softprompt.serve")
 
@@ -120,6 +124,7 @@ class CompletionRequest(BaseModel):
     best_of: int | None = None
     suffix: str | None = None
     strict: bool = False
+    stream_options: dict | None = None
 
 
 class ChatMessage(BaseModel):
@@ -140,6 +145,7 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
+    stream_options: dict | None = None
 
 
 class LoadRequest(BaseModel):
@@ -317,13 +323,17 @@ class ServerState:
         while self.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
-    async def run(self, rows, request: Request) -> list:
-        """Queue rows and wait for them; a client that goes away cancels its queued rows."""
+    def submit(self, rows):
         self.start()
         try:
-            job = self.batcher.submit(rows)
+            return self.batcher.submit(rows)
         except Closed as e:
             raise ApiError(503, str(e), "unavailable") from None
+
+    async def run(self, rows, request: Request, on_cancel=None) -> list:
+        """Queue rows and wait for them; a client that goes away cancels its queued rows (and
+        `on_cancel()` ends its rows in flight)."""
+        job = self.submit(rows)
         gone = asyncio.ensure_future(_wait_disconnect(request))
         try:
             await asyncio.wait({job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -331,6 +341,8 @@ class ServerState:
             gone.cancel()
         if not job.future.done():
             job.future.cancel()
+            if on_cancel is not None:
+                on_cancel()
             self.metrics.disconnects.inc()
             raise ApiError(499, "client closed the request", "client_closed")
         try:
@@ -617,10 +629,7 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
 
     def common_checks(req) -> list[str]:
         """The settings completions and chat share; returns the stop strings."""
-        for flag, bad, what in (
-            ("n", req.n != 1, "n must be 1 (one completion per prompt)"),
-            ("stream", req.stream, "streaming is not supported; send stream=false"),
-        ):
+        for flag, bad, what in (("n", req.n != 1, "n must be 1 (one completion per prompt)"),):
             if bad:
                 raise ApiError(400, what, param=flag)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -640,21 +649,85 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
             )
         return budget
 
-    def gen_row(entry: Predictor, ids: list[int], req) -> GenerateRow:
+    def gen_row(entry: Predictor, ids: list[int], req, stream: TextStream) -> GenerateRow:
         greedy = req.temperature == 0
         top_p = 1.0 if greedy else req.top_p
-        return GenerateRow(entry, ids, req.max_tokens, req.temperature, top_p)
+        return GenerateRow(entry, ids, req.max_tokens, req.temperature, top_p, stream.on_token)
 
-    def finish(toks: list[int], hit_eos: bool, stops: list[str]) -> tuple[str, str]:
-        """(text, finish_reason) of one row's new tokens; the text ends before a stop string."""
-        text = state.tokenizer.decode(toks, skip_special_tokens=True)
-        reason = "stop" if hit_eos else "length"
-        cuts = [text.find(s) for s in stops if s in text]
-        if cuts:
-            text, reason = text[: min(cuts)], "stop"
-        return text, reason
+    def reason(stream: TextStream, hit_eos: bool) -> str:
+        return "stop" if hit_eos or stream.stopped else "length"
+
+    async def answer(rows, streams: list[TextStream], request: Request) -> list[tuple]:
+        """Wait for the rows; each row's (text, finish_reason, token infos, new tokens)."""
+        outs = await state.run(
+            rows, request, on_cancel=lambda: [s.cancelled.set() for s in streams]
+        )
+        done = []
+        for st, (toks, hit_eos) in zip(streams, outs, strict=True):
+            st.finish()
+            done.append((st.text, reason(st, hit_eos), st.tokens, toks))
+        return done
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    def event_stream(
+        rows, streams: list[TextStream], chunk, final_chunk, include_usage: bool, make_usage
+    ):
+        """Server-sent events: each row's pieces as the model makes them (`chunk(i, piece,
+        infos)`), then `final_chunk(i, finish_reason)` per row, the usage if asked for, and
+        `data: [DONE]`. A client that leaves ends its rows at their next token; other requests
+        in the same batch go on."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        for i, st in enumerate(streams):
+            st.on_piece = functools.partial(
+                lambda i, piece, infos: loop.call_soon_threadsafe(q.put_nowait, (i, piece, infos)),
+                i,
+            )
+        job = state.submit(rows)  # before the response starts: a refusal is a plain 503
+        job.future.add_done_callback(lambda _: q.put_nowait(None))
+
+        async def events():
+            complete = False
+            try:
+                while (item := await q.get()) is not None:
+                    yield sse(chunk(*item))
+                try:
+                    outs = job.future.result()
+                except Exception as e:  # noqa: BLE001 - the stream has begun: say so in it
+                    log.error("request failed: %s", e)
+                    msg = f"the model failed on this request: {e}"
+                    yield sse(error_body(msg, "server_error"))
+                    complete = True
+                    return
+                for i, (st, (_, hit_eos)) in enumerate(zip(streams, outs, strict=True)):
+                    piece, infos = st.finish()
+                    if piece or infos:
+                        yield sse(chunk(i, piece, infos))
+                    yield sse(final_chunk(i, reason(st, hit_eos)))
+                if include_usage:
+                    yield sse(make_usage(outs))
+                yield "data: [DONE]\n\n"
+                complete = True
+            finally:
+                if not complete:  # the client went away mid-stream
+                    for st in streams:
+                        st.cancelled.set()
+                    job.future.cancel()
+                    state.metrics.disconnects.inc()
+
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    def include_usage(req) -> bool:
+        return bool((req.stream_options or {}).get("include_usage"))
 
     def usage(rows, outs) -> dict:
+        """OpenAI's usage: prompt and new tokens (outs: the engine's (tokens, eos) per row)."""
         prompt_tokens = sum(len(r.ids) for r in rows)
         completion_tokens = sum(len(t) for t, _ in outs)
         return {
@@ -684,7 +757,7 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
             )
         task = raw_task(entry.task)
         budget = room(entry, req.max_tokens)
-        rows, warnings = [], []
+        rows, warnings, streams = [], [], []
         for i, text in enumerate(prompts):
             ids, truncated = state.encode(task, text, budget, req.strict, f"prompt {i}")
             if truncated:
@@ -692,20 +765,39 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
                 warnings.append(f"prompt {i} was cut at the end to fit {budget} tokens")
             if not ids:  # as OpenAI: an empty prompt is the end-of-text token
                 ids = [state.tokenizer.eos_token_id]
-            rows.append(gen_row(entry, ids, req))
-        outs = await state.run(rows, request)
-        choices = []
-        for i, (toks, hit_eos) in enumerate(outs):
-            text, reason = finish(toks, hit_eos, stops)
-            choices.append({"text": text, "index": i, "logprobs": None, "finish_reason": reason})
-        body = {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": entry.name,
-            "choices": choices,
-            "usage": usage(rows, outs),
-        }
+            streams.append(TextStream(state.tokenizer, stops))
+            rows.append(gen_row(entry, ids, req, streams[-1]))
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def envelope(choices: list, **extra) -> dict:
+            return {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": entry.name,
+                "choices": choices,
+                **extra,
+            }
+
+        if req.stream:
+            return event_stream(
+                rows,
+                streams,
+                lambda i, piece, infos: envelope(
+                    [{"text": piece, "index": i, "logprobs": None, "finish_reason": None}]
+                ),
+                lambda i, why: envelope(
+                    [{"text": "", "index": i, "logprobs": None, "finish_reason": why}]
+                ),
+                include_usage(req),
+                lambda outs: envelope([], usage=usage(rows, outs)),
+            )
+        done = await answer(rows, streams, request)
+        choices = [
+            {"text": text, "index": i, "logprobs": None, "finish_reason": why}
+            for i, (text, why, _, _) in enumerate(done)
+        ]
+        body = envelope(choices, usage=usage(rows, [(d[3], None) for d in done]))
         if warnings:
             body["warnings"] = warnings
         return body
@@ -766,24 +858,44 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
                 "input_too_long",
                 param="messages",
             )
-        rows = [gen_row(entry, ids, req)]
-        outs = await state.run(rows, request)
-        text, reason = finish(*outs[0], stops)
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": entry.name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": reason,
-                }
-            ],
-            "usage": usage(rows, outs),
-        }
+        stream = TextStream(state.tokenizer, stops)
+        rows = [gen_row(entry, ids, req, stream)]
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def envelope(choices: list, **extra) -> dict:
+            return {
+                "id": cid,
+                "object": "chat.completion.chunk" if req.stream else "chat.completion",
+                "created": created,
+                "model": entry.name,
+                "choices": choices,
+                **extra,
+            }
+
+        if req.stream:
+            started = [False]
+
+            def chunk(i, piece, infos):
+                delta = {"content": piece}
+                if not started[0]:
+                    started[0] = True
+                    delta["role"] = "assistant"
+                return envelope([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])  # fmt: skip
+
+            return event_stream(
+                rows,
+                [stream],
+                chunk,
+                lambda i, why: envelope(
+                    [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": why}]
+                ),
+                include_usage(req),
+                lambda outs: envelope([], usage=usage(rows, outs)),
+            )
+        ((text, why, _, toks),) = await answer(rows, [stream], request)
+        message = {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": why}
+        return envelope([choice], usage=usage(rows, [(toks, None)]))
 
     def need_admin(what: str) -> None:
         if not config.allow_adapter_admin:
