@@ -433,6 +433,13 @@ def test_stream_is_plain_sse_ending_in_done(chat_server):
     assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
     r = httpx.post(f"{chat_server}/v1/completions", json={**body, "model": "nope"}, timeout=30)
     assert r.status_code == 404  # refused before the stream starts: a plain JSON error
+    whole = httpx.post(f"{chat_server}/v1/completions", json={**body, "stream": False, "logprobs": 1}, timeout=30)  # fmt: skip
+    with httpx.stream("POST", f"{chat_server}/v1/completions", json={**body, "logprobs": 1}, timeout=30) as r:  # fmt: skip
+        chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    want = whole.json()["choices"][0]["logprobs"]
+    assert sum((x["token_logprobs"] for x in streamed), []) == pytest.approx(want["token_logprobs"])
+    assert sum((x["text_offset"] for x in streamed), []) == want["text_offset"]
 
 
 def test_client_leaving_a_stream_ends_its_row_only(model, chat_tok, chat_dir):
@@ -490,6 +497,73 @@ def test_text_stream_holds_back_what_could_start_a_stop_string(tokenizer):
     for t in ids:
         assert st.on_token(t, torch.zeros(len(tokenizer))) is False
     assert "".join(pieces) + st.finish()[0] == "thanks for nothing, again"
+
+
+def _forward_logprobs(model, prompt, ids):
+    """log_softmax of the plain concatenated forward pass: [T, V] for positions after each
+    token of ids (the prompt's front vectors, P, first)."""
+    from softprompt.model import concat_forward
+
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logits = concat_forward(model, prompt, x, torch.ones_like(x))
+    return torch.log_softmax(logits[0, prompt.shape[0] :].float(), -1)
+
+
+def test_echo_logprobs_score_the_prompt_as_a_forward_pass(chat_client, model, chat_tok, chat_dir):
+    """lm-eval-harness's loglikelihood request: echo, max_tokens 0, logprobs."""
+    from softprompt.serve.text import token_text
+
+    ids = chat_tok(TEXTS[2])["input_ids"]
+    for name in ("alpha", "suf", "tiny"):
+        body = {"model": name, "prompt": TEXTS[2], "max_tokens": 0, "echo": True, "logprobs": 2}
+        r = chat_client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["text"] == TEXTS[2] and r.json()["usage"]["completion_tokens"] == 0
+        lp = choice["logprobs"]
+        assert lp["tokens"] == [token_text(chat_tok, t) for t in ids]
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        if name == "tiny":
+            front = torch.zeros(0, 32)
+        else:
+            sp = SoftPrompt.load(str(chat_dir / name), model, chat_tok).prompt
+            front = sp[
+                : sp.shape[0] - (2 if name == "suf" else 0)
+            ]  # the text comes before suffix tokens
+        ref = _forward_logprobs(model, front, ids)
+        want = ref[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(lp["token_logprobs"][1:]), want, atol=1e-4)
+        for t, top in enumerate(lp["top_logprobs"][1:]):
+            assert len(top) == 2
+            best = ref[t].topk(2)
+            assert sorted(top.values(), reverse=True) == pytest.approx(
+                best.values.tolist(), abs=1e-4
+            )
+        offsets = lp["text_offset"]
+        assert offsets[0] == 0 and offsets[1] == len(lp["tokens"][0])
+
+
+def test_logprobs_of_new_tokens_and_echo(chat_client, model, chat_tok, chat_dir):
+    ids = chat_tok(TEXTS[1])["input_ids"]
+    body = {"model": "alpha", "prompt": TEXTS[1], "max_tokens": 4, "temperature": 0, "logprobs": 3}
+    out = chat_client.post("/v1/completions", json=body).json()["choices"][0]
+    new = out["logprobs"]
+    assert len(new["tokens"]) == len(new["token_logprobs"]) == len(new["text_offset"]) >= 1
+    echoed = chat_client.post("/v1/completions", json={**body, "echo": True}).json()["choices"][0]
+    assert echoed["text"] == TEXTS[1] + out["text"]
+    lp = echoed["logprobs"]
+    assert lp["tokens"][len(ids) :] == new["tokens"]
+    assert lp["token_logprobs"][len(ids) :] == pytest.approx(new["token_logprobs"], abs=1e-5)
+    sp = SoftPrompt.load(str(chat_dir / "alpha"), model, chat_tok).prompt
+    toks = _reference(model, chat_tok, sp, ids, 4)
+    ref = _forward_logprobs(model, sp, ids + toks)
+    want = ref[:-1].gather(1, torch.tensor((ids + toks)[1:])[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(lp["token_logprobs"][1:]), want, atol=1e-4)
+    for got, top in zip(new["token_logprobs"], new["top_logprobs"], strict=True):
+        assert got == pytest.approx(max(top.values()), abs=1e-6)  # greedy: the most likely
+    r = chat_client.post("/v1/completions", json={**body, "logprobs": 99})
+    assert r.status_code == 400 and "logprobs" in _err(r)["message"]
 
 
 def test_long_input_is_cut_as_in_training_or_413_when_strict(

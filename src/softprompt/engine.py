@@ -51,6 +51,7 @@ from .model import (
     packed_fits,
     packed_problem,
     prefix_kv,
+    run_after_prefix,
     score_continuations,
     slice_kv,
     stack_kv,
@@ -268,6 +269,18 @@ class GenerateRow:
     left). Streaming and stop strings use it."""
 
 
+@dataclass(eq=False)
+class PromptLogprobRow:
+    """Score a prompt's own tokens after the predictor's (first) prompt (`echo` + `logprobs`)."""
+
+    predictor: Predictor
+    ids: list[int]
+    """Token ids; suffix placeholders (< 0) are left out: they come after the text, so the
+    text's log-probabilities do not depend on them."""
+    top: int = 0
+    """How many most likely tokens to give at each position."""
+
+
 def kv_bytes(kv: KV) -> int:
     return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
 
@@ -412,12 +425,16 @@ class Engine:
                 out[i] = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
         return out
 
-    def run(self, rows: Sequence[ClassifyRow | GenerateRow]) -> list:
+    def run(self, rows: Sequence[ClassifyRow | GenerateRow | PromptLogprobRow]) -> list:
         """A server batch: each classify row's probabilities (list of floats, its labels'
-        order, calibrated), each generate row's (new tokens, finished by eos)."""
+        order, calibrated), each generate row's (new tokens, finished by eos), each prompt
+        log-probability row's (`prompt_logprobs`)."""
         out: list = [None] * len(rows)
         cls = [i for i, r in enumerate(rows) if isinstance(r, ClassifyRow)]
-        gen = [i for i, r in enumerate(rows) if not isinstance(r, ClassifyRow)]
+        gen = [i for i, r in enumerate(rows) if isinstance(r, GenerateRow)]
+        for i, r in enumerate(rows):
+            if isinstance(r, PromptLogprobRow):
+                out[i] = self.prompt_logprobs(r)
         if cls:
             for i, p in zip(cls, self.label_probabilities([rows[i] for i in cls]), strict=True):
                 out[i] = p.tolist()
@@ -425,6 +442,24 @@ class Engine:
             for i, g in zip(gen, self.generate([rows[i] for i in gen]), strict=True):
                 out[i] = g
         return out
+
+    @torch.no_grad()
+    def prompt_logprobs(self, row: PromptLogprobRow) -> tuple[Tensor, Tensor, Tensor]:
+        """Log-probability of each of the row's tokens after the prompt and the tokens before
+        it: ([T-1] for tokens 1..T-1 (token 0 has no context of text), top ids [T-1, k], their
+        log-probabilities [T-1, k]), on the CPU. Equal to `log_softmax` of `concat_forward`."""
+        p = row.predictor
+        if p.is_ensemble:
+            raise SoftpromptError(f"{p.name} is an ensemble: log-probabilities use one prompt")
+        m = p.members[0]
+        kv = slice_kv(self.kv_cache.get(m, p.head, keep=not p.unloaded), m.front_length)
+        ids = [i for i in row.ids if i >= 0]
+        x = torch.tensor([ids], device=self.device)
+        hidden, _ = run_after_prefix(self.model, kv, x, torch.ones_like(x))
+        logp = torch.log_softmax(self.model.get_output_embeddings()(hidden[0, :-1]).float(), -1)
+        picked = logp.gather(1, x[0, 1:, None])[:, 0]
+        top = logp.topk(min(row.top, logp.shape[-1]), -1)
+        return picked.cpu(), top.indices.cpu(), top.values.cpu()
 
     # ------------------------------------------------------------------ one batch
 

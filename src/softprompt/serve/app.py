@@ -34,11 +34,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..data import Task, encode_input, suffix_placeholders
-from ..engine import ClassifyRow, Engine, GenerateRow, Predictor, raw_task
+from ..engine import ClassifyRow, Engine, GenerateRow, Predictor, PromptLogprobRow, raw_task
 from ..errors import SoftpromptError
 from .batcher import Batcher, Closed
 from .registry import load_predictor, scan_folder
-from .text import TextStream
+from .text import TextStream, token_text
 
 log = logging.getLogger("softprompt.serve")
 
@@ -113,14 +113,17 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
     prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=0)
+    """0 (with echo and logprobs): only score the prompt, as lm-eval-harness does."""
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
     echo: bool = False
-    logprobs: int | None = None
+    """The prompt in front of the text (and with logprobs, its tokens' log-probabilities)."""
+    logprobs: int | None = Field(None, ge=0, le=20)
+    """Each new token's log-probability and the `logprobs` most likely tokens at its place."""
     best_of: int | None = None
     suffix: str | None = None
     strict: bool = False
@@ -657,16 +660,39 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
     def reason(stream: TextStream, hit_eos: bool) -> str:
         return "stop" if hit_eos or stream.stopped else "length"
 
-    async def answer(rows, streams: list[TextStream], request: Request) -> list[tuple]:
-        """Wait for the rows; each row's (text, finish_reason, token infos, new tokens)."""
+    async def answer(rows, streams: list[TextStream], request: Request, extra=()) -> list:
+        """Wait for the rows (and `extra` rows of other kinds, in the same job); each generate
+        row's (text, finish_reason, token infos, new tokens), then each extra row's result."""
         outs = await state.run(
-            rows, request, on_cancel=lambda: [s.cancelled.set() for s in streams]
+            [*rows, *extra], request, on_cancel=lambda: [s.cancelled.set() for s in streams]
         )
-        done = []
-        for st, (toks, hit_eos) in zip(streams, outs, strict=True):
+        done: list = []
+        for st, (toks, hit_eos) in zip(streams, outs[: len(rows)], strict=True):
             st.finish()
             done.append((st.text, reason(st, hit_eos), st.tokens, toks))
-        return done
+        return done + outs[len(rows) :]
+
+    def prompt_infos(ids: list[int], scores) -> list[dict]:
+        """Token infos (as TextStream keeps them) of a prompt's tokens; the first has none."""
+        picked, top_ids, top_lp = scores
+        dec = functools.partial(token_text, state.tokenizer)
+        out = [{"token": dec(ids[0]), "logprob": None, "top": None}]
+        for t, lp, ti, tl in zip(ids[1:], picked.tolist(), top_ids.tolist(), top_lp.tolist(), strict=True):  # fmt: skip
+            out.append({"token": dec(t), "logprob": lp, "top": {dec(a): b for a, b in zip(ti, tl, strict=True)}})  # fmt: skip
+        return out
+
+    def completion_logprobs(infos: list[dict], offset: int = 0) -> dict:
+        """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+        offsets = []
+        for x in infos:
+            offsets.append(offset)
+            offset += len(x["token"])
+        return {
+            "tokens": [x["token"] for x in infos],
+            "token_logprobs": [x["logprob"] for x in infos],
+            "top_logprobs": [x["top"] for x in infos],
+            "text_offset": offsets,
+        }
 
     def sse(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
@@ -741,8 +767,7 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
         entry = generation_entry(req.model)
         stops = common_checks(req)
         for flag, bad, what in (
-            ("echo", req.echo, "echo is not supported"),
-            ("logprobs", req.logprobs is not None, "logprobs are not supported"),
+            ("echo", req.echo and req.stream, "echo is not supported with stream"),
             ("best_of", req.best_of not in (None, 1), "best_of must be 1"),
             ("suffix", req.suffix is not None, "suffix is not supported"),
         ):
@@ -765,8 +790,11 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
                 warnings.append(f"prompt {i} was cut at the end to fit {budget} tokens")
             if not ids:  # as OpenAI: an empty prompt is the end-of-text token
                 ids = [state.tokenizer.eos_token_id]
-            streams.append(TextStream(state.tokenizer, stops))
+            streams.append(TextStream(state.tokenizer, stops, logprobs=req.logprobs))
             rows.append(gen_row(entry, ids, req, streams[-1]))
+        scored = []
+        if req.echo and req.logprobs is not None:  # the prompts' own tokens, scored
+            scored = [PromptLogprobRow(entry, r.ids, req.logprobs) for r in rows]
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def envelope(choices: list, **extra) -> dict:
@@ -780,24 +808,42 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
             }
 
         if req.stream:
+            offsets = [0] * len(rows)
+
+            def chunk(i: int, piece: str, infos: list[dict]) -> dict:
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = completion_logprobs(infos, offsets[i])
+                    offsets[i] += sum(len(x["token"]) for x in infos)
+                choice = {"text": piece, "index": i, "logprobs": logprobs, "finish_reason": None}
+                return envelope([choice])
+
             return event_stream(
                 rows,
                 streams,
-                lambda i, piece, infos: envelope(
-                    [{"text": piece, "index": i, "logprobs": None, "finish_reason": None}]
-                ),
+                chunk,
                 lambda i, why: envelope(
                     [{"text": "", "index": i, "logprobs": None, "finish_reason": why}]
                 ),
                 include_usage(req),
                 lambda outs: envelope([], usage=usage(rows, outs)),
             )
-        done = await answer(rows, streams, request)
-        choices = [
-            {"text": text, "index": i, "logprobs": None, "finish_reason": why}
-            for i, (text, why, _, _) in enumerate(done)
-        ]
-        body = envelope(choices, usage=usage(rows, [(d[3], None) for d in done]))
+        done = await answer(rows, streams, request, extra=scored)
+        choices = []
+        for i, (text, why, infos, _) in enumerate(done[: len(rows)]):
+            lead, lead_infos = "", []
+            if req.echo:
+                ids = [t for t in rows[i].ids if t >= 0]
+                lead = prompts[i] if not warnings else state.tokenizer.decode(ids)
+                if scored:
+                    lead_infos = prompt_infos(ids, done[len(rows) + i])
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = completion_logprobs(lead_infos + infos)
+            choices.append(
+                {"text": lead + text, "index": i, "logprobs": logprobs, "finish_reason": why}
+            )
+        body = envelope(choices, usage=usage(rows, [(d[3], None) for d in done[: len(rows)]]))
         if warnings:
             body["warnings"] = warnings
         return body

@@ -17,11 +17,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from ..engine import ClassifyRow, Engine, GenerateRow
+from ..engine import ClassifyRow, Engine, GenerateRow, PromptLogprobRow
 
 log = logging.getLogger("softprompt.serve")
 
-Row = ClassifyRow | GenerateRow
+Row = ClassifyRow | GenerateRow | PromptLogprobRow
 
 
 class Closed(Exception):

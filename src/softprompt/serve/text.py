@@ -96,14 +96,24 @@ class TextStream:
             self.on_piece(piece, infos)
 
 
+def token_text(tokenizer, token: int) -> str:
+    """A token's text; a token that is only part of a character (its text would be the
+    replacement character, the same for many tokens) is named by its vocabulary entry instead,
+    so top-k keys stay distinct."""
+    text = tokenizer.decode([token])
+    if "\ufffd" in text:
+        return str(tokenizer.convert_ids_to_tokens(token))
+    return text
+
+
 def token_logprobs(tokenizer, logits: Tensor, token: int, k: int) -> dict:
     """{token: its text, logprob, top: the k most likely tokens' texts -> log-probability}
     from the logits [V] the token was chosen from."""
     logp = torch.log_softmax(logits.float(), -1)
-    out = {"token": tokenizer.decode([token]), "logprob": float(logp[token]), "top": {}}
+    out = {"token": token_text(tokenizer, token), "logprob": float(logp[token]), "top": {}}
     if k > 0:
         values, ids = logp.topk(min(k, logp.shape[-1]))
         out["top"] = {
-            tokenizer.decode([int(i)]): float(v) for v, i in zip(values, ids, strict=True)
+            token_text(tokenizer, int(i)): float(v) for v, i in zip(values, ids, strict=True)
         }
     return out
