@@ -648,18 +648,50 @@ def test_openai_client_sends_the_api_key(model, tokenizer, adapters_dir):
 
 
 def test_metrics_are_prometheus_text(client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> str:
+        return client.get("/metrics").text
+
+    before = scrape()
     client.post("/v1/classify", json={"adapter": "alpha", "inputs": TEXTS})
-    text = client.get("/metrics").text
-    for name in (
-        "softprompt_requests_total",
-        "softprompt_request_seconds_bucket",
-        "softprompt_batch_rows_bucket",
-        "softprompt_queue_depth",
-        "softprompt_kv_cache_bytes",
-        "softprompt_prompt_bytes",
+    r = client.post("/v1/completions", json={"model": "beta", "prompt": "hi", "max_tokens": 3})
+    client.post("/v1/completions", json={"model": "nope", "prompt": "hi"})
+    after = scrape()
+    kinds = {f.name: f.type for f in text_string_to_metric_families(after)}
+    for name, kind in (
+        ("softprompt_requests", "counter"),
+        ("softprompt_prompt_tokens", "counter"),
+        ("softprompt_generation_tokens", "counter"),
+        ("softprompt_kv_cache_hits", "counter"),
+        ("softprompt_kv_cache_misses", "counter"),
+        ("softprompt_request_seconds", "histogram"),
+        ("softprompt_queue_seconds", "histogram"),
+        ("softprompt_batch_rows", "histogram"),
+        ("softprompt_queue_depth", "gauge"),
+        ("softprompt_kv_cache_bytes", "gauge"),
+        ("softprompt_prompt_bytes", "gauge"),
     ):
-        assert name in text
-    assert 'route="/v1/classify",status="200"' in text
+        assert kinds.get(name) == kind, (name, kinds.get(name))
+
+    def grew(name: str, **labels) -> float:
+        return _metric(after, name, **labels) - _metric(before, name, **labels)
+
+    assert grew("softprompt_requests_total", adapter="alpha", endpoint="/v1/classify", status="200") == 1  # fmt: skip
+    assert grew("softprompt_requests_total", adapter="beta", endpoint="/v1/completions", status="200") == 1  # fmt: skip
+    assert grew("softprompt_requests_total", adapter="", endpoint="/v1/completions", status="404") == 1  # fmt: skip
+    tok = client.app.state.softprompt.tokenizer
+    alpha = client.app.state.softprompt.entries["alpha"]
+    want = sum(len(input_token_ids(tok, alpha.task, t, alpha.budget)) for t in TEXTS)
+    assert grew("softprompt_prompt_tokens_total", adapter="alpha") == want
+    usage = r.json()["usage"]
+    assert grew("softprompt_prompt_tokens_total", adapter="beta") == usage["prompt_tokens"]
+    assert grew("softprompt_generation_tokens_total", adapter="beta") == usage["completion_tokens"]
+    assert grew("softprompt_queue_seconds_count") == 2  # one per answered request
+    assert grew("softprompt_batch_rows_sum") == len(TEXTS) + 1
+    assert grew("softprompt_kv_cache_hits_total") + grew("softprompt_kv_cache_misses_total") >= 2
+    kv = client.app.state.softprompt.kv
+    assert _metric(after, "softprompt_kv_cache_misses_total") == kv.misses
 
 
 def test_playground_page_is_served(client):
@@ -730,11 +762,16 @@ def test_concurrent_requests_share_a_batch_and_match_alone(
     assert _metric(after, "softprompt_batch_adapters_count") - _metric(before, "softprompt_batch_adapters_count") == 1  # fmt: skip
 
 
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+def _metric(text: str, name: str, **labels) -> float:
+    """The sum of the samples called `name` with these labels, parsed with prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def test_openai_client_completions(slow_server, model, tokenizer, adapters_dir):
@@ -798,7 +835,7 @@ def test_client_disconnect_does_not_hurt_others(slow_server):
             break
         time.sleep(0.05)
     assert _metric(text, "softprompt_client_disconnects_total") == before + 1
-    assert 'status="499"' in text
+    assert _metric(text, "softprompt_requests_total", adapter="beta", status="499") >= 1
 
 
 def test_cli_serve_sigint_finishes_in_flight_requests(tiny_model_dir, adapters_dir, tmp_path):

@@ -166,16 +166,32 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "softprompt_requests",
-            "HTTP requests by method, route and status (499: client went away)",
-            ["method", "route", "status"],
+            "HTTP requests by adapter (the model named; empty for none), endpoint and status "
+            "(499: client went away)",
+            ["adapter", "endpoint", "status"],
             registry=r,
         )
         self.latency = Histogram(
             "softprompt_request_seconds",
-            "HTTP request latency by route",
-            ["route"],
+            "HTTP request latency by endpoint (streams: until the last event)",
+            ["endpoint"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "softprompt_queue_seconds",
+            "Time a request's rows waited before the model took the first of them",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "softprompt_prompt_tokens",
+            "Input tokens by adapter (classify inputs, completion prompts, chat messages)",
+            ["adapter"],
+            registry=r,
+        )
+        self.generation_tokens = Counter(
+            "softprompt_generation_tokens", "New tokens made by adapter", ["adapter"], registry=r
         )
         self.batch_rows = Histogram(
             "softprompt_batch_rows",
@@ -212,11 +228,15 @@ class Metrics:
             ),
             "softprompt_kv_cache_bytes": ("Bytes of cached prompt KV", lambda: state.kv.bytes),
             "softprompt_kv_cache_entries": ("Adapters with cached KV", lambda: len(state.kv)),
-            "softprompt_kv_cache_hits": ("KV cache hits (per batch)", lambda: state.kv.hits),
-            "softprompt_kv_cache_misses": ("KV cache misses", lambda: state.kv.misses),
         }
         for name, (doc, fn) in gauges.items():
             Gauge(name, doc, registry=r).set_function(fn)
+        r.register(_CacheCounters(state))
+
+    def on_tokens(self, adapter: str, prompt: int, generated: int = 0) -> None:
+        self.prompt_tokens.labels(adapter).inc(prompt)
+        if generated:
+            self.generation_tokens.labels(adapter).inc(generated)
 
     def on_batch(self, rows: int, adapters: int, seconds: float) -> None:
         self.batch_rows.observe(rows)
@@ -227,6 +247,22 @@ class Metrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
+
+
+class _CacheCounters:
+    """The prompt KV cache's hits and misses (counted by the engine) as Prometheus counters."""
+
+    def __init__(self, state: ServerState):
+        self.state = state
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        kv = self.state.kv
+        yield CounterMetricFamily(
+            "softprompt_kv_cache_hits", "Prompt KV cache hits (per batch and prompt)", kv.hits
+        )
+        yield CounterMetricFamily("softprompt_kv_cache_misses", "Prompt KV cache misses", kv.misses)
 
 
 class ServerState:
@@ -262,6 +298,7 @@ class ServerState:
             max_batch_size=config.max_batch_size,
             max_wait_ms=config.max_wait_ms,
             on_batch=self.metrics.on_batch,
+            on_queue=self.metrics.queue_seconds.observe,
         )
         self.started = False
         self.ready = False
@@ -362,6 +399,9 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
+ADAPTER_KEY = "softprompt.adapter"
+"""Where an endpoint notes (in the ASGI scope) the adapter a request named, for the metrics."""
+
 OPEN_PATHS = ("/health", "/")
 """Paths that need no API key (the playground page asks for the key itself)."""
 
@@ -437,7 +477,8 @@ class Guard:
                 self.state.in_flight -= 1
             route = getattr(scope.get("route"), "path", "unmatched")
             m = self.state.metrics
-            m.requests.labels(scope["method"], route, str(status[0])).inc()
+            adapter = scope.get(ADAPTER_KEY, "")
+            m.requests.labels(adapter, route, str(status[0])).inc()
             m.latency.labels(route).observe(time.perf_counter() - start)
 
     async def _read_body(self, scope, receive):
@@ -574,6 +615,7 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
     @app.post("/v1/classify")
     async def classify(req: ClassifyRequest, request: Request):
         entry = state.get(req.adapter)
+        request.scope[ADAPTER_KEY] = entry.name  # known names only: bounded label values
         if not req.inputs:
             raise ApiError(400, "inputs is empty; give at least one text")
         if len(req.inputs) > config.max_inputs:
@@ -605,6 +647,7 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
                 )
         state.metrics.truncated.inc(sum(cut))
         probs = await state.run(rows, request)
+        state.metrics.on_tokens(entry.name, sum(len(r.ids) for r in rows))
         names = entry.task.label_names
         results = [
             {
@@ -666,6 +709,7 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
         outs = await state.run(
             [*rows, *extra], request, on_cancel=lambda: [s.cancelled.set() for s in streams]
         )
+        count_tokens(rows, outs[: len(rows)])
         done: list = []
         for st, (toks, hit_eos) in zip(streams, outs[: len(rows)], strict=True):
             st.finish()
@@ -727,6 +771,7 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
                     yield sse(error_body(msg, "server_error"))
                     complete = True
                     return
+                count_tokens(rows, outs)
                 for i, (st, (_, hit_eos)) in enumerate(zip(streams, outs, strict=True)):
                     piece, infos = st.finish()
                     if piece or infos:
@@ -752,6 +797,11 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
     def include_usage(req) -> bool:
         return bool((req.stream_options or {}).get("include_usage"))
 
+    def count_tokens(rows, outs) -> None:
+        state.metrics.on_tokens(
+            rows[0].predictor.name, sum(len(r.ids) for r in rows), sum(len(t) for t, _ in outs)
+        )
+
     def usage(rows, outs) -> dict:
         """OpenAI's usage: prompt and new tokens (outs: the engine's (tokens, eos) per row)."""
         prompt_tokens = sum(len(r.ids) for r in rows)
@@ -764,6 +814,7 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
+        request.scope[ADAPTER_KEY] = state.get(req.model).name  # known names only
         entry = generation_entry(req.model)
         stops = common_checks(req)
         for flag, bad, what in (
@@ -887,6 +938,7 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
+        request.scope[ADAPTER_KEY] = state.get(req.model).name  # known names only
         entry = generation_entry(req.model)
         stops = common_checks(req)
         if req.max_completion_tokens is not None:

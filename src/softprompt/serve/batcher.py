@@ -37,6 +37,8 @@ class Job:
         self.remaining = len(rows)
         self.loop = loop
         self.future: asyncio.Future = loop.create_future()
+        self.queued_at = time.monotonic()
+        self.started = False
 
     @property
     def cancelled(self) -> bool:
@@ -69,7 +71,8 @@ _STOP = object()
 class Batcher:
     """Collects rows from the event loop into batches for one model-owning worker thread.
 
-    `on_batch(rows, adapters, seconds)` is called after every batch (metrics).
+    `on_batch(rows, adapters, seconds)` is called after every batch, `on_queue(seconds)` once
+    per request when the model takes its first row (metrics).
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class Batcher:
         max_batch_size: int = 32,
         max_wait_ms: float = 5.0,
         on_batch: Callable[[int, int, float], None] | None = None,
+        on_queue: Callable[[float], None] | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -86,6 +90,7 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self.on_batch = on_batch
+        self.on_queue = on_queue
         self._q: queue.Queue = queue.Queue()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -144,6 +149,12 @@ class Batcher:
             if not batch:
                 continue
             self.in_flight = len(batch)
+            now = time.monotonic()
+            for job, _ in batch:
+                if not job.started:
+                    job.started = True
+                    if self.on_queue is not None:
+                        self.on_queue(now - job.queued_at)
             start = time.perf_counter()
             self._run(batch)
             if self.on_batch is not None:
