@@ -45,7 +45,7 @@ from .model import (
     check_model,
     choose_tokens,
     common_prefix_length,
-    decode_steps,
+    decode_next,
     label_loss,
     note_path,
     packed_fits,
@@ -561,58 +561,150 @@ class Engine:
     @torch.no_grad()
     def generate(self, rows: Sequence[GenerateRow]) -> list[tuple[list[int], bool]]:
         """Each row's new tokens (up to its max_tokens, without the end token) and whether it
-        ended by the end token. Rows of one prompt length and sampling setting decode together,
-        one step at a time (`model.decode_steps`); a row leaves the loop at its end token, its
-        max_tokens, or when its `on_token` says so, and the loop ends when every row has left."""
-        out: list = [None] * len(rows)
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(rows):
+        ended by the end token: `begin` the rows, then `step` until every row has ended (a row
+        leaves at its end token, its max_tokens, or when its `on_token` says so)."""
+        done: dict[int, tuple[list[int], bool]] = {}
+        batch = self.begin(rows)
+        while batch.rows:
+            for r, result in self.step(batch):
+                done[id(r)] = result
+        return [done[id(r)] for r in rows]
+
+    @torch.no_grad()
+    def begin(self, rows: Sequence[GenerateRow]) -> Decoding:
+        """Run the rows' inputs after their prompts (rows of one prompt length in one pass) and
+        return them ready to decode, their first tokens' logits computed."""
+        groups: dict[int, list[GenerateRow]] = {}
+        for r in rows:
             if r.predictor.is_ensemble:
                 raise SoftpromptError(
                     f"{r.predictor.name} is an ensemble: generation uses one prompt (ensembles "
                     "work with label scoring)"
                 )
-            key = (r.predictor.num_virtual_tokens, r.temperature, r.top_p)
-            groups.setdefault(key, []).append(i)
+            groups.setdefault(r.predictor.num_virtual_tokens, []).append(r)
+        batch = Decoding([], (), torch.zeros(0, 0, device=self.device), torch.zeros(0, 0), [])
+        head = self.model.get_output_embeddings()
+        for part in groups.values():
+            members = [r.predictor.members[0] for r in part]
+            kv, index, bank, h = self._prompts(part, members)
+            ids, mask = collate_left([r.ids[h:] for r in part], self.tokenizer.pad_token_id)
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            hidden, cache = run_after_prefix(
+                self.model, kv, ids, mask, index, use_cache=True, prompts=bank
+            )
+            P = kv[0][0].shape[2]
+            full = torch.cat([mask.new_ones(len(part), P), mask], 1)
+            new = Decoding(
+                list(part),
+                tuple((layer.keys, layer.values) for layer in cache.layers),
+                full,
+                head(hidden[:, -1]).float(),
+                [[] for _ in part],
+            )
+            batch = merge_decoding(batch, new)
+        return batch
+
+    @torch.no_grad()
+    def step(self, batch: Decoding) -> list[tuple[GenerateRow, tuple[list[int], bool]]]:
+        """One decoding step for every row of `batch` (in place): choose each row's token (its
+        own temperature and top_p), end the rows that are done, run the others one token
+        further. Returns the rows that ended, each with (new tokens, ended by the end token)."""
+        B = len(batch.rows)
+        nxt = torch.empty(B, dtype=torch.long, device=batch.logits.device)
+        modes: dict[tuple[float, float], list[int]] = {}
+        for j, r in enumerate(batch.rows):
+            modes.setdefault((r.temperature, r.top_p), []).append(j)
+        for (temperature, top_p), idx in modes.items():
+            nxt[idx] = choose_tokens(batch.logits[idx], temperature, top_p)
         eos = self.tokenizer.eos_token_id
-        for (_, temperature, top_p), idx in groups.items():
-            part = [rows[i] for i in idx]
-            toks: list[list[int]] = [[] for _ in part]
-            ended = [False] * len(part)
-            active = [r.max_tokens > 0 for r in part]
-            if any(active):
-                members = [r.predictor.members[0] for r in part]
-                kv, index, bank, h = self._prompts(part, members)
-                ids, mask = collate_left([r.ids[h:] for r in part], self.tokenizer.pad_token_id)
-                steps = decode_steps(
-                    self.model,
-                    kv,
-                    ids.to(self.device),
-                    mask.to(self.device),
-                    rows=index,
-                    prompts=bank,
-                )
-                logits = next(steps)
-                while True:
-                    nxt = choose_tokens(logits, temperature, top_p)
-                    for j, r in enumerate(part):
-                        if not active[j]:
-                            continue
-                        t = int(nxt[j])
-                        if eos is not None and t == eos:
-                            active[j], ended[j] = False, True
-                            continue
-                        toks[j].append(t)
-                        stop = r.on_token is not None and r.on_token(t, logits[j])
-                        if stop or len(toks[j]) >= r.max_tokens:
-                            active[j] = False
-                    if not any(active):
-                        break
-                    logits = steps.send(nxt)
-                steps.close()
-            for i, t, e in zip(idx, toks, ended, strict=True):
-                out[i] = (t, e)
-        return out
+        ended, keep = [], []
+        for j, r in enumerate(batch.rows):
+            toks = batch.toks[j]
+            if r.max_tokens <= 0:
+                ended.append((r, (toks, False)))
+                continue
+            t = int(nxt[j])
+            if eos is not None and t == eos:
+                ended.append((r, (toks, True)))
+                continue
+            toks.append(t)
+            stop = r.on_token is not None and r.on_token(t, batch.logits[j])
+            if stop or len(toks) >= r.max_tokens:
+                ended.append((r, (toks, False)))
+            else:
+                keep.append(j)
+        batch.keep(keep)
+        if batch.rows:
+            batch.logits, batch.kv, batch.mask = decode_next(
+                self.model, batch.kv, batch.mask, nxt[keep]
+            )
+        return ended
+
+    def drop(self, batch: Decoding, rows: Sequence[GenerateRow]) -> None:
+        """Take rows out of a running batch (their client left)."""
+        gone = {id(r) for r in rows}
+        batch.keep([j for j, r in enumerate(batch.rows) if id(r) not in gone])
+
+
+@dataclass(eq=False)
+class Decoding:
+    """Generate rows decoding together, each after its own prompt: per layer keys/values
+    [B, heads, L, d] left-padded to one length L, which positions are valid [B, L], each row's
+    next-token logits [B, V] and its new tokens so far. Rows join (`merge_decoding`) and leave
+    (`keep`) between steps."""
+
+    rows: list[GenerateRow]
+    kv: KV
+    mask: Tensor
+    logits: Tensor
+    toks: list[list[int]]
+
+    def keep(self, idx: list[int]) -> None:
+        """Keep only the rows at these positions."""
+        if len(idx) == len(self.rows):
+            return
+        self.rows = [self.rows[j] for j in idx]
+        self.toks = [self.toks[j] for j in idx]
+        if not idx:
+            self.kv, self.mask, self.logits = (), self.mask[:0], self.logits[:0]
+            return
+        at = torch.tensor(idx, device=self.mask.device)
+        self.kv = tuple((k[at], v[at]) for k, v in self.kv)
+        self.mask, self.logits = self.mask[at], self.logits[at]
+        lead = int((self.mask.cumsum(-1) == 0).sum(-1).min())  # padding no row needs now
+        if lead:
+            self.kv = tuple((k[:, :, lead:], v[:, :, lead:]) for k, v in self.kv)
+            self.mask = self.mask[:, lead:]
+
+
+def merge_decoding(a: Decoding, b: Decoding) -> Decoding:
+    """One batch of both: the shorter side's keys/values and mask padded on the left."""
+    if not a.rows:
+        return b
+    if not b.rows:
+        return a
+    L = max(a.mask.shape[1], b.mask.shape[1])
+
+    def pad(t: Tensor, n: int) -> Tensor:  # n zeros in front along the sequence axis
+        if n == 0:
+            return t
+        shape = list(t.shape)
+        axis = 2 if t.dim() == 4 else 1
+        shape[axis] = n
+        return torch.cat([t.new_zeros(shape), t], axis)
+
+    na, nb = L - a.mask.shape[1], L - b.mask.shape[1]
+    kv = tuple(
+        (torch.cat([pad(ka, na), pad(kb, nb)]), torch.cat([pad(va, na), pad(vb, nb)]))
+        for (ka, va), (kb, vb) in zip(a.kv, b.kv, strict=True)
+    )
+    return Decoding(
+        a.rows + b.rows,
+        kv,
+        torch.cat([pad(a.mask, na), pad(b.mask, nb)]),
+        torch.cat([a.logits, b.logits]),
+        a.toks + b.toks,
+    )
 
 
 def full_label_scores(

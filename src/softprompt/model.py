@@ -944,6 +944,26 @@ def decode_steps(
 
 
 @torch.no_grad()
+def decode_next(model, kv: KV, mask: Tensor, tokens: Tensor) -> tuple[Tensor, KV, Tensor]:
+    """One token more for each row: tokens [B] after keys/values kv [B, heads, L, d] whose
+    valid positions are mask [B, L] (padding anywhere; each row's position is its count of
+    valid ones). Returns (the next token's logits [B, V] float32, kv [B, heads, L+1, d], mask
+    [B, L+1])."""
+    decoder = model.get_decoder()
+    pos = mask.sum(-1, keepdim=True)
+    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+    out = decoder(
+        input_ids=tokens[:, None],
+        attention_mask=mask,
+        position_ids=pos,
+        use_cache=True,
+        **{_cache_kw(decoder): _cache_from(kv, mask.shape[0])},
+    )
+    logits = model.get_output_embeddings()(out.last_hidden_state[:, -1]).float()
+    return logits, tuple((layer.keys, layer.values) for layer in _out_cache(out).layers), mask
+
+
+@torch.no_grad()
 def generate(
     model,
     kv: KV,
