@@ -3,13 +3,16 @@
 Endpoints (every error is JSON: {"error": {"message", "type", ...}}):
     POST   /v1/classify          {adapter, inputs: [...], strict?}: label and probabilities
     POST   /v1/completions       OpenAI-compatible (model = adapter name or the base model);
-                                 stream: true sends server-sent events
+                                 stream (server-sent events), stop, logprobs, echo
     POST   /v1/chat/completions  OpenAI-compatible chat: the base tokenizer's chat template
     GET    /v1/models            OpenAI-compatible list: the base model, then the adapters
     POST   /v1/adapters          {path, name?}: load an adapter from under the adapters folder
-    DELETE /v1/adapters/{name}   unload (its queued requests still finish)
-    GET    /health, /metrics     status; Prometheus text
+    DELETE /v1/adapters/{name}   unload (its queued requests still finish); both only with
+                                 --allow-adapter-admin
+    GET    /health, /metrics     status (503 while starting or draining); Prometheus text
     GET    /                     the playground page
+
+With --api-key every request but /health and / needs `Authorization: Bearer <key>`.
 """
 
 from __future__ import annotations
