@@ -159,7 +159,7 @@ def run_softprompt(args, folder: Path, names: list[str], requests) -> dict:
     cmd = [sys.executable, "-m", "softprompt.cli", "serve", "--adapters", str(folder),
            "--port", str(port), "--max-batch-size", str(args.max_batch_size),
            "--max-wait-ms", str(args.max_wait_ms), "--kv-cache-mb", str(args.kv_cache_mb),
-           "--log-level", "warning"]  # fmt: skip
+           "--log-level", "warning", "--allow-adapter-admin"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     cpus = args.server_cpus
     if cpus:

@@ -197,7 +197,8 @@ def test_every_kind_mixed_in_one_server_batch_equals_the_api(world, client):
 
 def test_models_list_says_what_each_kind_is(client):
     cards = {m["id"]: m["softprompt"] for m in client.get("/v1/models").json()["data"]}
-    assert set(cards) == set(KINDS)
+    assert set(cards) == {"tiny", *KINDS}  # the base model, then every adapter
+    assert cards["tiny"]["base"] is True and not any(cards[k]["base"] for k in KINDS)
     assert cards["suffix"]["suffix_tokens"] == 3
     assert cards["calibrated"]["calibration_bias"] == [1.5, 0.0]
     assert len(cards["ensemble"]["ensemble"]) == 3 and cards["ensemble"]["calibration_bias"] == [-0.8, 0.0]  # fmt: skip

@@ -29,7 +29,14 @@ from conftest import make_model  # noqa: E402
 from softprompt.adapters import save_adapter  # noqa: E402
 from softprompt.data import Task, input_token_ids  # noqa: E402
 from softprompt.engine import ClassifyRow, Engine, GenerateRow, KVCache  # noqa: E402
-from softprompt.model import common_prefix_length, generate, lane_width, pack_rows, prefix_kv  # noqa: E402
+from softprompt.model import (  # noqa: E402
+    common_prefix_length,
+    generate,
+    lane_width,
+    pack_rows,
+    prefix_kv,
+    slice_kv,
+)
 from softprompt.pipeline import SoftPrompt  # noqa: E402
 from softprompt.prompt import init_prompt  # noqa: E402
 from softprompt.serve.app import ServeConfig, create_app  # noqa: E402
@@ -87,7 +94,8 @@ def _app(model, tok, folder, **kw):
 
 @pytest.fixture
 def client(model, tokenizer, adapters_dir):
-    with TestClient(_app(model, tokenizer, adapters_dir, max_body_bytes=20_000)) as c:
+    app = _app(model, tokenizer, adapters_dir, max_body_bytes=20_000, allow_adapter_admin=True)
+    with TestClient(app) as c:
         yield c
 
 
@@ -133,6 +141,40 @@ def test_mixed_batch_equals_each_request_alone(model, tokenizer, adapters_dir):
                        max_new_tokens=row.max_tokens, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
         assert toks == ref[0]
         assert engine.run([row])[0][0] == toks
+
+
+@torch.no_grad()
+def test_rows_joining_and_leaving_a_running_decode_equal_each_alone(model, chat_tok, chat_dir):
+    """Continuous batching: rows of other prompt lengths (base model P=0, alpha P=4, delta P=6,
+    a suffix-token adapter) join a running decode between steps and leave when they end; each
+    row's tokens equal its run alone."""
+    from softprompt.engine import merge_decoding
+
+    engine = Engine(model, chat_tok)
+    e = {n: load_predictor(chat_dir / n, n, engine) for n in ("alpha", "delta", "suf")}
+    e["tiny"] = engine.base_predictor("tiny")
+    ids = [chat_tok(t)["input_ids"] for t in TEXTS]
+    rows = [
+        GenerateRow(e["alpha"], ids[0], 12),
+        GenerateRow(e["delta"], ids[1], 3),
+        GenerateRow(e["tiny"], ids[2], 9),
+        GenerateRow(e["suf"], ids[3] + [-2, -1], 7),
+        GenerateRow(e["alpha"], ids[1], 5),
+    ]
+    alone = [engine.generate([r])[0] for r in rows]
+    got: dict[int, tuple] = {}
+    batch = engine.begin(rows[:2])
+    joins = {2: rows[2:4], 4: rows[4:]}  # rows that join after that many steps
+    step = 0
+    while batch.rows or any(k >= step for k in joins):
+        if step in joins:
+            batch = merge_decoding(batch, engine.begin(joins[step]))
+        for r, result in engine.step(batch):
+            got[id(r)] = result
+        step += 1
+    for r, want in zip(rows, alone, strict=True):
+        assert got[id(r)] == want, r.predictor.name
+    assert engine.generate(rows) == alone  # and all at once
 
 
 def test_pack_rows_places_every_row_once_without_overlap():
@@ -184,8 +226,10 @@ def test_kv_cache_is_bounded_lru(model, tokenizer, adapters_dir):
 
 def test_models_health_and_refused(client):
     models = client.get("/v1/models").json()
-    assert [m["id"] for m in models["data"]] == ["alpha", "beta", "delta", "gamma"]
-    assert models["data"][2]["softprompt"]["num_virtual_tokens"] == 6
+    assert [m["id"] for m in models["data"]] == ["tiny", "alpha", "beta", "delta", "gamma"]
+    assert models["data"][0]["softprompt"]["base"] is True
+    assert models["data"][0]["softprompt"]["num_virtual_tokens"] == 0
+    assert models["data"][3]["softprompt"]["num_virtual_tokens"] == 6
     health = client.get("/health").json()
     assert health["status"] == "ok" and "wide" in health["refused"]
     assert "hidden size" in health["refused"]["wide"]
@@ -226,11 +270,368 @@ def test_bad_requests_get_clear_json_errors(client):
     assert r.status_code == 404 and "error" in r.json()
     r = client.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "n": 2})
     assert r.status_code == 400 and "n must be 1" in _err(r)["message"]
-    r = client.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "stream": True})
-    assert r.status_code == 400
+    r = client.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "stop": [""]})
+    assert r.status_code == 400 and _err(r)["param"] == "stop"
     r = client.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 10**6})
     assert r.status_code == 400 and "max_tokens" in _err(r)["message"]
     assert client.get("/health").json()["status"] == "ok"  # still serving
+
+
+def test_base_model_is_served_without_a_prompt(client, model, tokenizer):
+    r = client.post(
+        "/v1/completions",
+        json={"model": "tiny", "prompt": TEXTS[0], "max_tokens": 6, "temperature": 0},
+    )
+    assert r.status_code == 200, r.text
+    x = torch.tensor([tokenizer(TEXTS[0])["input_ids"]])
+    want = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                          pad_token_id=tokenizer.eos_token_id)[0, x.shape[1]:].tolist()  # fmt: skip
+    if tokenizer.eos_token_id in want:
+        want = want[: want.index(tokenizer.eos_token_id)]
+    body = r.json()
+    assert body["model"] == "tiny" and body["usage"]["completion_tokens"] == len(want)
+    assert body["choices"][0]["text"] == tokenizer.decode(want, skip_special_tokens=True)
+    assert client.get("/v1/models/tiny").json()["softprompt"]["base"] is True
+    r = client.post("/v1/classify", json={"adapter": "tiny", "inputs": ["x"]})
+    assert r.status_code == 400 and "base model" in _err(r)["message"]
+    assert "labels" in _err(r)["message"] and _err(r)["param"] == "adapter"
+    assert client.delete("/v1/adapters/tiny").status_code == 400
+    r = client.post("/v1/adapters", json={"path": "more/eps", "name": "tiny"})
+    assert r.status_code == 409 and "base model" in _err(r)["message"]
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tokenizer):
+    """The tiny tokenizer with a small chat template (a copy: the shared one has none)."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory, model, tokenizer) -> Path:
+    """alpha, and `suf`: an adapter with 2 suffix tokens after the text."""
+    folder = _write_adapters(tmp_path_factory.mktemp("chat"), model, tokenizer)
+    task = Task(text_column="Tweet text", label_names=["yes", "no"], max_length=64, suffix_tokens=2)
+    prompt = init_prompt(model, tokenizer, 4 + 2, "vocab", seed=9)
+    save_adapter(folder / "suf", prompt, {"peft_type": "PROMPT_TUNING"}, task)
+    return folder
+
+
+@pytest.fixture
+def chat_client(model, chat_tok, chat_dir):
+    with TestClient(_app(model, chat_tok, chat_dir)) as c:
+        yield c
+
+
+def _reference(model, tok, prompt, ids, max_tokens):
+    """Greedy tokens after prompt [P+S, H] (its last S vectors in the ids' placeholders)."""
+    from softprompt.data import suffix_placeholders
+
+    S = sum(1 for i in ids if i < 0)
+    x = torch.tensor([ids])
+    front = prompt[: prompt.shape[0] - S]
+    assert not S or ids[-S:] == suffix_placeholders(S)
+    kv = prefix_kv(model, front) if len(front) else slice_kv(prefix_kv(model, prompt.new_zeros(1, 32)), 0)  # fmt: skip
+    return generate(model, kv, x, torch.ones_like(x), max_new_tokens=max_tokens,
+                    eos_token_id=tok.eos_token_id, prompts=prompt if S else None)[0]  # fmt: skip
+
+
+def test_chat_completions_render_the_template_after_the_prompt(
+    chat_client, model, chat_tok, chat_dir
+):
+    messages = [
+        {"role": "system", "content": "You sort tweets."},
+        {"role": "user", "content": [{"type": "text", "text": TEXTS[0]}]},
+    ]
+    plain = [messages[0], {"role": "user", "content": TEXTS[0]}]
+    text = chat_tok.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<assistant> ")
+    ids = chat_tok(text, add_special_tokens=False)["input_ids"]
+    for name, S in (("alpha", 0), ("suf", 2), ("tiny", 0)):
+        body = {"model": name, "messages": messages, "max_tokens": 5, "temperature": 0}
+        r = chat_client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        prompt = (
+            torch.zeros(0, 32)
+            if name == "tiny"
+            else SoftPrompt.load(str(chat_dir / name), model, chat_tok).prompt
+        )
+        want = _reference(model, chat_tok, prompt, ids + list(range(-S, 0)), 5)
+        assert out["object"] == "chat.completion" and out["model"] == name
+        (choice,) = out["choices"]
+        assert choice["message"] == {
+            "role": "assistant",
+            "content": chat_tok.decode(want, skip_special_tokens=True),
+        }
+        assert choice["finish_reason"] == ("length" if len(want) == 5 else "stop")
+        assert out["usage"]["prompt_tokens"] == len(ids) + S
+        assert out["usage"]["completion_tokens"] == len(want)
+
+
+def test_chat_errors_name_the_field(chat_client, client):
+    r = client.post("/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+    assert r.status_code == 400 and "chat template" in _err(r)["message"]
+    assert _err(r)["param"] == "messages"
+    for body, field in (
+        ({"model": "alpha", "messages": []}, "messages"),
+        ({"model": "alpha", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+        ({"model": "alpha"}, "messages"),
+        ({"model": "alpha", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+        ({"model": "alpha", "messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+    ):  # fmt: skip
+        r = chat_client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and field in _err(r)["message"] + _err(r).get("param", ""), (
+            body,
+            r.text,
+        )
+    r = chat_client.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})  # fmt: skip
+    assert r.status_code == 404
+
+
+def test_openai_client_chat(model, chat_tok, chat_dir):
+    openai = pytest.importorskip("openai")
+    with running(_app(model, chat_tok, chat_dir)) as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=30, max_retries=0)
+        out = c.chat.completions.create(
+            model="alpha",
+            messages=[{"role": "user", "content": "hello"}],
+            max_tokens=4,
+            temperature=0,
+        )
+        assert out.choices[0].message.role == "assistant"
+        text = chat_tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True, tokenize=False)  # fmt: skip
+        prompt = SoftPrompt.load(str(chat_dir / "alpha"), model, chat_tok).prompt
+        want = _reference(model, chat_tok, prompt, chat_tok(text, add_special_tokens=False)["input_ids"], 4)  # fmt: skip
+        assert out.choices[0].message.content == chat_tok.decode(want, skip_special_tokens=True)
+        assert out.usage.completion_tokens == len(want)
+
+
+@pytest.fixture(scope="module")
+def chat_server(model, chat_tok, chat_dir):
+    """A real server for the chat-template tokenizer; answers at once (no batch wait)."""
+    with running(_app(model, chat_tok, chat_dir, max_wait_ms=0)) as url:
+        yield url
+
+
+def test_openai_client_streams_completions_and_chat(chat_server, model, chat_tok, chat_dir):
+    openai = pytest.importorskip("openai")
+    c = openai.OpenAI(base_url=f"{chat_server}/v1", api_key="unused", timeout=30, max_retries=0)
+    for name in ("alpha", "suf", "tiny"):
+        kw = dict(model=name, prompt=TEXTS[2], max_tokens=12, temperature=0)
+        whole = c.completions.create(**kw)
+        chunks = list(c.completions.create(**kw, stream=True))
+        pieces = [ch.choices[0].text for ch in chunks if ch.choices]
+        assert len([p for p in pieces if p]) > 1, pieces  # token by token, not all at once
+        assert "".join(pieces) == whole.choices[0].text
+        reasons = [ch.choices[0].finish_reason for ch in chunks if ch.choices]
+        assert reasons[-1] == whole.choices[0].finish_reason and set(reasons[:-1]) == {None}
+        text = whole.choices[0].text
+        if len(text) > 3:  # a stop string ends the stream right before it
+            stop = text[2:4]
+            cut = list(c.completions.create(**kw, stop=[stop], stream=True))
+            streamed = "".join(ch.choices[0].text for ch in cut if ch.choices)
+            assert streamed == text[: text.find(stop)] and stop not in streamed
+            assert cut[-1].choices[0].finish_reason == "stop"
+        msgs = [{"role": "user", "content": TEXTS[0]}]
+        whole = c.chat.completions.create(model=name, messages=msgs, max_tokens=8, temperature=0)
+        chunks = list(
+            c.chat.completions.create(
+                model=name, messages=msgs, max_tokens=8, temperature=0, stream=True,
+                stream_options={"include_usage": True},
+            )
+        )  # fmt: skip
+        assert chunks[0].choices[0].delta.role == "assistant"
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert streamed == whole.choices[0].message.content
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason  # fmt: skip
+        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+        assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_stream_is_plain_sse_ending_in_done(chat_server):
+    body = {"model": "alpha", "prompt": "hi", "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{chat_server}/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [x for x in r.iter_lines() if x]
+    assert all(x.startswith("data: ") for x in lines) and lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
+    r = httpx.post(f"{chat_server}/v1/completions", json={**body, "model": "nope"}, timeout=30)
+    assert r.status_code == 404  # refused before the stream starts: a plain JSON error
+    whole = httpx.post(f"{chat_server}/v1/completions", json={**body, "stream": False, "logprobs": 1}, timeout=30)  # fmt: skip
+    with httpx.stream("POST", f"{chat_server}/v1/completions", json={**body, "logprobs": 1}, timeout=30) as r:  # fmt: skip
+        chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    want = whole.json()["choices"][0]["logprobs"]
+    assert sum((x["token_logprobs"] for x in streamed), []) == pytest.approx(want["token_logprobs"])
+    assert sum((x["text_offset"] for x in streamed), []) == want["text_offset"]
+
+
+def test_short_requests_pass_a_long_generation(model, chat_tok, chat_dir):
+    """A classify request and a short completion sent while a long generation decodes are
+    answered before it ends (they join between decoding steps)."""
+    app = _app(model, chat_tok, chat_dir, max_wait_ms=0)
+    state = app.state.softprompt
+    real = state.engine.step
+
+    def slow_step(batch):
+        time.sleep(0.01)
+        return real(batch)
+
+    state.engine.step = slow_step
+    finished: dict[str, float] = {}
+
+    async def go(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+
+            async def post(tag, path, body):
+                r = await c.post(path, json=body)
+                finished[tag] = time.monotonic()
+                return r
+
+            long = asyncio.ensure_future(post("long", "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 150, "temperature": 0}))  # fmt: skip
+            await asyncio.sleep(0.3)
+            short = await post("short", "/v1/completions", {"model": "alpha", "prompt": "hi", "max_tokens": 2, "temperature": 0})  # fmt: skip
+            cls = await post("classify", "/v1/classify", {"adapter": "alpha", "inputs": TEXTS})
+            return await long, short, cls
+
+    with running(app) as url:
+        long, short, cls = asyncio.run(go(url))
+    assert long.status_code == short.status_code == cls.status_code == 200
+    assert long.json()["usage"]["completion_tokens"] == 150  # greedy: no end token before
+    assert finished["short"] < finished["long"] and finished["classify"] < finished["long"]
+    ref = _alone(model, chat_tok, chat_dir, "alpha", TEXTS)
+    for got, want in zip(cls.json()["results"], ref, strict=True):
+        assert got["label"] == want["label"]
+
+
+def test_client_leaving_a_stream_ends_its_row_only(model, chat_tok, chat_dir):
+    app = _app(model, chat_tok, chat_dir, max_wait_ms=0)
+    state = app.state.softprompt
+    made: dict[str, int] = {}  # adapter -> most tokens a row of it reached
+    real = state.engine.step
+
+    def slow_step(batch):  # 5 ms a decoding step, and a note of each row's progress
+        time.sleep(0.005)
+        for r, toks in zip(batch.rows, batch.toks, strict=True):
+            made[r.predictor.name] = max(made.get(r.predictor.name, 0), len(toks))
+        made["rows"] = len(batch.rows)
+        return real(batch)
+
+    state.engine.step = slow_step
+    long = {"model": "tiny", "prompt": "a", "max_tokens": 200, "temperature": 0.7, "stream": True}
+    with running(app) as url:
+        with httpx.stream("POST", f"{url}/v1/completions", json=long, timeout=30) as r:
+            got = 0
+            for line in r.iter_lines():
+                got += line.startswith("data: ")
+                if got == 3:
+                    break  # leave mid-stream
+        other = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": "alpha", "prompt": TEXTS[1], "max_tokens": 4, "temperature": 0},
+            timeout=30,
+        )
+        assert other.status_code == 200
+        prompt = SoftPrompt.load(str(chat_dir / "alpha"), model, chat_tok).prompt
+        want = _reference(model, chat_tok, prompt, chat_tok(TEXTS[1])["input_ids"], 4)
+        assert other.json()["choices"][0]["text"] == chat_tok.decode(want, skip_special_tokens=True)
+        time.sleep(0.5)
+        assert made["tiny"] < 100, made  # the left stream's row ended soon after its client left
+        metrics = httpx.get(f"{url}/metrics").text
+        assert _metric(metrics, "softprompt_client_disconnects_total") == 1
+
+
+def test_text_stream_holds_back_what_could_start_a_stop_string(tokenizer):
+    from softprompt.serve.text import TextStream
+
+    ids = tokenizer("thanks for nothing, again")["input_ids"]
+    pieces = []
+    st = TextStream(tokenizer, ["nothing"], on_piece=lambda p, _: pieces.append(p))
+    ended = [st.on_token(t, torch.zeros(len(tokenizer))) for t in ids]
+    assert st.stopped and ended[-1] is True and ended.index(True) < len(ids)
+    assert "".join(pieces) == st.text == "thanks for "
+    st = TextStream(tokenizer, ["zzz"], on_piece=lambda p, _: pieces.append(p))
+    pieces.clear()
+    for t in ids:
+        assert st.on_token(t, torch.zeros(len(tokenizer))) is False
+    assert "".join(pieces) + st.finish()[0] == "thanks for nothing, again"
+
+
+def _forward_logprobs(model, prompt, ids):
+    """log_softmax of the plain concatenated forward pass: [T, V] for positions after each
+    token of ids (the prompt's front vectors, P, first)."""
+    from softprompt.model import concat_forward
+
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logits = concat_forward(model, prompt, x, torch.ones_like(x))
+    return torch.log_softmax(logits[0, prompt.shape[0] :].float(), -1)
+
+
+def test_echo_logprobs_score_the_prompt_as_a_forward_pass(chat_client, model, chat_tok, chat_dir):
+    """lm-eval-harness's loglikelihood request: echo, max_tokens 0, logprobs."""
+    from softprompt.serve.text import token_text
+
+    ids = chat_tok(TEXTS[2])["input_ids"]
+    for name in ("alpha", "suf", "tiny"):
+        body = {"model": name, "prompt": TEXTS[2], "max_tokens": 0, "echo": True, "logprobs": 2}
+        r = chat_client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["text"] == TEXTS[2] and r.json()["usage"]["completion_tokens"] == 0
+        lp = choice["logprobs"]
+        assert lp["tokens"] == [token_text(chat_tok, t) for t in ids]
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        if name == "tiny":
+            front = torch.zeros(0, 32)
+        else:
+            sp = SoftPrompt.load(str(chat_dir / name), model, chat_tok).prompt
+            front = sp[
+                : sp.shape[0] - (2 if name == "suf" else 0)
+            ]  # the text comes before suffix tokens
+        ref = _forward_logprobs(model, front, ids)
+        want = ref[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(lp["token_logprobs"][1:]), want, atol=1e-4)
+        for t, top in enumerate(lp["top_logprobs"][1:]):
+            assert len(top) == 2
+            best = ref[t].topk(2)
+            assert sorted(top.values(), reverse=True) == pytest.approx(
+                best.values.tolist(), abs=1e-4
+            )
+        offsets = lp["text_offset"]
+        assert offsets[0] == 0 and offsets[1] == len(lp["tokens"][0])
+
+
+def test_logprobs_of_new_tokens_and_echo(chat_client, model, chat_tok, chat_dir):
+    ids = chat_tok(TEXTS[1])["input_ids"]
+    body = {"model": "alpha", "prompt": TEXTS[1], "max_tokens": 4, "temperature": 0, "logprobs": 3}
+    out = chat_client.post("/v1/completions", json=body).json()["choices"][0]
+    new = out["logprobs"]
+    assert len(new["tokens"]) == len(new["token_logprobs"]) == len(new["text_offset"]) >= 1
+    echoed = chat_client.post("/v1/completions", json={**body, "echo": True}).json()["choices"][0]
+    assert echoed["text"] == TEXTS[1] + out["text"]
+    lp = echoed["logprobs"]
+    assert lp["tokens"][len(ids) :] == new["tokens"]
+    assert lp["token_logprobs"][len(ids) :] == pytest.approx(new["token_logprobs"], abs=1e-5)
+    sp = SoftPrompt.load(str(chat_dir / "alpha"), model, chat_tok).prompt
+    toks = _reference(model, chat_tok, sp, ids, 4)
+    ref = _forward_logprobs(model, sp, ids + toks)
+    want = ref[:-1].gather(1, torch.tensor((ids + toks)[1:])[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(lp["token_logprobs"][1:]), want, atol=1e-4)
+    for got, top in zip(new["token_logprobs"], new["top_logprobs"], strict=True):
+        assert got == pytest.approx(max(top.values()), abs=1e-6)  # greedy: the most likely
+    r = chat_client.post("/v1/completions", json={**body, "logprobs": 99})
+    assert r.status_code == 400 and "logprobs" in _err(r)["message"]
 
 
 def test_long_input_is_cut_as_in_training_or_413_when_strict(
@@ -275,19 +676,90 @@ def test_load_and_unload_adapters(client, adapters_dir):
     assert r.status_code == 404
 
 
+def test_api_key_is_required_everywhere_but_health_and_the_page(model, tokenizer, adapters_dir):
+    app = _app(model, tokenizer, adapters_dir, api_key="s3cret")
+    with TestClient(app) as c:
+        for method, path, body in (
+            ("GET", "/v1/models", None),
+            ("GET", "/metrics", None),
+            ("POST", "/v1/classify", {"adapter": "alpha", "inputs": ["hi"]}),
+            ("POST", "/v1/completions", {"model": "alpha", "prompt": "hi"}),
+        ):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                r = c.request(method, path, json=body, headers=headers)
+                assert r.status_code == 401, (path, headers)
+                assert _err(r)["code"] == "invalid_api_key" and "--api-key" in _err(r)["message"]
+            r = c.request(method, path, json=body, headers={"Authorization": "Bearer s3cret"})
+            assert r.status_code == 200, (path, r.text)
+        assert c.get("/health").status_code == 200
+        page = c.get("/")
+        assert page.status_code == 200 and 'id="api-key"' in page.text
+
+
+def test_adapter_admin_is_off_unless_the_flag_turns_it_on(model, tokenizer, adapters_dir):
+    with TestClient(_app(model, tokenizer, adapters_dir)) as c:
+        r = c.post("/v1/adapters", json={"path": "more/eps"})
+        assert r.status_code == 403 and "--allow-adapter-admin" in _err(r)["message"]
+        r = c.delete("/v1/adapters/alpha")
+        assert r.status_code == 403 and "--allow-adapter-admin" in _err(r)["message"]
+        assert "alpha" in [m["id"] for m in c.get("/v1/models").json()["data"]]
+
+
+def test_openai_client_sends_the_api_key(model, tokenizer, adapters_dir):
+    openai = pytest.importorskip("openai")
+    with running(_app(model, tokenizer, adapters_dir, api_key="s3cret")) as url:
+        bad = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", timeout=30, max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", timeout=30, max_retries=0)
+        assert "alpha" in {m.id for m in good.models.list()}
+
+
 def test_metrics_are_prometheus_text(client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> str:
+        return client.get("/metrics").text
+
+    before = scrape()
     client.post("/v1/classify", json={"adapter": "alpha", "inputs": TEXTS})
-    text = client.get("/metrics").text
-    for name in (
-        "softprompt_requests_total",
-        "softprompt_request_seconds_bucket",
-        "softprompt_batch_rows_bucket",
-        "softprompt_queue_depth",
-        "softprompt_kv_cache_bytes",
-        "softprompt_prompt_bytes",
+    r = client.post("/v1/completions", json={"model": "beta", "prompt": "hi", "max_tokens": 3})
+    client.post("/v1/completions", json={"model": "nope", "prompt": "hi"})
+    after = scrape()
+    kinds = {f.name: f.type for f in text_string_to_metric_families(after)}
+    for name, kind in (
+        ("softprompt_requests", "counter"),
+        ("softprompt_prompt_tokens", "counter"),
+        ("softprompt_generation_tokens", "counter"),
+        ("softprompt_kv_cache_hits", "counter"),
+        ("softprompt_kv_cache_misses", "counter"),
+        ("softprompt_request_seconds", "histogram"),
+        ("softprompt_queue_seconds", "histogram"),
+        ("softprompt_batch_rows", "histogram"),
+        ("softprompt_queue_depth", "gauge"),
+        ("softprompt_kv_cache_bytes", "gauge"),
+        ("softprompt_prompt_bytes", "gauge"),
     ):
-        assert name in text
-    assert 'route="/v1/classify",status="200"' in text
+        assert kinds.get(name) == kind, (name, kinds.get(name))
+
+    def grew(name: str, **labels) -> float:
+        return _metric(after, name, **labels) - _metric(before, name, **labels)
+
+    assert grew("softprompt_requests_total", adapter="alpha", endpoint="/v1/classify", status="200") == 1  # fmt: skip
+    assert grew("softprompt_requests_total", adapter="beta", endpoint="/v1/completions", status="200") == 1  # fmt: skip
+    assert grew("softprompt_requests_total", adapter="", endpoint="/v1/completions", status="404") == 1  # fmt: skip
+    tok = client.app.state.softprompt.tokenizer
+    alpha = client.app.state.softprompt.entries["alpha"]
+    want = sum(len(input_token_ids(tok, alpha.task, t, alpha.budget)) for t in TEXTS)
+    assert grew("softprompt_prompt_tokens_total", adapter="alpha") == want
+    usage = r.json()["usage"]
+    assert grew("softprompt_prompt_tokens_total", adapter="beta") == usage["prompt_tokens"]
+    assert grew("softprompt_generation_tokens_total", adapter="beta") == usage["completion_tokens"]
+    assert grew("softprompt_queue_seconds_count") == 2  # one per answered request
+    assert grew("softprompt_batch_rows_sum") == len(TEXTS) + 1
+    assert grew("softprompt_kv_cache_hits_total") + grew("softprompt_kv_cache_misses_total") >= 2
+    kv = client.app.state.softprompt.kv
+    assert _metric(after, "softprompt_kv_cache_misses_total") == kv.misses
 
 
 def test_playground_page_is_served(client):
@@ -327,7 +799,9 @@ def running(app):
 @pytest.fixture(scope="module")
 def slow_server(model, tokenizer, adapters_dir):
     """Batches wait 300 ms to fill: requests sent together share a batch."""
-    app = _app(model, tokenizer, adapters_dir, max_wait_ms=300, max_batch_size=64)
+    app = _app(
+        model, tokenizer, adapters_dir, max_wait_ms=300, max_batch_size=64, allow_adapter_admin=True
+    )
     with running(app) as url:
         yield url
 
@@ -356,17 +830,22 @@ def test_concurrent_requests_share_a_batch_and_match_alone(
     assert _metric(after, "softprompt_batch_adapters_count") - _metric(before, "softprompt_batch_adapters_count") == 1  # fmt: skip
 
 
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+def _metric(text: str, name: str, **labels) -> float:
+    """The sum of the samples called `name` with these labels, parsed with prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def test_openai_client_completions(slow_server, model, tokenizer, adapters_dir):
     openai = pytest.importorskip("openai")
     c = openai.OpenAI(base_url=f"{slow_server}/v1", api_key="unused", timeout=30, max_retries=0)
-    assert {m.id for m in c.models.list()} == {"alpha", "beta", "gamma", "delta"}
+    assert {m.id for m in c.models.list()} == {"tiny", "alpha", "beta", "gamma", "delta"}
     out = c.completions.create(model="gamma", prompt=TEXTS[0], max_tokens=5, temperature=0)
     prompt = SoftPrompt.load(str(adapters_dir / "gamma"), model, tokenizer).prompt
     x = torch.tensor([tokenizer(TEXTS[0])["input_ids"]])
@@ -424,7 +903,7 @@ def test_client_disconnect_does_not_hurt_others(slow_server):
             break
         time.sleep(0.05)
     assert _metric(text, "softprompt_client_disconnects_total") == before + 1
-    assert 'status="499"' in text
+    assert _metric(text, "softprompt_requests_total", adapter="beta", status="499") >= 1
 
 
 def test_cli_serve_sigint_finishes_in_flight_requests(tiny_model_dir, adapters_dir, tmp_path):
@@ -456,6 +935,60 @@ def test_cli_serve_sigint_finishes_in_flight_requests(tiny_model_dir, adapters_d
         assert len(box["r"].json()["results"]) == 4
         assert proc.wait(30) == 0, log.read_text()
         assert "refused adapter wide" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_health_is_503_while_loading(model, tokenizer, adapters_dir):
+    app = _app(model, tokenizer, adapters_dir)
+    r = TestClient(app).get("/health")  # no `with`: the startup has not run
+    assert r.status_code == 503 and r.json()["status"] == "loading"
+    with TestClient(app) as c:
+        r = c.get("/health")
+        assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_cli_serve_sigterm_drains_then_exits(tiny_model_dir, adapters_dir, tmp_path):
+    """SIGTERM: /health turns 503 and new requests get 503 at once, the request in flight still
+    gets its answer, then the process exits 0. The key comes from SOFTPROMPT_API_KEY."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+           "OMP_NUM_THREADS": "1", "SOFTPROMPT_API_KEY": "k3y"}  # fmt: skip
+    cmd = [sys.executable, "-m", "softprompt.cli", "serve", "--model", str(tiny_model_dir),
+           "--adapters", str(adapters_dir), "--port", str(port), "--max-wait-ms", "2500",
+           "--log-level", "warning"]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": "Bearer k3y"}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log.read_text()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "server did not start: " + log.read_text()
+            time.sleep(0.1)
+        assert httpx.get(f"{url}/v1/models", timeout=5).status_code == 401
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault("r", httpx.post(f"{url}/v1/classify", json={"adapter": "alpha", "inputs": TEXTS}, headers=auth, timeout=30)))  # fmt: skip
+        t.start()
+        time.sleep(0.3)  # the request waits in the batcher (2.5 s)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        health = httpx.get(f"{url}/health", timeout=5)
+        assert health.status_code == 503 and health.json()["status"] == "draining"
+        late = httpx.post(f"{url}/v1/classify", json={"adapter": "alpha", "inputs": ["x"]}, headers=auth, timeout=5)  # fmt: skip
+        assert late.status_code == 503 and "shutting down" in _err(late)["message"]
+        assert proc.poll() is None  # still draining
+        t.join(30)
+        assert box["r"].status_code == 200, box["r"].text
+        assert len(box["r"].json()["results"]) == 4
+        assert proc.wait(30) == 0, log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import inspect
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -213,6 +214,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     s.add_argument("--device", default=None)
     s.add_argument("--trust-remote-code", action="store_true")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer <key>' on every request but /health and / "
+        "(default: the SOFTPROMPT_API_KEY environment variable; unset: no key)",
+    )
+    s.add_argument(
+        "--allow-adapter-admin",
+        action="store_true",
+        help="allow loading and unloading adapters over HTTP (POST/DELETE /v1/adapters)",
+    )
     return parser, {"train": t, "cv": c, "eval": e, "predict": pr, "push": pu, "serve": s}
 
 
@@ -445,6 +457,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         max_inputs=args.max_inputs,
         log_level=args.log_level,
+        api_key=args.api_key or os.environ.get("SOFTPROMPT_API_KEY") or None,
+        allow_adapter_admin=args.allow_adapter_admin,
     )
     return 0
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -43,9 +43,10 @@ from .errors import SoftpromptError
 from .model import (
     KV,
     check_model,
+    choose_tokens,
     common_prefix_length,
+    decode_next,
     extend_kv,
-    generate,
     label_loss,
     note_path,
     packed_fits,
@@ -53,6 +54,7 @@ from .model import (
     prefix_kv,
     prefix_label_loss,
     prefix_to_kv,
+    run_after_prefix,
     score_continuations,
     slice_kv,
     stack_kv,
@@ -283,6 +285,22 @@ class GenerateRow:
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
+    on_token: Callable[[int, Tensor], bool] | None = None
+    """Called (on the model's thread) with each new token but the end token and the logits
+    [V] it was chosen from; returning True ends the row there (a stop string, a client that
+    left). Streaming and stop strings use it."""
+
+
+@dataclass(eq=False)
+class PromptLogprobRow:
+    """Score a prompt's own tokens after the predictor's (first) prompt (`echo` + `logprobs`)."""
+
+    predictor: Predictor
+    ids: list[int]
+    """Token ids; suffix placeholders (< 0) are left out: they come after the text, so the
+    text's log-probabilities do not depend on them."""
+    top: int = 0
+    """How many most likely tokens to give at each position."""
 
 
 def kv_bytes(kv: KV) -> int:
@@ -312,10 +330,12 @@ class KVCache:
                 self.hits += 1
                 return kv
         with torch.no_grad():
+            ids = torch.tensor(list(head), dtype=torch.long) if len(head) else None
             if member.kind == "prefix":  # a deep prompt is a KV already; the head runs after it
                 kv = extend_kv(self.model, prefix_to_kv(self.model, member.prompt), head)
+            elif member.front_length == 0 and ids is None:  # the base model: an empty KV
+                kv = slice_kv(prefix_kv(self.model, member.prompt.new_zeros(1, member.prompt.shape[1])), 0)  # fmt: skip
             else:
-                ids = torch.tensor(list(head), dtype=torch.long) if len(head) else None
                 kv = prefix_kv(self.model, member.front, ids)
         with self._lock:
             self.misses += 1
@@ -372,6 +392,15 @@ class Engine:
     def predictor(self, adapters: Sequence[Adapter], **kw) -> Predictor:
         return make_predictor(self.model, self.tokenizer, adapters, **kw)
 
+    def base_predictor(self, name: str) -> Predictor:
+        """The base model itself, no soft prompt in front (P = 0): for generation; it has no
+        labels, so label scoring refuses it (`need_labels`)."""
+        from .model import hidden_size
+
+        prompt = torch.zeros(0, hidden_size(self.model))
+        adapter = Adapter(prompt=prompt, config={}, task=None, path=name, base_model=name)
+        return make_predictor(self.model, self.tokenizer, [adapter], name=name, bias=None)
+
     def encode(self, predictor: Predictor, text: str) -> tuple[list[int], bool]:
         """A classification input: rendered with the predictor's template, cut to its budget."""
         return encode_input(self.tokenizer, predictor.task, text, predictor.budget)
@@ -420,12 +449,16 @@ class Engine:
                 out[i] = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
         return out
 
-    def run(self, rows: Sequence[ClassifyRow | GenerateRow]) -> list:
+    def run(self, rows: Sequence[ClassifyRow | GenerateRow | PromptLogprobRow]) -> list:
         """A server batch: each classify row's probabilities (list of floats, its labels'
-        order, calibrated), each generate row's (new tokens, finished by eos)."""
+        order, calibrated), each generate row's (new tokens, finished by eos), each prompt
+        log-probability row's (`prompt_logprobs`)."""
         out: list = [None] * len(rows)
         cls = [i for i, r in enumerate(rows) if isinstance(r, ClassifyRow)]
-        gen = [i for i, r in enumerate(rows) if not isinstance(r, ClassifyRow)]
+        gen = [i for i, r in enumerate(rows) if isinstance(r, GenerateRow)]
+        for i, r in enumerate(rows):
+            if isinstance(r, PromptLogprobRow):
+                out[i] = self.prompt_logprobs(r)
         if cls:
             for i, p in zip(cls, self.label_probabilities([rows[i] for i in cls]), strict=True):
                 out[i] = p.tolist()
@@ -433,6 +466,24 @@ class Engine:
             for i, g in zip(gen, self.generate([rows[i] for i in gen]), strict=True):
                 out[i] = g
         return out
+
+    @torch.no_grad()
+    def prompt_logprobs(self, row: PromptLogprobRow) -> tuple[Tensor, Tensor, Tensor]:
+        """Log-probability of each of the row's tokens after the prompt and the tokens before
+        it: ([T-1] for tokens 1..T-1 (token 0 has no context of text), top ids [T-1, k], their
+        log-probabilities [T-1, k]), on the CPU. Equal to `log_softmax` of `concat_forward`."""
+        p = row.predictor
+        if p.is_ensemble:
+            raise SoftpromptError(f"{p.name} is an ensemble: log-probabilities use one prompt")
+        m = p.members[0]
+        kv = slice_kv(self.kv_cache.get(m, p.head, keep=not p.unloaded), m.front_length)
+        ids = [i for i in row.ids if i >= 0]
+        x = torch.tensor([ids], device=self.device)
+        hidden, _ = run_after_prefix(self.model, kv, x, torch.ones_like(x))
+        logp = torch.log_softmax(self.model.get_output_embeddings()(hidden[0, :-1]).float(), -1)
+        picked = logp.gather(1, x[0, 1:, None])[:, 0]
+        top = logp.topk(min(row.top, logp.shape[-1]), -1)
+        return picked.cpu(), top.indices.cpu(), top.values.cpu()
 
     # ------------------------------------------------------------------ one batch
 
@@ -538,39 +589,150 @@ class Engine:
     @torch.no_grad()
     def generate(self, rows: Sequence[GenerateRow]) -> list[tuple[list[int], bool]]:
         """Each row's new tokens (up to its max_tokens, without the end token) and whether it
-        ended by the end token. Rows of one prompt length and sampling setting decode together."""
-        out: list = [None] * len(rows)
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(rows):
+        ended by the end token: `begin` the rows, then `step` until every row has ended (a row
+        leaves at its end token, its max_tokens, or when its `on_token` says so)."""
+        done: dict[int, tuple[list[int], bool]] = {}
+        batch = self.begin(rows)
+        while batch.rows:
+            for r, result in self.step(batch):
+                done[id(r)] = result
+        return [done[id(r)] for r in rows]
+
+    @torch.no_grad()
+    def begin(self, rows: Sequence[GenerateRow]) -> Decoding:
+        """Run the rows' inputs after their prompts (rows of one prompt length in one pass) and
+        return them ready to decode, their first tokens' logits computed."""
+        groups: dict[int, list[GenerateRow]] = {}
+        for r in rows:
             if r.predictor.is_ensemble:
                 raise SoftpromptError(
                     f"{r.predictor.name} is an ensemble: generation uses one prompt (ensembles "
                     "work with label scoring)"
                 )
-            key = (r.predictor.num_virtual_tokens, r.temperature, r.top_p)
-            groups.setdefault(key, []).append(i)
-        for (_, temperature, top_p), idx in groups.items():
-            part = [rows[i] for i in idx]
+            groups.setdefault(r.predictor.num_virtual_tokens, []).append(r)
+        batch = Decoding([], (), torch.zeros(0, 0, device=self.device), torch.zeros(0, 0), [])
+        head = self.model.get_output_embeddings()
+        for part in groups.values():
             members = [r.predictor.members[0] for r in part]
             kv, index, bank, h = self._prompts(part, members)
             ids, mask = collate_left([r.ids[h:] for r in part], self.tokenizer.pad_token_id)
-            most = max(r.max_tokens for r in part)
-            new = generate(
-                self.model,
-                kv,
-                ids.to(self.device),
-                mask.to(self.device),
-                max_new_tokens=most,
-                eos_token_id=self.tokenizer.eos_token_id,
-                rows=index,
-                temperature=temperature,
-                top_p=top_p,
-                prompts=bank,
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            hidden, cache = run_after_prefix(
+                self.model, kv, ids, mask, index, use_cache=True, prompts=bank
             )
-            # generate drops the eos: a row that stopped short of the group's most tokens hit it
-            for i, r, toks in zip(idx, part, new, strict=True):
-                out[i] = (toks[: r.max_tokens], len(toks) < r.max_tokens)
-        return out
+            P = kv[0][0].shape[2]
+            full = torch.cat([mask.new_ones(len(part), P), mask], 1)
+            new = Decoding(
+                list(part),
+                tuple((layer.keys, layer.values) for layer in cache.layers),
+                full,
+                head(hidden[:, -1]).float(),
+                [[] for _ in part],
+            )
+            batch = merge_decoding(batch, new)
+        return batch
+
+    @torch.no_grad()
+    def step(self, batch: Decoding) -> list[tuple[GenerateRow, tuple[list[int], bool]]]:
+        """One decoding step for every row of `batch` (in place): choose each row's token (its
+        own temperature and top_p), end the rows that are done, run the others one token
+        further. Returns the rows that ended, each with (new tokens, ended by the end token)."""
+        B = len(batch.rows)
+        nxt = torch.empty(B, dtype=torch.long, device=batch.logits.device)
+        modes: dict[tuple[float, float], list[int]] = {}
+        for j, r in enumerate(batch.rows):
+            modes.setdefault((r.temperature, r.top_p), []).append(j)
+        for (temperature, top_p), idx in modes.items():
+            nxt[idx] = choose_tokens(batch.logits[idx], temperature, top_p)
+        eos = self.tokenizer.eos_token_id
+        ended, keep = [], []
+        for j, r in enumerate(batch.rows):
+            toks = batch.toks[j]
+            if r.max_tokens <= 0:
+                ended.append((r, (toks, False)))
+                continue
+            t = int(nxt[j])
+            if eos is not None and t == eos:
+                ended.append((r, (toks, True)))
+                continue
+            toks.append(t)
+            stop = r.on_token is not None and r.on_token(t, batch.logits[j])
+            if stop or len(toks) >= r.max_tokens:
+                ended.append((r, (toks, False)))
+            else:
+                keep.append(j)
+        batch.keep(keep)
+        if batch.rows:
+            batch.logits, batch.kv, batch.mask = decode_next(
+                self.model, batch.kv, batch.mask, nxt[keep]
+            )
+        return ended
+
+    def drop(self, batch: Decoding, rows: Sequence[GenerateRow]) -> None:
+        """Take rows out of a running batch (their client left)."""
+        gone = {id(r) for r in rows}
+        batch.keep([j for j, r in enumerate(batch.rows) if id(r) not in gone])
+
+
+@dataclass(eq=False)
+class Decoding:
+    """Generate rows decoding together, each after its own prompt: per layer keys/values
+    [B, heads, L, d] left-padded to one length L, which positions are valid [B, L], each row's
+    next-token logits [B, V] and its new tokens so far. Rows join (`merge_decoding`) and leave
+    (`keep`) between steps."""
+
+    rows: list[GenerateRow]
+    kv: KV
+    mask: Tensor
+    logits: Tensor
+    toks: list[list[int]]
+
+    def keep(self, idx: list[int]) -> None:
+        """Keep only the rows at these positions."""
+        if len(idx) == len(self.rows):
+            return
+        self.rows = [self.rows[j] for j in idx]
+        self.toks = [self.toks[j] for j in idx]
+        if not idx:
+            self.kv, self.mask, self.logits = (), self.mask[:0], self.logits[:0]
+            return
+        at = torch.tensor(idx, device=self.mask.device)
+        self.kv = tuple((k[at], v[at]) for k, v in self.kv)
+        self.mask, self.logits = self.mask[at], self.logits[at]
+        lead = int((self.mask.cumsum(-1) == 0).sum(-1).min())  # padding no row needs now
+        if lead:
+            self.kv = tuple((k[:, :, lead:], v[:, :, lead:]) for k, v in self.kv)
+            self.mask = self.mask[:, lead:]
+
+
+def merge_decoding(a: Decoding, b: Decoding) -> Decoding:
+    """One batch of both: the shorter side's keys/values and mask padded on the left."""
+    if not a.rows:
+        return b
+    if not b.rows:
+        return a
+    L = max(a.mask.shape[1], b.mask.shape[1])
+
+    def pad(t: Tensor, n: int) -> Tensor:  # n zeros in front along the sequence axis
+        if n == 0:
+            return t
+        shape = list(t.shape)
+        axis = 2 if t.dim() == 4 else 1
+        shape[axis] = n
+        return torch.cat([t.new_zeros(shape), t], axis)
+
+    na, nb = L - a.mask.shape[1], L - b.mask.shape[1]
+    kv = tuple(
+        (torch.cat([pad(ka, na), pad(kb, nb)]), torch.cat([pad(va, na), pad(vb, nb)]))
+        for (ka, va), (kb, vb) in zip(a.kv, b.kv, strict=True)
+    )
+    return Decoding(
+        a.rows + b.rows,
+        kv,
+        torch.cat([pad(a.mask, na), pad(b.mask, nb)]),
+        torch.cat([a.logits, b.logits]),
+        a.toks + b.toks,
+    )
 
 
 def full_label_scores(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 
 import torch
@@ -1100,6 +1100,66 @@ def score_continuations(
     return (picked * on).sum(-1)
 
 
+def decode_steps(
+    model,
+    kv: KV,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    rows: Tensor | None = None,
+    prompts: Tensor | None = None,
+) -> Generator[Tensor, Tensor, None]:
+    """Step-wise decoding after prompt + input (left-padded [B, T]), reusing the KV cache.
+
+    Yields the next token's logits [B, V] (float32); send back the tokens chosen [B] to get the
+    next step's. Stop by closing it. `rows` and `prompts` as in `run_after_prefix`.
+    """
+    B = input_ids.shape[0]
+    P = kv[0][0].shape[2]
+    head = model.get_output_embeddings()
+    decoder = model.get_decoder()
+    with torch.no_grad():
+        hidden, cache = run_after_prefix(
+            model, kv, input_ids, attention_mask, rows, use_cache=True, prompts=prompts
+        )
+    mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], 1)
+    while True:
+        with torch.no_grad():
+            logits = head(hidden[:, -1]).float()
+        nxt = yield logits
+        with torch.no_grad():
+            pos = mask.sum(-1, keepdim=True)
+            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+            out = decoder(
+                input_ids=nxt[:, None],
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=True,
+                **{_cache_kw(decoder): cache},
+            )
+        hidden, cache = out.last_hidden_state, _out_cache(out)
+
+
+@torch.no_grad()
+def decode_next(model, kv: KV, mask: Tensor, tokens: Tensor) -> tuple[Tensor, KV, Tensor]:
+    """One token more for each row: tokens [B] after keys/values kv [B, heads, L, d] whose
+    valid positions are mask [B, L] (padding anywhere; each row's position is its count of
+    valid ones). Returns (the next token's logits [B, V] float32, kv [B, heads, L+1, d], mask
+    [B, L+1])."""
+    decoder = model.get_decoder()
+    pos = mask.sum(-1, keepdim=True)
+    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+    out = decoder(
+        input_ids=tokens[:, None],
+        attention_mask=mask,
+        position_ids=pos,
+        use_cache=True,
+        **{_cache_kw(decoder): _cache_from(kv, mask.shape[0])},
+    )
+    logits = model.get_output_embeddings()(out.last_hidden_state[:, -1]).float()
+    return logits, tuple((layer.keys, layer.values) for layer in _out_cache(out).layers), mask
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -1115,24 +1175,21 @@ def generate(
     generator: torch.Generator | None = None,
     prompts: Tensor | None = None,
 ) -> list[list[int]]:
-    """Decode after prompt + input (left-padded [B, T]), reusing the KV cache every step.
+    """Decode after prompt + input (left-padded [B, T]), reusing the KV cache every step
+    (`decode_steps`).
 
     temperature 0 is greedy. Returns each row's new tokens, up to and excluding eos.
     `prompts` fill the inputs' suffix placeholders (see `run_after_prefix`).
     """
     B = input_ids.shape[0]
-    P = kv[0][0].shape[2]
-    head = model.get_output_embeddings()
-    decoder = model.get_decoder()
-    hidden, cache = run_after_prefix(
-        model, kv, input_ids, attention_mask, rows, use_cache=True, prompts=prompts
-    )
-    mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], 1)
     out_tokens: list[list[int]] = [[] for _ in range(B)]
+    if max_new_tokens < 1:
+        return out_tokens
+    steps = decode_steps(model, kv, input_ids, attention_mask, rows=rows, prompts=prompts)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    logits = next(steps)
     for step in range(max_new_tokens):
-        logits = head(hidden[:, -1]).float()
-        nxt = _choose(logits, temperature, top_p, generator)
+        nxt = choose_tokens(logits, temperature, top_p, generator)
         for b in range(B):
             if not done[b]:
                 if eos_token_id is not None and int(nxt[b]) == eos_token_id:
@@ -1141,20 +1198,12 @@ def generate(
                     out_tokens[b].append(int(nxt[b]))
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        pos = mask.sum(-1, keepdim=True)
-        mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-        out = decoder(
-            input_ids=nxt[:, None],
-            attention_mask=mask,
-            position_ids=pos,
-            use_cache=True,
-            **{_cache_kw(decoder): cache},
-        )
-        hidden, cache = out.last_hidden_state, _out_cache(out)
+        logits = steps.send(nxt)
+    steps.close()
     return out_tokens
 
 
-def _choose(logits: Tensor, temperature: float, top_p: float, generator) -> Tensor:
+def choose_tokens(logits: Tensor, temperature: float, top_p: float, generator=None) -> Tensor:
     """Next token per row from logits [B, V]: greedy at temperature 0, else nucleus sampling."""
     if temperature <= 0:
         return logits.argmax(-1)

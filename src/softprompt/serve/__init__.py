@@ -7,6 +7,7 @@ Needs the serve extra (`pip install 'softprompt[serve]'`): FastAPI, uvicorn, pro
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 
@@ -25,11 +26,16 @@ def run_server(
     max_body_bytes: int = 1_000_000,
     max_inputs: int = 1024,
     log_level: str = "info",
+    drain_s: float = 60.0,
+    api_key: str | None = None,
+    allow_adapter_admin: bool = False,
 ) -> None:
     """Load the base model and every adapter under `adapters` that fits it, then serve until
-    SIGINT/SIGTERM (in-flight requests finish first)."""
+    SIGINT/SIGTERM: /health turns 503, new requests get 503, in-flight requests (at most
+    `drain_s` seconds) finish, then the server exits."""
     import uvicorn
 
+    DrainingServer = _draining_server_class()
     from ..model import dtype_line, load_base
     from .app import ServeConfig, create_app
 
@@ -45,6 +51,8 @@ def run_server(
         kv_cache_mb=kv_cache_mb,
         max_body_bytes=max_body_bytes,
         max_inputs=max_inputs,
+        api_key=api_key,
+        allow_adapter_admin=allow_adapter_admin,
     )
     app = create_app(base, tokenizer, config, model_name=name)
     state = app.state.softprompt
@@ -55,4 +63,42 @@ def run_server(
         len(state.refused),
         ", ".join(sorted(state.entries)) or "(none yet: POST /v1/adapters)",
     )
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)
+    server = DrainingServer(
+        uvicorn.Config(
+            app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_s
+        ),
+        state,
+        drain_s,
+    )
+    server.run()
+
+
+def _draining_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, but the first SIGINT/SIGTERM drains first: /health turns 503 and new
+        requests get 503 while the listener stays open, in-flight requests (streams too)
+        finish, then uvicorn shuts down. A second SIGINT exits at once."""
+
+        def __init__(self, config, state, drain_s: float):
+            super().__init__(config)
+            self.state = state
+            self.drain_s = drain_s
+
+        def handle_exit(self, sig, frame) -> None:
+            loop = self.state.loop
+            if self.state.draining or loop is None:
+                if self.should_exit and sig == signal.SIGINT:
+                    self.force_exit = True
+                self.should_exit = True
+                return
+            self.state.draining = True
+
+            async def drain_then_exit() -> None:
+                await self.state.drain(self.drain_s)
+                self.should_exit = True
+
+            loop.call_soon_threadsafe(lambda: loop.create_task(drain_then_exit()))
+
+    return DrainingServer

@@ -2,8 +2,13 @@
 
 A request is a Job of one or more rows (one per input). Rows of any requests, for any
 adapters, that arrive within `max_wait_ms` of each other (up to `max_batch_size` rows) run
-together through the inference engine (`engine.Engine.run`), each after its own adapter's
-prompt. A row's result does not depend on the other rows of its batch (up to float rounding).
+together through the inference engine, each after its own adapter's prompt. A row's result
+does not depend on the other rows of its batch (up to float rounding).
+
+Generation is batched per decoding step (continuous batching): new generate rows join the
+running decode batch between two steps (`Engine.begin`, `merge_decoding`), and a row leaves it
+as soon as it ends (`Engine.step`), so a short request never waits for a long one. Classify
+and prompt-scoring rows that arrive meanwhile run between two steps (`Engine.run`).
 
 No web framework here; `app.py` turns HTTP requests into Jobs.
 """
@@ -15,13 +20,14 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 
-from ..engine import ClassifyRow, Engine, GenerateRow
+from ..engine import ClassifyRow, Decoding, Engine, GenerateRow, PromptLogprobRow, merge_decoding
 
 log = logging.getLogger("softprompt.serve")
 
-Row = ClassifyRow | GenerateRow
+Row = ClassifyRow | GenerateRow | PromptLogprobRow
 
 
 class Closed(Exception):
@@ -37,6 +43,8 @@ class Job:
         self.remaining = len(rows)
         self.loop = loop
         self.future: asyncio.Future = loop.create_future()
+        self.queued_at = time.monotonic()
+        self.started = False
 
     @property
     def cancelled(self) -> bool:
@@ -69,7 +77,8 @@ _STOP = object()
 class Batcher:
     """Collects rows from the event loop into batches for one model-owning worker thread.
 
-    `on_batch(rows, adapters, seconds)` is called after every batch (metrics).
+    `on_batch(rows, adapters, seconds)` is called after every batch, `on_queue(seconds)` once
+    per request when the model takes its first row (metrics).
     """
 
     def __init__(
@@ -79,6 +88,7 @@ class Batcher:
         max_batch_size: int = 32,
         max_wait_ms: float = 5.0,
         on_batch: Callable[[int, int, float], None] | None = None,
+        on_queue: Callable[[float], None] | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -86,7 +96,10 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self.on_batch = on_batch
+        self.on_queue = on_queue
         self._q: queue.Queue = queue.Queue()
+        self._pending: deque = deque()
+        """Generate rows taken from the queue that did not fit the running batch yet."""
         self._closed = False
         self._thread: threading.Thread | None = None
         self.in_flight = 0
@@ -95,7 +108,7 @@ class Batcher:
     @property
     def queue_depth(self) -> int:
         """Rows waiting for the worker."""
-        return self._q.qsize()
+        return self._q.qsize() + len(self._pending)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="softprompt-batcher", daemon=True)
@@ -119,37 +132,109 @@ class Batcher:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _next_batch(self) -> tuple[list[tuple[Job, int]], bool]:
-        first = self._q.get()
-        if first is _STOP:
-            return [], True
-        batch = [first]
-        deadline = time.monotonic() + self.max_wait
-        while len(batch) < self.max_batch_size:
+    def _take(self, limit: int, wait: bool) -> tuple[list[tuple[Job, int]], bool]:
+        """Up to `limit` queued rows (held-back generate rows first), and whether the stop
+        mark came. `wait`: block for the first row, then give others `max_wait` to join."""
+        items: list = []
+        while self._pending and len(items) < limit:
+            items.append(self._pending.popleft())
+        if wait and not items:
+            first = self._q.get()
+            if first is _STOP:
+                return [], True
+            items.append(first)
+        deadline = time.monotonic() + (self.max_wait if wait else 0)
+        while len(items) < limit:
             left = deadline - time.monotonic()
             try:
                 item = self._q.get(timeout=left) if left > 0 else self._q.get_nowait()
             except queue.Empty:
                 break
             if item is _STOP:
-                return batch, True
-            batch.append(item)
-        return batch, False
+                return items, True
+            items.append(item)
+        return items, False
 
     def _work(self) -> None:
         stop = False
-        while not stop:
-            batch, stop = self._next_batch()
-            batch = [(job, i) for job, i in batch if not job.cancelled]
-            if not batch:
-                continue
-            self.in_flight = len(batch)
-            start = time.perf_counter()
-            self._run(batch)
-            if self.on_batch is not None:
-                adapters = len({id(job.rows[i].predictor) for job, i in batch})
-                self.on_batch(len(batch), adapters, time.perf_counter() - start)
-            self.in_flight = 0
+        running: Decoding | None = None
+        owner: dict[int, tuple[Job, int]] = {}  # id(generate row) -> where its answer goes
+        while True:
+            busy = running is not None and bool(running.rows)
+            if not busy and not self._pending and stop:
+                return
+            items: list = []
+            if not stop:
+                items, stop = self._take(self.max_batch_size, wait=not busy)
+            elif self._pending:
+                items, _ = self._take(self.max_batch_size, wait=False)
+            items = [(job, i) for job, i in items if not job.cancelled]
+            now = time.monotonic()
+            for job, _ in items:
+                if not job.started:
+                    job.started = True
+                    if self.on_queue is not None:
+                        self.on_queue(now - job.queued_at)
+            gen = [it for it in items if isinstance(it[0].rows[it[1]], GenerateRow)]
+            other = [it for it in items if not isinstance(it[0].rows[it[1]], GenerateRow)]
+            if other:  # classify and scoring rows: between two decoding steps
+                self._timed(other, self._run, other)
+            room = self.max_batch_size - (len(running.rows) if busy else 0)
+            self._pending.extendleft(reversed(gen[room:]))
+            if gen[:room]:
+                new = self._begin(gen[:room])
+                if new is not None:
+                    for job, i in gen[:room]:
+                        owner[id(job.rows[i])] = (job, i)
+                    running = merge_decoding(running, new) if busy else new
+            if running is not None and running.rows:
+                running = self._step(running, owner)
+
+    def _timed(self, batch: list[tuple[Job, int]], fn: Callable, *args):
+        """fn(*args), counted in the batch metrics as one model pass over `batch`."""
+        self.in_flight = len(batch)
+        start = time.perf_counter()
+        out = fn(*args)
+        if self.on_batch is not None:
+            adapters = len({id(job.rows[i].predictor) for job, i in batch})
+            self.on_batch(len(batch), adapters, time.perf_counter() - start)
+        self.in_flight = 0
+        return out
+
+    def _begin(self, batch: list[tuple[Job, int]]) -> Decoding | None:
+        """New generate rows, run after their prompts; a failure fails their requests only."""
+        try:
+            return self._timed(batch, self.engine.begin, [j.rows[i] for j, i in batch])
+        except Exception:  # noqa: BLE001
+            log.exception("generation failed to start")
+            for job in {id(j): j for j, _ in batch}.values():
+                job.fail(RuntimeError("the model failed on this request"))
+            return None
+
+    def _step(self, running: Decoding, owner: dict) -> Decoding | None:
+        """One decoding step; answers the rows that ended. Rows of requests that were
+        cancelled leave first."""
+        gone = [r for r in running.rows if owner[id(r)][0].cancelled]
+        if gone:
+            self.engine.drop(running, gone)
+            for r in gone:
+                owner.pop(id(r))
+            if not running.rows:
+                return running
+        try:
+            ended = self.engine.step(running)
+        except Exception:  # noqa: BLE001 - the running batch is lost; its requests fail
+            log.exception("decoding step failed")
+            for r in running.rows:
+                job, _ = owner.pop(id(r))
+                if job.remaining > 0:
+                    job.fail(RuntimeError("the model failed on this request"))
+            return None
+        for r, result in ended:
+            job, i = owner.pop(id(r))
+            if job.remaining > 0:
+                job.row_done(i, result)
+        return running
 
     def _run(self, batch: list[tuple[Job, int]]) -> None:
         try:
