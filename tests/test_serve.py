@@ -1060,6 +1060,92 @@ def test_playground_in_a_headless_browser(model, tokenizer, adapters_dir):
         browser.quit()
 
 
+def _png(data: bytes):
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def test_playground_chat_streams_the_answer(model, chat_tok, chat_dir, tmp_path):
+    """Chat mode: the answer arrives piece by piece from a streamed /v1/chat/completions and
+    ends equal to the non-streamed answer; the page (with an API key) shows it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    pytest.importorskip("PIL")
+    app = _app(model, chat_tok, chat_dir, max_wait_ms=0, api_key="s3cret")
+    state = app.state.softprompt
+    real = state.engine.step
+
+    def slow_step(batch):  # 20 ms a token: the page sees the answer grow
+        time.sleep(0.02)
+        return real(batch)
+
+    state.engine.step = slow_step
+    message = TEXTS[2]
+    browser = _chrome()
+    try:
+        with running(app) as url:
+            want = httpx.post(
+                f"{url}/v1/chat/completions",
+                json={"model": "alpha", "messages": [{"role": "user", "content": message}],
+                      "max_tokens": 24, "temperature": 0},
+                headers={"Authorization": "Bearer s3cret"},
+                timeout=30,
+            ).json()["choices"][0]["message"]["content"]  # fmt: skip
+            assert len(want) > 3, want
+            browser.set_window_size(1000, 1000)
+            browser.set_page_load_timeout(30)
+            browser.get(url + "/")
+            wait = WebDriverWait(browser, 30)
+            ready = lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1"  # noqa: E731
+            wait.until(ready)
+            assert browser.find_element(By.ID, "key-box").is_displayed()  # 401: the page asks
+            browser.find_element(By.ID, "api-key").send_keys("s3cret")
+            browser.find_element(By.ID, "save-key").click()
+            wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#adapter option[value=alpha]"))
+            Select(browser.find_element(By.ID, "adapter")).select_by_value("alpha")
+            browser.find_element(By.ID, "mode-chat").click()
+            box = browser.find_element(By.ID, "max-tokens")
+            box.clear()
+            box.send_keys("24")
+            conversation = browser.find_element(By.ID, "conversation")
+            assert conversation.is_displayed()
+            before = conversation.screenshot_as_png
+            (tmp_path / "chat-before.png").write_bytes(before)
+            browser.find_element(By.ID, "text").send_keys(message)
+            browser.find_element(By.ID, "run").click()
+            js = "const a = document.getElementById('answer'); return a ? a.textContent : null;"
+            text = lambda b: b.execute_script(js)  # noqa: E731
+            seen = set()
+
+            def finished(b):
+                seen.add(text(b))
+                return b.find_elements(By.CSS_SELECTOR, "#answer[data-answer-done]")
+
+            WebDriverWait(browser, 60, poll_frequency=0.01).until(finished)
+            assert not browser.find_elements(By.ID, "error")
+            assert text(browser) == want
+            answer = browser.find_element(By.ID, "answer")
+            assert int(answer.get_attribute("data-pieces")) > 1  # token by token, not at once
+            assert len(seen - {None, "", want}) >= 1, seen  # the page showed a partial answer
+            assert browser.find_element(By.CSS_SELECTOR, ".msg.user .content").text == message
+            shot = answer.screenshot_as_png
+            (tmp_path / "chat-answer.png").write_bytes(shot)
+            after = conversation.screenshot_as_png
+            (tmp_path / "chat-after.png").write_bytes(after)
+            img = _png(shot)
+            background = img.getpixel((1, 1))
+            differ = sum(1 for p in img.getdata() if p != background)
+            assert differ > 50, "the answer's screenshot is blank"
+            assert _png(before).size != _png(after).size or _png(before).tobytes() != _png(after).tobytes()  # fmt: skip
+            assert "finish:" in browser.find_element(By.ID, "result").text
+    finally:
+        browser.quit()
+
+
 def test_json_error_shape_matches_openai(client):
     r = client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
     err = _err(r)
