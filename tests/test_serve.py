@@ -653,6 +653,183 @@ def test_long_input_is_cut_as_in_training_or_413_when_strict(
     assert r.status_code == 413 and "input 1" in _err(r)["message"]
 
 
+def test_long_prompt_is_cut_for_completions_and_413_for_chat(chat_client):
+    """Completions cut a prompt that does not fit the context as training cuts inputs (and
+    say so, in the stream too); strict gets 413. Chat messages are never cut: 413 naming
+    messages. The next request is served as usual."""
+    context = chat_client.app.state.softprompt.context  # 256 for the tiny model
+    huge = LONG * 3
+    body = {"model": "alpha", "prompt": huge, "max_tokens": 4, "temperature": 0}
+    r = chat_client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    budget = context - 4 - 4  # the prompt's 4 vectors and max_tokens
+    assert r.json()["usage"]["prompt_tokens"] == budget
+    assert r.json()["warnings"] == [f"prompt 0 was cut at the end to fit {budget} tokens"]
+    with chat_client.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+        events = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: {")]
+    assert events[0]["warnings"] == r.json()["warnings"]
+    assert all("warnings" not in e for e in events[1:])
+    assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == r.json()["choices"][0]["text"]  # fmt: skip
+    r = chat_client.post("/v1/completions", json={**body, "strict": True})
+    assert r.status_code == 413 and "prompt 0" in _err(r)["message"]
+    assert _err(r)["type"] == "input_too_long"
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": huge}], "max_tokens": 4}
+    for extra in ({}, {"stream": True}):
+        r = chat_client.post("/v1/chat/completions", json={**chat, **extra})
+        assert r.status_code == 413 and _err(r)["param"] == "messages", r.text
+        assert f"context of {context}" in _err(r)["message"]
+    r = chat_client.post("/v1/chat/completions", json={**chat, "messages": [{"role": "user", "content": "hi"}], "max_tokens": context})  # fmt: skip
+    assert r.status_code == 413 and "max_tokens" in _err(r)["message"]
+    r = chat_client.post("/v1/chat/completions", json={**chat, "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_openai_endpoints_refuse_bad_keys_unknown_adapters_and_big_bodies(
+    model, chat_tok, chat_dir
+):
+    app = _app(model, chat_tok, chat_dir, api_key="s3cret", max_body_bytes=5_000)
+    good = {"Authorization": "Bearer s3cret"}
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    with TestClient(app) as c:
+        for path, body in (
+            ("/v1/chat/completions", chat),
+            ("/v1/chat/completions", {**chat, "stream": True}),
+            ("/v1/completions", {"model": "alpha", "prompt": "hi", "stream": True}),
+        ):
+            for headers in ({}, {"Authorization": "Bearer wrong"}):
+                r = c.post(path, json=body, headers=headers)
+                assert r.status_code == 401 and _err(r)["code"] == "invalid_api_key"
+        r = c.post("/v1/chat/completions", json={**chat, "model": "nope"}, headers=good)
+        assert r.status_code == 404 and _err(r)["known_adapters"] == ["alpha", "beta", "delta", "gamma", "suf"]  # fmt: skip
+        assert "'tiny'" in _err(r)["message"]  # the base model is named too
+        big = {**chat, "messages": [{"role": "user", "content": "x" * 6_000}]}
+        r = c.post("/v1/chat/completions", json=big, headers=good)
+        assert r.status_code == 413 and "5000 bytes" in _err(r)["message"]
+        r = c.post("/v1/chat/completions", json={**chat, "n": 2}, headers=good)
+        assert r.status_code == 400 and _err(r)["param"] == "n" and "n must be 1" in _err(r)["message"]  # fmt: skip
+        r = c.post("/v1/chat/completions", json=chat, headers=good)  # everyone else: served
+        assert r.status_code == 200
+
+
+def _asgi_request(app, path: str, body: dict, sent: list, stall: asyncio.Event):
+    """Call the app as a server would for a client that never reads: every body message it
+    sends waits on `stall` (a full socket). Returns the app's coroutine."""
+    data = json.dumps(body).encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+        "root_path": "", "query_string": b"", "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80), "state": {},
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+    }  # fmt: skip
+    messages = [{"type": "http.request", "body": data, "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await asyncio.Event().wait()  # the client stays connected
+
+    async def send(message):
+        sent.append(message)
+        if message["type"] == "http.response.body":
+            await stall.wait()
+
+    return app(scope, receive, send)
+
+
+def test_a_stream_whose_client_does_not_read_ends_and_blocks_nobody(model, chat_tok, chat_dir):
+    """A streaming client that never reads: its events fill the stream's buffer, its row
+    ends (stops taking decoding steps) and, after the write timeout, its response ends;
+    meanwhile other requests are answered."""
+    app = _app(model, chat_tok, chat_dir, max_wait_ms=0, stream_buffer=4, stream_timeout_s=1.5)
+    state = app.state.softprompt
+    made: dict[str, int] = {}
+    real = state.engine.step
+
+    def slow_step(batch):
+        time.sleep(0.005)
+        for r, toks in zip(batch.rows, batch.toks, strict=True):
+            made[r.predictor.name] = max(made.get(r.predictor.name, 0), len(toks))
+        return real(batch)
+
+    state.engine.step = slow_step
+    long = {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "max_tokens": 200,
+            "temperature": 0.7, "stream": True}  # fmt: skip
+
+    async def go():
+        sent: list = []
+        stall = asyncio.Event()
+        start = time.monotonic()
+        stuck = asyncio.ensure_future(_asgi_request(app, "/v1/chat/completions", long, sent, stall))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as c:
+            await asyncio.sleep(0.3)
+            assert not stuck.done() and sent[0]["status"] == 200
+            others = await asyncio.gather(
+                c.post("/v1/classify", json={"adapter": "alpha", "inputs": TEXTS}),
+                c.post("/v1/chat/completions", json={**long, "model": "alpha", "max_tokens": 5, "stream": False}),
+                c.post("/v1/completions", json={"model": "beta", "prompt": "hi", "max_tokens": 30, "temperature": 0}),
+            )  # fmt: skip
+            answered = time.monotonic() - start
+            tokens_then = made["tiny"]
+            await asyncio.wait_for(stuck, 10)  # the write timeout ends the stalled response
+            ended = time.monotonic() - start
+            metrics = (await c.get("/metrics")).text
+        return others, answered, ended, tokens_then, sent, metrics
+
+    others, answered, ended, tokens_then, sent, metrics = asyncio.run(go())
+    assert [r.status_code for r in others] == [200, 200, 200]
+    assert answered < 1.5  # while the stalled stream was still open
+    assert others[2].json()["usage"]["completion_tokens"] == 30
+    # the buffer (4 events) filled: the row ended a few tokens in, long before 200
+    assert tokens_then < 20 and made["tiny"] == tokens_then, made
+    assert 1.5 <= ended < 5
+    assert sent[-1]["type"] == "http.response.body" and sent[-1].get("more_body")  # cut short
+    assert _metric(metrics, "softprompt_stalled_streams_total", why="buffer") == 1
+    assert _metric(metrics, "softprompt_stalled_streams_total", why="timeout") == 1
+    assert state.in_flight == 0 and state.batcher.queue_depth == 0
+
+
+def test_unload_while_its_generation_runs(model, chat_tok, chat_dir):
+    """A streamed chat and a completion of an adapter unloaded mid-generation finish with the
+    answer they would have had; other adapters are served meanwhile; new requests for it 404."""
+    app = _app(model, chat_tok, chat_dir, max_wait_ms=0, allow_adapter_admin=True)
+    state = app.state.softprompt
+    real = state.engine.step
+
+    def slow_step(batch):
+        time.sleep(0.01)
+        return real(batch)
+
+    chat = {"model": "eps", "messages": [{"role": "user", "content": TEXTS[0]}], "max_tokens": 40, "temperature": 0}  # fmt: skip
+    done = {"model": "eps", "prompt": TEXTS[1], "max_tokens": 40, "temperature": 0}
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert c.post("/v1/adapters", json={"path": "more/eps"}).status_code == 201
+        want_chat = c.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]  # fmt: skip
+        want_done = c.post("/v1/completions", json=done).json()["choices"][0]["text"]
+        state.engine.step = slow_step
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault("r", httpx.post(f"{url}/v1/completions", json=done, timeout=30)))  # fmt: skip
+        t.start()
+        pieces = []
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**chat, "stream": True}, timeout=30) as s:  # fmt: skip
+            for line in s.iter_lines():
+                if line.startswith("data: {"):
+                    pieces.append(json.loads(line[6:]))
+                if len(pieces) == 3 and "unloaded" not in box:
+                    box["unloaded"] = "r" not in box  # the completion still running
+                    assert c.delete("/v1/adapters/eps").json() == {"deleted": "eps"}
+                    r = c.post("/v1/completions", json=done)
+                    assert r.status_code == 404 and "eps" not in _err(r)["known_adapters"]
+                    r = c.post("/v1/classify", json={"adapter": "alpha", "inputs": TEXTS})
+                    assert r.status_code == 200
+        t.join(30)
+    assert box["unloaded"] is True  # the unload came while the completion ran
+    assert not any("error" in p for p in pieces)
+    assert "".join(p["choices"][0]["delta"].get("content") or "" for p in pieces if p["choices"]) == want_chat  # fmt: skip
+    assert box["r"].status_code == 200 and box["r"].json()["choices"][0]["text"] == want_done
+
+
 def test_load_and_unload_adapters(client, adapters_dir):
     r = client.post("/v1/adapters", json={"path": "../../etc"})
     assert r.status_code == 403 and "outside" in _err(r)["message"]

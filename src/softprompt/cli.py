@@ -210,6 +210,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     )
     s.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger bodies get 413")
     s.add_argument("--max-inputs", type=int, default=1024, help="most inputs per request")
+    s.add_argument(
+        "--stream-buffer",
+        type=int,
+        default=256,
+        help="most events a stream holds for a client that does not read; past it its row ends",
+    )
+    s.add_argument(
+        "--stream-timeout-s",
+        type=float,
+        default=30.0,
+        help="a stream whose client takes no data for this long is closed",
+    )
     s.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     s.add_argument("--device", default=None)
     s.add_argument("--trust-remote-code", action="store_true")
@@ -456,6 +468,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         kv_cache_mb=args.kv_cache_mb,
         max_body_bytes=args.max_body_bytes,
         max_inputs=args.max_inputs,
+        stream_buffer=args.stream_buffer,
+        stream_timeout_s=args.stream_timeout_s,
         log_level=args.log_level,
         api_key=args.api_key or os.environ.get("SOFTPROMPT_API_KEY") or None,
         allow_adapter_admin=args.allow_adapter_admin,

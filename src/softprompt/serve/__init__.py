@@ -25,6 +25,8 @@ def run_server(
     kv_cache_mb: float = 256.0,
     max_body_bytes: int = 1_000_000,
     max_inputs: int = 1024,
+    stream_buffer: int = 256,
+    stream_timeout_s: float = 30.0,
     log_level: str = "info",
     drain_s: float = 60.0,
     api_key: str | None = None,
@@ -51,6 +53,8 @@ def run_server(
         kv_cache_mb=kv_cache_mb,
         max_body_bytes=max_body_bytes,
         max_inputs=max_inputs,
+        stream_buffer=stream_buffer,
+        stream_timeout_s=stream_timeout_s,
         api_key=api_key,
         allow_adapter_admin=allow_adapter_admin,
     )

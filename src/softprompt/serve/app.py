@@ -63,6 +63,12 @@ class ServeConfig:
     """Larger request bodies get 413 (`--max-body-bytes`)."""
     max_inputs: int = 1024
     """Most inputs (or prompts) in one request (`--max-inputs`)."""
+    stream_buffer: int = 256
+    """Most events a stream holds for a client that does not read them; when it is full the
+    stream's rows end (they stop taking decoding steps) (`--stream-buffer`)."""
+    stream_timeout_s: float = 30.0
+    """A stream whose client takes no data for this long is closed and its rows end
+    (`--stream-timeout-s`)."""
     api_key: str | None = None
     """If set, every request but `/health` and the playground page `/` needs
     `Authorization: Bearer <key>` (`--api-key`, or the SOFTPROMPT_API_KEY environment variable)."""
@@ -80,6 +86,8 @@ class ServeConfig:
                 (self.kv_cache_mb < 0, "--kv-cache-mb must be 0 or more"),
                 (self.max_body_bytes < 1, "--max-body-bytes must be at least 1"),
                 (self.max_inputs < 1, "--max-inputs must be at least 1"),
+                (self.stream_buffer < 1, "--stream-buffer must be at least 1"),
+                (self.stream_timeout_s <= 0, "--stream-timeout-s must be more than 0"),
                 (
                     self.api_key is not None and not self.api_key.strip(),
                     "--api-key (or SOFTPROMPT_API_KEY) is empty; give a key or leave it unset",
@@ -220,6 +228,13 @@ class Metrics:
         self.disconnects = Counter(
             "softprompt_client_disconnects",
             "Requests whose client went away before the answer",
+            registry=r,
+        )
+        self.stalled = Counter(
+            "softprompt_stalled_streams",
+            "Streams ended because their client did not read them, by why (buffer: its "
+            "events filled --stream-buffer; timeout: it took no data for --stream-timeout-s)",
+            ["why"],
             registry=r,
         )
         gauges = {
@@ -518,6 +533,27 @@ class Guard:
                 return b"".join(chunks)
 
 
+class _StreamResponse(StreamingResponse):
+    """Server-sent events with a write timeout: when the client takes no data for `timeout`
+    seconds (its socket buffers are full), `on_stall()` is called and the response ends there
+    (the server closes the connection) instead of waiting on that client forever."""
+
+    def __init__(self, content, timeout: float, on_stall, **kw):
+        super().__init__(content, **kw)
+        self.timeout = timeout
+        self.on_stall = on_stall
+
+    async def stream_response(self, send) -> None:
+        async def timed_send(message) -> None:
+            await asyncio.wait_for(send(message), self.timeout)
+
+        try:
+            await super().stream_response(timed_send)
+        except TimeoutError:
+            self.on_stall()
+            await self.body_iterator.aclose()
+
+
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
@@ -750,22 +786,51 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
         """Server-sent events: each row's pieces as the model makes them (`chunk(i, piece,
         infos)`), then `final_chunk(i, finish_reason)` per row, the usage if asked for, and
         `data: [DONE]`. A client that leaves ends its rows at their next token; other requests
-        in the same batch go on."""
+        in the same batch go on. A client that stays but does not read: once
+        `--stream-buffer` events wait for it its rows end (the stream then ends with an error
+        event), and once it has taken no data for `--stream-timeout-s` the connection closes."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
+        overflow = [False]
+
+        def put(i: int, piece: str, infos: list[dict]) -> None:  # on the event loop
+            if overflow[0]:
+                return
+            if q.qsize() >= config.stream_buffer:
+                overflow[0] = True
+                for st in streams:
+                    st.cancelled.set()  # the rows end at their next token
+                state.metrics.stalled.labels("buffer").inc()
+                log.warning("a stream's client is not reading: its rows ended (buffer full)")
+                return
+            q.put_nowait((i, piece, infos))
+
         for i, st in enumerate(streams):
             st.on_piece = functools.partial(
-                lambda i, piece, infos: loop.call_soon_threadsafe(q.put_nowait, (i, piece, infos)),
-                i,
+                lambda i, piece, infos: loop.call_soon_threadsafe(put, i, piece, infos), i
             )
         job = state.submit(rows)  # before the response starts: a refusal is a plain 503
         job.future.add_done_callback(lambda _: q.put_nowait(None))
+
+        def on_stall() -> None:
+            state.metrics.stalled.labels("timeout").inc()
+            log.warning(
+                "a stream's client took no data for %s s: closing it", config.stream_timeout_s
+            )
 
         async def events():
             complete = False
             try:
                 while (item := await q.get()) is not None:
                     yield sse(chunk(*item))
+                if overflow[0]:
+                    msg = (
+                        f"the stream was ended: {config.stream_buffer} events waited for the "
+                        "client to read them (--stream-buffer)"
+                    )
+                    yield sse(error_body(msg, "stream_overflow"))
+                    complete = True
+                    return
                 try:
                     outs = job.future.result()
                 except Exception as e:  # noqa: BLE001 - the stream has begun: say so in it
@@ -791,8 +856,10 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
                     job.future.cancel()
                     state.metrics.disconnects.inc()
 
-        return StreamingResponse(
+        return _StreamResponse(
             events(),
+            config.stream_timeout_s,
+            on_stall,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -863,6 +930,14 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
 
         if req.stream:
             offsets = [0] * len(rows)
+            told = [not warnings]
+
+            def first(body: dict) -> dict:
+                """The stream's first event carries the warnings (prompts that were cut)."""
+                if not told[0]:
+                    told[0] = True
+                    body["warnings"] = warnings
+                return body
 
             def chunk(i: int, piece: str, infos: list[dict]) -> dict:
                 logprobs = None
@@ -870,14 +945,14 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
                     logprobs = completion_logprobs(infos, offsets[i])
                     offsets[i] += sum(len(x["token"]) for x in infos)
                 choice = {"text": piece, "index": i, "logprobs": logprobs, "finish_reason": None}
-                return envelope([choice])
+                return first(envelope([choice]))
 
             return event_stream(
                 rows,
                 streams,
                 chunk,
-                lambda i, why: envelope(
-                    [{"text": "", "index": i, "logprobs": None, "finish_reason": why}]
+                lambda i, why: first(
+                    envelope([{"text": "", "index": i, "logprobs": None, "finish_reason": why}])
                 ),
                 include_usage(req),
                 lambda outs: envelope([], usage=usage(rows, outs)),
