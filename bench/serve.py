@@ -20,6 +20,15 @@ the same requests one adapter at a time. By hand, not CI; run it on an otherwise
 4. PEFT generate: the guide's own inference (`generate`, batch 16, 6 new tokens, the text
    matched to a label), one adapter at a time, on the first `--peft-generate-requests`.
 
+`--mix` runs a mixed workload instead (no PEFT): classify, completions, chat and streamed chat
+(greedy, `--max-tokens`) over the adapters from `--clients` clients, `--requests` in all, with
+throughput and p50/p99 latency per kind; then, on the same server, `--classify-requests` classify
+requests alone and again while `--long-clients` generations of `--long-tokens` run (the p99
+ratio); then the first `--serial-requests` of the mix's generations one at a time (new tokens/s of
+the mix over this loop's). Any failed request makes it exit 1.
+
+    python bench/serve.py --mix --requests 2000 --clients 32
+
 By default the load generator and the server share the machine's cores. `--server-cpus 1
 --client-cpus 0` pins the server (and then PEFT, which runs in this process) to CPU 1 and the load
 generator to CPU 0, so both systems get the same core and the clients' own work is not charged to
@@ -31,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import itertools
 import json
 import os
 import random
@@ -151,7 +161,9 @@ async def load(url: str, requests: list[tuple[str, str]], clients: int) -> dict:
     }
 
 
-def run_softprompt(args, folder: Path, names: list[str], requests) -> dict:
+def start_server(args, folder: Path) -> tuple[subprocess.Popen, str]:
+    """`softprompt serve` on loopback (pinned to --server-cpus if given); returns once /health
+    is 200."""
     import httpx
 
     port = free_port()
@@ -169,20 +181,35 @@ def run_softprompt(args, folder: Path, names: list[str], requests) -> dict:
     )
     if args.client_cpus:
         os.sched_setaffinity(0, args.client_cpus)
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit("the server exited during start-up")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            stop_server(proc)
+            raise SystemExit("the server did not start in 300 s")
+        time.sleep(0.2)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def run_softprompt(args, folder: Path, names: list[str], requests) -> dict:
+    import httpx
+
+    proc, url = start_server(args, folder)
     out: dict = {}
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit("the server exited during start-up")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("the server did not start in 300 s")
-            time.sleep(0.2)
         texts = [t for _, t in requests]
 
         def memory(tag: str) -> dict:
@@ -218,11 +245,7 @@ def run_softprompt(args, folder: Path, names: list[str], requests) -> dict:
         out["mean_batch_rows"] = rows / batches if batches else 0
         out["mean_batch_adapters"] = adap / batches if batches else 0
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     return out
 
 
@@ -316,6 +339,195 @@ def run_peft_generate(folder: Path, names: list[str], requests) -> dict:
             "valid_labels": valid}  # fmt: skip
 
 
+KINDS = ("classify", "completion", "chat", "chat_stream")
+
+
+async def call(c, kind: str, adapter: str, text: str, max_tokens: int) -> dict:
+    """One request of `kind`; {kind, ok, seconds, tokens (new tokens), error}. Streams: the
+    answer must end in `data: [DONE]` with no error event (then `first_s`: time to the first
+    piece)."""
+    t0 = time.perf_counter()
+    out = {"kind": kind, "ok": False, "tokens": 0, "error": None}
+    gen = {"model": adapter, "max_tokens": max_tokens, "temperature": 0}
+    chat = {**gen, "messages": [{"role": "user", "content": text}]}
+    try:
+        if kind == "classify":
+            r = await c.post("/v1/classify", json={"adapter": adapter, "inputs": [text]})
+            out["ok"] = r.status_code == 200 and len(r.json()["results"]) == 1
+        elif kind in ("completion", "chat"):
+            path, body = (("/v1/completions", {**gen, "prompt": text}) if kind == "completion"
+                          else ("/v1/chat/completions", chat))  # fmt: skip
+            r = await c.post(path, json=body)
+            out["ok"] = r.status_code == 200
+            if out["ok"]:
+                out["tokens"] = r.json()["usage"]["completion_tokens"]
+        else:
+            body = {**chat, "stream": True, "stream_options": {"include_usage": True}}
+            async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                done, bad = False, None
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        done = True
+                        continue
+                    ev = json.loads(line[6:])
+                    if "error" in ev:
+                        bad = ev["error"]["message"]
+                    elif ev.get("usage"):
+                        out["tokens"] = ev["usage"]["completion_tokens"]
+                    elif "first_s" not in out and ev["choices"][0]["delta"].get("content"):
+                        out["first_s"] = time.perf_counter() - t0
+                out["ok"] = r.status_code == 200 and done and bad is None
+                if not out["ok"]:
+                    out["error"] = bad or f"{r.status_code}, [DONE] {'seen' if done else 'missing'}"
+        if not out["ok"] and out["error"] is None:
+            out["error"] = f"{r.status_code}: {r.text[:200]}"
+    except Exception as e:  # noqa: BLE001 - count it
+        out["error"] = repr(e)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+async def drive(url: str, jobs: list[tuple], clients: int, background: list[tuple] = ()) -> tuple:
+    """`jobs` (kind, adapter, text, max_tokens) from `clients` concurrent clients; while they
+    run, each of `background` is sent again and again by a client of its own (and cancelled at
+    the end). Returns (results of jobs, wall seconds, results of background requests)."""
+    import httpx
+
+    queue = list(reversed(jobs))
+    results: list[dict] = []
+    back: list[dict] = []
+    limits = httpx.Limits(max_connections=clients + len(background) + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as c:
+
+        async def worker() -> None:
+            while queue:
+                results.append(await call(c, *queue.pop()))
+
+        async def repeat(job: tuple) -> None:
+            while True:
+                back.append(await call(c, *job))
+
+        loops = [asyncio.ensure_future(repeat(j)) for j in background]
+        if loops:
+            await asyncio.sleep(1.0)  # the long generations are decoding
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+        for t in loops:
+            t.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+    return results, wall, back
+
+
+def summary(results: list[dict], wall: float) -> dict:
+    """Per kind: requests, failures, throughput, p50/p99 latency (ms), new tokens."""
+
+    def pct(xs: list[float], p: float) -> float:
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000 if xs else float("nan")
+
+    out = {}
+    for kind in KINDS:
+        rs = [r for r in results if r["kind"] == kind]
+        if not rs:
+            continue
+        lat = [r["seconds"] for r in rs]
+        out[kind] = {
+            "requests": len(rs),
+            "failed": sum(not r["ok"] for r in rs),
+            "failures_sample": [r["error"] for r in rs if not r["ok"]][:3],
+            "throughput_rps": len(rs) / wall,
+            "p50_ms": pct(lat, 0.5),
+            "p99_ms": pct(lat, 0.99),
+            "new_tokens": sum(r["tokens"] for r in rs),
+        }
+        first = [r["first_s"] for r in rs if "first_s" in r]
+        if first:
+            out[kind]["first_piece_p50_ms"] = pct(first, 0.5)
+    return out
+
+
+def run_mix(args, folder: Path, names: list[str], texts: list[str]) -> dict:
+    """The mixed workload, all phases on one server in one run (see --mix)."""
+    import httpx
+
+    rng = random.Random(args.seed)
+    adapters = names[: args.adapters]
+    mix = [(KINDS[i % len(KINDS)], rng.choice(adapters), texts[i % len(texts)], args.max_tokens)
+           for i in range(args.requests)]  # fmt: skip
+    rng.shuffle(mix)
+    quiet_jobs = [("classify", rng.choice(adapters), texts[i % len(texts)], 0)
+                  for i in range(args.classify_requests)]  # fmt: skip
+    loaded_jobs = [("classify", rng.choice(adapters), texts[-1 - i % len(texts)], 0)
+                   for i in range(args.classify_requests)]  # fmt: skip
+    long_jobs = [("completion", adapters[i % len(adapters)], texts[i], args.long_tokens)
+                 for i in range(args.long_clients)]  # fmt: skip
+    gen = [j for j in mix if j[0] != "classify"]
+    serial_jobs = gen[: args.serial_requests]
+    proc, url = start_server(args, folder)
+    out: dict = {}
+    try:
+        for name in names[1:]:
+            httpx.post(f"{url}/v1/adapters", json={"path": f"more/{name}"}, timeout=60).raise_for_status()  # fmt: skip
+        warm = [(k, a, texts[i], 4) for i, (a, k) in enumerate(itertools.product(adapters, KINDS))]  # fmt: skip
+        asyncio.run(drive(url, warm, args.clients))
+        log(f"mix: {len(mix)} requests ({', '.join(KINDS)}) over {len(adapters)} adapters, {args.clients} clients")  # fmt: skip
+        res, wall, _ = asyncio.run(drive(url, mix, args.clients))
+        out["mix"] = summary(res, wall) | {"seconds": wall}
+        new_tokens = sum(r["tokens"] for r in res)
+        out["mix_generation_tokens_per_s"] = new_tokens / wall
+        log(f"classify alone: {len(quiet_jobs)} requests")
+        res, wall, _ = asyncio.run(drive(url, quiet_jobs, args.clients))
+        out["classify_quiet"] = summary(res, wall)["classify"]
+        log(f"classify while {len(long_jobs)} generations of {args.long_tokens} tokens run")
+        res, wall, back = asyncio.run(drive(url, loaded_jobs, args.clients, long_jobs))
+        out["classify_loaded"] = summary(res, wall)["classify"]
+        out["background_generations"] = {"finished": sum(r["ok"] for r in back),
+                                         "failed": sum(not r["ok"] and "CancelledError" not in str(r["error"]) for r in back)}  # fmt: skip
+        log(f"one request at a time: {len(serial_jobs)} of the mix's generation requests")
+        res, wall, _ = asyncio.run(drive(url, serial_jobs, 1))
+        out["serial"] = summary(res, wall) | {"seconds": wall}
+        out["serial_generation_tokens_per_s"] = sum(r["tokens"] for r in res) / wall
+    finally:
+        stop_server(proc)
+    out["classify_p99_ratio_loaded_vs_quiet"] = out["classify_loaded"]["p99_ms"] / out["classify_quiet"]["p99_ms"]  # fmt: skip
+    out["generation_throughput_ratio_mix_vs_serial"] = (
+        out["mix_generation_tokens_per_s"] / out["serial_generation_tokens_per_s"]
+    )
+    out["failed"] = (
+        sum(k["failed"] for k in out["mix"].values() if isinstance(k, dict))
+        + out["classify_quiet"]["failed"] + out["classify_loaded"]["failed"]
+        + sum(k["failed"] for k in out["serial"].values() if isinstance(k, dict))
+        + out["background_generations"]["failed"]
+    )  # fmt: skip
+    return out
+
+
+def print_mix(args, out: dict) -> None:
+    m = out["mix"]
+    total = sum(v["requests"] for v in m.values() if isinstance(v, dict))
+    print(f"mixed workload: {total} requests over {args.adapters} adapters, {args.clients} clients, "
+          f"max_tokens {args.max_tokens}, greedy: {m['seconds']:.1f} s")  # fmt: skip
+    for kind in KINDS:
+        if kind in m:
+            k = m[kind]
+            first = f", first piece p50 {k['first_piece_p50_ms']:.0f} ms" if "first_piece_p50_ms" in k else ""  # fmt: skip
+            print(f"  {kind:<12} {k['requests']:>5} requests, failed {k['failed']}, "
+                  f"{k['throughput_rps']:.1f} req/s, p50 {k['p50_ms']:.0f} ms, p99 {k['p99_ms']:.0f} ms{first}")  # fmt: skip
+    q, ld = out["classify_quiet"], out["classify_loaded"]
+    print(f"classify p99 with no generations: {q['p99_ms']:.0f} ms (p50 {q['p50_ms']:.0f}); while "
+          f"{args.long_clients} generations of max_tokens {args.long_tokens} run: {ld['p99_ms']:.0f} ms "
+          f"(p50 {ld['p50_ms']:.0f}); ratio {out['classify_p99_ratio_loaded_vs_quiet']:.2f}x "
+          f"({out['background_generations']['finished']} long generations finished meanwhile)")  # fmt: skip
+    print(f"generation: {out['mix_generation_tokens_per_s']:.1f} new tokens/s over the mix vs "
+          f"{out['serial_generation_tokens_per_s']:.1f} tokens/s one request at a time "
+          f"({sum(v['requests'] for v in out['serial'].values() if isinstance(v, dict))} requests); "
+          f"ratio {out['generation_throughput_ratio_mix_vs_serial']:.2f}x")  # fmt: skip
+    print(f"failures: {out['failed']}")
+
+
 def cpu_list(text: str) -> list[int]:
     """'1', '0,2' or '2-3' as a list of CPU numbers this process may use."""
     cpus: list[int] = []
@@ -363,8 +575,20 @@ def main() -> None:
                    help="CPUs for the server and for PEFT, e.g. 1 or 2-3 (default: all, shared)")  # fmt: skip
     p.add_argument("--client-cpus", type=cpu_list, default=None,
                    help="CPUs for the load generator, e.g. 0 (default: all, shared)")  # fmt: skip
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
+    p.add_argument("--mix", action="store_true",
+                   help="the mixed workload instead (classify, completions, chat, streamed chat; no PEFT)")  # fmt: skip
+    p.add_argument("--max-tokens", type=int, default=32, help="--mix: max_tokens of its generations")  # fmt: skip
+    p.add_argument("--long-tokens", type=int, default=256,
+                   help="--mix: max_tokens of the long generations classify is measured against")  # fmt: skip
+    p.add_argument("--long-clients", type=int, default=8, help="--mix: long generations at once")
+    p.add_argument("--classify-requests", type=int, default=500,
+                   help="--mix: classify requests alone and again while long generations run")  # fmt: skip
+    p.add_argument("--serial-requests", type=int, default=64,
+                   help="--mix: generation requests of the mix sent again one at a time")  # fmt: skip
+    p.add_argument("--out", default=None,
+                   help="default: bench/results/serve.json (serve_mix.json with --mix)")  # fmt: skip
     args = p.parse_args()
+    args.out = args.out or str(ROOT / "bench" / "results" / ("serve_mix.json" if args.mix else "serve.json"))  # fmt: skip
     sys.path.insert(0, str(ROOT / "src"))
 
     suffix = "" if args.method == "prompt" else f"_{args.method}"
@@ -372,6 +596,15 @@ def main() -> None:
     names = make_adapters(folder, args.adapters, args.num_virtual_tokens, args.train_epochs, args.method)  # fmt: skip
     with open(DEMO, newline="") as f:
         texts = [row["Tweet text"] for row in csv.DictReader(f)]
+    if args.mix:
+        if args.adapters < 4:
+            raise SystemExit("--mix needs --adapters 4 or more")
+        out = run_mix(args, folder, names, texts)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"settings": vars(args), **out}, indent=2) + "\n")
+        print_mix(args, out)
+        print(f"wrote {args.out}")
+        raise SystemExit(1 if out["failed"] else 0)
     rng = random.Random(args.seed)
     requests = [(rng.choice(names), texts[i % len(texts)]) for i in range(args.requests)]
     peft_n = min(args.peft_requests or args.requests, args.requests)
