@@ -13,6 +13,8 @@ Endpoints (every error is JSON: {"error": {"message", "type", ...}}):
     GET    /                     the playground page
 
 With --api-key every request but /health and / needs `Authorization: Bearer <key>`.
+A streaming client that does not read is cut off (--stream-buffer, --stream-timeout-s) so that it
+never holds a decoding row or the server for long.
 """
 
 from __future__ import annotations
