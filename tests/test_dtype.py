@@ -35,13 +35,7 @@ from test_cli import train_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TEXTS = [
-    "@ZephyrMobile no signal for three days and nobody answers",
-    "thanks!",
-    "@NorthRailUK the 8:05 was cancelled again, third time this week. Refund please",
-    "ok",
-]
-LABELS = ["complaint", "no complaint", "complaint", "no complaint"]
+from test_model import LABELS, TEXTS  # noqa: E402 - the same four tweets
 
 # Tolerances (bfloat16 keeps 8 bits of mantissa: ~0.4% per rounding), each 2.5-4x the largest
 # error seen on the tiny models: loss 2.7e-4 relative, gradient 0.84% of its largest entry

@@ -1083,6 +1083,18 @@ def test_client_disconnect_does_not_hurt_others(slow_server):
     assert _metric(text, "softprompt_requests_total", adapter="beta", status="499") >= 1
 
 
+def _wait_ready(proc, url: str, log: Path) -> None:
+    """Wait (60 s at most) until a `softprompt serve` subprocess answers /health with 200."""
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, log.read_text()
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        assert time.monotonic() < deadline, "server did not start: " + log.read_text()
+        time.sleep(0.1)
+
+
 def test_cli_serve_sigint_finishes_in_flight_requests(tiny_model_dir, adapters_dir, tmp_path):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}  # fmt: skip
@@ -1094,14 +1106,7 @@ def test_cli_serve_sigint_finishes_in_flight_requests(tiny_model_dir, adapters_d
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "server did not start: " + log.read_text()
-            time.sleep(0.1)
+        _wait_ready(proc, url, log)
         box = {}
         t = threading.Thread(target=lambda: box.setdefault("r", httpx.post(f"{url}/v1/classify", json={"adapter": "alpha", "inputs": TEXTS}, timeout=30)))  # fmt: skip
         t.start()
@@ -1142,14 +1147,7 @@ def test_cli_serve_sigterm_drains_then_exits(tiny_model_dir, adapters_dir, tmp_p
     url = f"http://127.0.0.1:{port}"
     auth = {"Authorization": "Bearer k3y"}
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "server did not start: " + log.read_text()
-            time.sleep(0.1)
+        _wait_ready(proc, url, log)
         assert httpx.get(f"{url}/v1/models", timeout=5).status_code == 401
         box = {}
         t = threading.Thread(target=lambda: box.setdefault("r", httpx.post(f"{url}/v1/classify", json={"adapter": "alpha", "inputs": TEXTS}, headers=auth, timeout=30)))  # fmt: skip
