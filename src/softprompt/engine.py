@@ -50,7 +50,6 @@ from .model import (
     label_loss,
     note_path,
     packed_fits,
-    packed_problem,
     prefix_kv,
     prefix_label_loss,
     prefix_to_kv,
@@ -58,7 +57,6 @@ from .model import (
     score_continuations,
     slice_kv,
     stack_kv,
-    window_reason,
 )
 
 _ids = itertools.count()
@@ -521,9 +519,7 @@ class Engine:
                 conts.setdefault(tuple(c), len(conts))
         span = max(m.prompt.shape[0] + len(r.ids) for r, m in zip(rows, members, strict=True))
         span += max(len(c) for c in conts)
-        if _is_sharded(self.model) or not packed_fits(self.model, span):
-            if not _is_sharded(self.model):
-                note_path(self.model, packed_problem(self.model) or window_reason(self.model))
+        if _is_sharded(self.model) or not packed_fits(self.model, span):  # says why once
             return self._score_full(rows, members, list(conts))
         kv, index, bank, h = self._prompts(rows, members)
         ids, mask = collate_left([r.ids[h:] for r in rows], self.tokenizer.pad_token_id)

@@ -617,11 +617,18 @@ def sliding_window(model) -> int | None:
 
 
 def packed_fits(model, span: int) -> bool:
-    """Whether sequences of up to `span` positions (prompt, row and label) can run packed."""
-    if packed_problem(model) is not None:
-        return False
+    """Whether sequences of up to `span` positions (prompt, row and label) can run packed; when
+    they cannot, the padded path is announced once with the reason (`note_path`)."""
+    reason = packed_problem(model)
     window = sliding_window(model)
-    return window is None or span <= window
+    if reason is None and window is not None and span > window:
+        reason = (
+            f"a prompt and its row exceed the model's sliding attention window ({window} "
+            "positions), which a packed mask cannot apply"
+        )
+    if reason is not None:
+        note_path(model, reason)
+    return reason is None
 
 
 _NOTED: set[tuple[int, str]] = set()
@@ -640,13 +647,6 @@ def note_path(model, reason: str | None = None) -> str | None:
         _NOTED.add((id(model), reason))
         logging.getLogger("softprompt").warning("softprompt: %s", line)
     return line
-
-
-def window_reason(model) -> str:
-    return (
-        f"a prompt and its row exceed the model's sliding attention window "
-        f"({sliding_window(model)} positions), which a packed mask cannot apply"
-    )
 
 
 def _require_packed(model) -> None:
@@ -820,7 +820,6 @@ def label_loss(
     """
     h = 0
     if shared_prefix and not packed_fits(model, prompt.shape[-2] + input_ids.shape[1]):
-        note_path(model, packed_problem(model) or window_reason(model))
         shared_prefix = False
     if shared_prefix:
         if share_head:
@@ -943,7 +942,6 @@ def prefix_label_loss(
     kv = prefix_to_kv(model, prefix)
     P = kv[0][0].shape[2]
     if packed and not packed_fits(model, P + input_ids.shape[1]):
-        note_path(model, packed_problem(model) or window_reason(model))
         packed = False
     if not packed:
         hidden, _ = run_after_prefix(model, kv, input_ids, attention_mask)
