@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .adapters import Adapter, check_fits
+from .adapters import Adapter, check_fits, prefix_config
 from .calibrate import apply_bias
 from .data import (
     Encoded,
@@ -240,15 +240,15 @@ def predictor_for_prompt(
 ) -> Predictor:
     """A predictor of prompt [P+S, H] (or an ensemble [K, P+S, H]) for `task`, not read from disk
     (training's per-epoch evaluation, `evaluate.label_probabilities`); raw unless `bias` is given.
-    kind "prefix": deep prompts [P, layers*2*heads*d] (no config to check them against)."""
-    from .model import prefix_dims
-
+    kind "prefix": deep prompts [P, layers*2*heads*d], with the config the model gives them."""
     prompts = [prompt] if prompt.dim() == 2 else list(prompt)
     base = task.extra.get("base_model") if task.extra else None
     adapters = [
         Adapter(
             prompt=p.detach().float(),
-            config={},
+            config=prefix_config(model, p, base_model=base, projection=False)
+            if kind == "prefix"
+            else {},
             task=task,
             path=f"{name} {i}",
             base_model=base,
@@ -256,10 +256,6 @@ def predictor_for_prompt(
         )
         for i, p in enumerate(prompts)
     ]
-    if kind == "prefix":
-        L, heads, d = prefix_dims(model)
-        for a in adapters:
-            a.config = {"num_layers": L, "num_attention_heads": heads, "token_dim": heads * d}
     return make_predictor(model, tokenizer, adapters, name=name, bias=bias)
 
 
