@@ -75,7 +75,7 @@ def make_adapters(folder: Path, n: int, P: int, train_epochs: int, method: str =
     model, tok, _ = load_base(None)
     for i, path in enumerate(paths):
         if train_epochs > 0:
-            from softprompt.train import TrainConfig, train
+            from softprompt import TrainConfig, train
 
             log(f"training {names[i]} ({train_epochs} epochs)")
             train(TrainConfig(data=str(DEMO), text_column="Tweet text", label_column="Label",

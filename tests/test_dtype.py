@@ -218,7 +218,7 @@ def test_auto_dtype_on_cuda_and_mps(monkeypatch, bf16):
 def test_unknown_dtype_names_the_flag():
     with pytest.raises(SoftpromptError, match=r"--dtype 'fp8' is not one of auto, float32"):
         resolve_dtype("fp8", torch.device("cpu"))
-    from softprompt.train import TrainConfig
+    from softprompt.config import TrainConfig
 
     problems = TrainConfig(data="x.csv", dtype="fp8").problems()
     assert any(p.startswith("--dtype must be one of auto, float32") for p in problems)

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from softprompt.config import GUIDE_INIT_TEXT
 from softprompt.data import Task, collate_left, collate_train, encode_rows, label_token_ids
 from softprompt.evaluate import full_label_scores
 from softprompt.model import (
@@ -17,7 +18,7 @@ from softprompt.model import (
     reference_loss,
     score_continuations,
 )
-from softprompt.prompt import DEFAULT_INIT_TEXT, init_prompt, text_token_ids
+from softprompt.prompt import init_prompt, text_token_ids
 
 TEXTS = [
     "@ZephyrMobile no signal for three days and nobody answers",
@@ -50,7 +51,7 @@ def _peft_model(model, tokenizer, tmp_path, n=6):
         task_type=TaskType.CAUSAL_LM,
         num_virtual_tokens=n,
         prompt_tuning_init=PromptTuningInit.TEXT,
-        prompt_tuning_init_text=DEFAULT_INIT_TEXT,
+        prompt_tuning_init_text=GUIDE_INIT_TEXT,
         tokenizer_name_or_path=str(tmp_path / "tok"),
     )
     return get_peft_model(copy.deepcopy(model), cfg)
@@ -59,11 +60,11 @@ def _peft_model(model, tokenizer, tmp_path, n=6):
 def test_text_init_equals_peft(tiny, tmp_path):
     model, tok = tiny
     pm = _peft_model(model, tok, tmp_path, n=20)  # longer than the text: PEFT repeats it
-    ours = init_prompt(model, tok, 20, "text", text=DEFAULT_INIT_TEXT)
+    ours = init_prompt(model, tok, 20, "text", text=GUIDE_INIT_TEXT)
     theirs = pm.prompt_encoder["default"].embedding.weight.detach()
     assert torch.equal(ours, theirs.float())
-    ids = text_token_ids(tok, DEFAULT_INIT_TEXT, 3)
-    assert ids == tok(DEFAULT_INIT_TEXT)["input_ids"][:3]
+    ids = text_token_ids(tok, GUIDE_INIT_TEXT, 3)
+    assert ids == tok(GUIDE_INIT_TEXT)["input_ids"][:3]
 
 
 def test_loss_logits_and_gradient_equal_peft(tiny, tmp_path):
@@ -298,12 +299,12 @@ def test_label_loss_over_several_lanes_each_with_the_prompt_equals_reference(tin
 
 def test_weighted_label_loss_is_the_weighted_mean_of_each_rows_tokens(tiny):
     """--balance: row i's tokens count w[i] times; checked against each row run alone."""
-    from softprompt.train import _row_weights
+    from softprompt.training.loop import row_weights
 
     model, tok = tiny
     _, b = _batch(tok)
     prompt = init_prompt(model, tok, 5, "random", seed=4)
-    w = torch.tensor(_row_weights(LABELS[:3] + ["no complaint"] * 3, True)[:4])
+    w = torch.tensor(row_weights(LABELS[:3] + ["no complaint"] * 3, True)[:4])
     got = label_loss(model, prompt, **b, weights=w)
     sums, counts = [], []
     for i in range(len(TEXTS)):
@@ -318,8 +319,8 @@ def test_weighted_label_loss_is_the_weighted_mean_of_each_rows_tokens(tiny):
         label_loss(model, prompt, **b, weights=torch.ones(4)), label_loss(model, prompt, **b)
     )
     # every class weighs the same in all: 2 complaints and 4 others -> 1.5 and 0.75 each
-    assert _row_weights(["a", "b", "b", "a", "b", "b"], True) == [1.5, 0.75, 0.75, 1.5, 0.75, 0.75]
-    assert _row_weights(["a", "b"], False) == [1.0, 1.0]
+    assert row_weights(["a", "b", "b", "a", "b", "b"], True) == [1.5, 0.75, 0.75, 1.5, 0.75, 0.75]
+    assert row_weights(["a", "b"], False) == [1.0, 1.0]
 
 
 def test_shared_template_head_equals_plain_path(tiny):

@@ -214,7 +214,7 @@ def test_prefix_runs_through_train_eval_predict_cv_and_serve(
 
 
 def test_prefix_settings_that_cannot_work_are_refused(tmp_path, demo_train):
-    from softprompt.train import TrainConfig
+    from softprompt.config import TrainConfig
 
     bad = TrainConfig(data=str(demo_train), method="prefix", suffix_tokens=8, gradient_checkpointing=True)  # fmt: skip
     problems = " ".join(bad.problems())

@@ -3,6 +3,7 @@ a kill, non-finite losses, failed writes (tiny Llama, CPU)."""
 
 from __future__ import annotations
 
+import csv
 import importlib
 import json
 import os
@@ -10,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from softprompt.adapters import load_adapter
 from softprompt.cli import main
+from softprompt.errors import SoftpromptError
 from softprompt.model import label_loss, pick_device, set_gradient_checkpointing
 from test_cli import cli_error, train_args
 
@@ -106,38 +107,41 @@ def test_two_processes_train_the_same_prompt_as_one(tmp_path, tiny_model_dir, de
 # --------------------------------------------------------------------------- resume
 
 
+KILL_AT_STEP = """
+import os, signal, sys
+import softprompt.training as training
+
+class Kill(training.Callback):
+    def on_step(self, run, state):
+        if state.step == int(sys.argv[1]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+real = training.train
+training.train = lambda cfg, *a, **kw: real(cfg, *a, callbacks=[Kill()], **kw)
+from softprompt.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_kill_mid_epoch_then_resume_is_bit_identical(tmp_path, tiny_model_dir, demo_train):
-    """SIGKILL a real training process after a mid-epoch checkpoint; --resume finishes it; the
-    prompt equals that of an uninterrupted run bit for bit."""
+    """SIGKILL a real training process one optimiser step after a mid-epoch checkpoint (a
+    callback kills it); --resume finishes it; the prompt equals that of an uninterrupted run
+    bit for bit."""
+    # 16 batches per epoch, 2 per step: 8 steps per epoch; checkpoints at steps 3, 6, 8, 9, 12...
     extra = ["--epochs", "3", "--save-steps", "3", "--grad-accum", "2"]
     killed = tmp_path / "killed"
     argv = without(train_args(demo_train, tiny_model_dir, killed), "--epochs") + extra
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "softprompt.cli", *argv],
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_AT_STEP, "13", *argv],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env=subprocess_env(SOFTPROMPT_TEST_STEP_DELAY="0.15"),
+        env=subprocess_env(),
+        timeout=300,
     )
-    state_path = killed / "checkpoint" / "state.pt"
-    deadline = time.monotonic() + 300
-    try:
-        while True:  # wait for a mid-epoch checkpoint of epoch 2
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no mid-epoch checkpoint appeared"
-            if state_path.is_file():
-                state = torch.load(state_path, weights_only=True)
-                # early in epoch 2 (of 16 batches), so the kill lands before the epoch ends
-                if state["epoch"] == 2 and state["batches"] is not None and state["done"] <= 8:
-                    break
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert len(records(killed)) < 3
-    state = torch.load(state_path, weights_only=True)
-    assert state["batches"] is not None and 0 < state["done"] < len(state["batches"])  # mid-epoch
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
+    assert len(records(killed)) == 1
+    state = torch.load(killed / "checkpoint" / "state.pt", weights_only=True)
+    assert (state["epoch"], state["step"], state["done"]) == (2, 12, 8)  # mid-epoch 2
 
     assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
     straight = tmp_path / "straight"
@@ -199,7 +203,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_prompt(
 def test_nan_loss_later_keeps_best_and_last_good(
     tmp_path, tiny_model_dir, demo_train, capsys, monkeypatch
 ):
-    train_mod = importlib.import_module("softprompt.train")  # the package's `train` is the function
+    train_mod = importlib.import_module("softprompt.training.loop")
     calls = {"n": 0}
     real = train_mod.label_loss
 
@@ -397,3 +401,64 @@ def test_balance_flag_trains_and_changes_the_prompt(tmp_path, tiny_model_dir, de
     assert main(train_args(demo_train, tiny_model_dir, bal, "--epochs", "1", "--balance")) == 0
     assert not torch.equal(prompt_of(plain / "last"), prompt_of(bal / "last"))
     assert json.loads((bal / "train_config.json").read_text())["balance"] is True
+
+
+# --------------------------------------------------------------------------- Python API
+
+
+def test_rows_in_memory_train_the_same_prompt_and_callbacks_see_each_step(
+    tmp_path, tokenizer, demo_train
+):
+    """train(data=rows) equals train from the file bit for bit; callbacks run after every
+    optimiser step and every epoch (with the prompt just saved), then once at the end."""
+    from conftest import make_model
+    from softprompt import TrainConfig, train
+    from softprompt.training import Callback
+
+    model = make_model("llama", len(tokenizer))
+    cfg = TrainConfig(
+        data=str(demo_train),
+        text_column="Tweet text",
+        label_column="Label",
+        num_virtual_tokens=4,
+        suffix_tokens=2,
+        epochs=2,
+        progress=False,
+        out=str(tmp_path / "file"),
+    )
+    from_file = train(cfg, model, tokenizer)
+    with open(demo_train, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    seen = []
+
+    class Spy(Callback):
+        def on_step(self, run, state):
+            seen.append(("step", state.step))
+
+        def on_epoch(self, run, state, record):
+            saved = load_adapter(run.out / "last").prompt
+            seen.append(("epoch", record["epoch"], torch.equal(state.prompt, saved)))
+
+        def on_train_end(self, run, state):
+            seen.append(("end", len(state.history)))
+
+    out = tmp_path / "rows"
+    in_memory = train(
+        TrainConfig(**{**cfg.__dict__, "data": None, "out": str(out)}),
+        model,
+        tokenizer,
+        data=rows,
+        callbacks=[Spy()],
+    )
+    assert torch.equal(from_file.prompt, in_memory.prompt)
+    assert json.loads((out / "train_config.json").read_text())["data"] == "<in memory>"
+    steps = len(rows) // 8  # 160 rows, batch 8
+    want = [("step", s) for s in range(1, steps + 1)] + [("epoch", 1, True)]
+    want += [("step", s) for s in range(steps + 1, 2 * steps + 1)] + [
+        ("epoch", 2, True),
+        ("end", 2),
+    ]
+    assert seen == want
+
+    with pytest.raises(SoftpromptError, match="row 1 has no 'Label' key"):
+        train(cfg, model, tokenizer, data=[rows[0], {"Tweet text": "x"}])

@@ -6,12 +6,13 @@ SoftPrompt.load("runs/c").classify(["my parcel never arrived"])
 """
 
 from .adapters import load_adapter, push_to_hub, save_adapter
+from .config import PRESETS, TrainConfig, preset_config
 from .data import DEFAULT_TEMPLATE, Task, load_table
 from .errors import SoftpromptError
 from .model import concat_forward, label_loss, load_base, prefix_kv
 from .pipeline import SoftPrompt
 from .prompt import init_prompt
-from .train import PRESETS, TrainConfig, TrainResult, preset_config, train
+from .training import TrainResult, train
 
 __all__ = [
     "DEFAULT_TEMPLATE",

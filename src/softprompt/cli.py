@@ -19,9 +19,9 @@ import os
 import sys
 from pathlib import Path
 
+from .config import DTYPE_CHOICES
 from .errors import SoftpromptError
 
-DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]  # model.DTYPE_CHOICES (no torch here)
 DTYPE_HELP = (
     "base model dtype: auto (bfloat16 where the CPU or GPU has bfloat16 hardware, else float32), "
     "float32, bfloat16 or float16; the prompt stays float32 [default: auto]"
@@ -44,7 +44,7 @@ def _field_docs(cls) -> dict[str, str]:
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from .train import PRESETS, TrainConfig
+    from .config import PRESETS, TrainConfig
 
     docs = _field_docs(TrainConfig)
     skip = {"progress", "extra"}
@@ -242,7 +242,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 def _given_train_flags(args: argparse.Namespace) -> dict:
     """The TrainConfig fields whose flags were given (unset flags parse to None / False)."""
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     return {
         f.name: getattr(args, f.name)
@@ -253,7 +253,7 @@ def _given_train_flags(args: argparse.Namespace) -> dict:
 
 def _train_config(args: argparse.Namespace, given: dict):
     """The TrainConfig of `train` / `cv`: the --preset's values (if any), then the given flags."""
-    from .train import TrainConfig, preset_config
+    from .config import TrainConfig, preset_config
 
     if given.get("method") == "prefix" and "suffix_tokens" not in given:
         given = {**given, "suffix_tokens": 0}  # deep prompts take no suffix tokens
@@ -263,7 +263,7 @@ def _train_config(args: argparse.Namespace, given: dict):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import end_processes, resume_config, train, train_ensemble
+    from .training import end_processes, resume_config, train, train_ensemble
 
     given = _given_train_flags(args)
     try:
@@ -503,6 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     args.command = argv[0]
     if getattr(args, "no_progress", False):
         _quiet_loading()
+    from .log import show_log
+
+    # what a run says as it works: plain lines, on stdout for train and cv (their output), on
+    # stderr for the commands whose stdout is results
+    show_log(sys.stdout if args.command in ("train", "cv") else sys.stderr)
     try:
         return COMMANDS[args.command](args)
     except SoftpromptError as e:

@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import json
 import statistics
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from .adapters import TASK_NAME, atomic_write_json, load_adapter
+from .adapters import TASK_NAME, atomic_write_json
 from .calibrate import apply_bias, fit_bias
-from .data import label_set, load_table, stratified_folds
-from .engine import Engine
+from .config import TrainConfig
+from .data import Table, label_set, load_table, stratified_folds
+from .engine import Engine, predictor_for_prompt
 from .errors import SoftpromptError
 from .evaluate import metrics
+from .log import ensure_visible, logger
 from .model import dtype_line, load_base
-from .train import TrainConfig, TrainResult, prepare_run_folder, train
+from .training import Callback, TrainResult, prepare_run_folder, train
 
 
 @dataclass
@@ -37,10 +38,17 @@ class CVResult:
     final: TrainResult | None
 
 
-def _write_jsonl(path: Path, col_text: str, col_label: str, texts, labels) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for t, y in zip(texts, labels, strict=True):
-            f.write(json.dumps({col_text: t, col_label: y}, ensure_ascii=False) + "\n")
+class _OutOfFold(Callback):
+    """After each epoch of a fold's run: the held-out rows' label probabilities with that
+    epoch's prompt, into oof[epoch - 1, held]."""
+
+    def __init__(self, engine: Engine, oof: torch.Tensor, held: list[int], texts: list[str]):
+        self.engine, self.oof, self.held, self.texts = engine, oof, held, texts
+
+    def on_epoch(self, run, state, record) -> None:
+        prompt = state.prompt.detach()
+        predictor = predictor_for_prompt(run.model, run.tokenizer, prompt, run.task, kind=run.kind)
+        self.oof[state.epoch - 1, self.held] = self.engine.classify(predictor, self.texts)
 
 
 def cross_validate(
@@ -50,6 +58,7 @@ def cross_validate(
     row after every epoch; pick the epoch with the best pooled out-of-fold macro-F1, fit the bias
     on those predictions, then (retrain) train on all rows for that many epochs."""
     cfg.validate()
+    ensure_visible()
     if cfg.eval_data:
         raise SoftpromptError(
             "--eval-data is not used by cross-validation (every row is held out once); drop it"
@@ -66,7 +75,7 @@ def cross_validate(
     out = prepare_run_folder(cfg.out, cfg.overwrite)
     atomic_write_json(out / "cv.json", {"status": "running", "folds": folds, "config": asdict(cfg)})
     if model is None:
-        print(dtype_line(cfg.dtype, cfg.device))
+        logger.info(dtype_line(cfg.dtype, cfg.device))
         model, tokenizer, _ = load_base(
             cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code
         )
@@ -75,39 +84,31 @@ def cross_validate(
     oof = torch.zeros(cfg.epochs, len(gold), len(names))  # [E, N, L]
     fold_f1 = [[0.0] * folds for _ in range(cfg.epochs)]
     parts = stratified_folds(table.labels, folds, cfg.seed)
-    with tempfile.TemporaryDirectory(prefix="softprompt-cv-") as tmp:
-        for i, held in enumerate(parts):
-            keep = sorted(set(range(len(gold))) - set(held))
-            files = {}
-            for name, idx in (("train", keep), ("eval", held)):
-                files[name] = Path(tmp) / f"fold{i}-{name}.jsonl"
-                _write_jsonl(
-                    files[name],
-                    cfg.text_column,
-                    cfg.label_column,
-                    [table.texts[j] for j in idx],
-                    [table.labels[j] for j in idx],
-                )
-            print(f"--- fold {i + 1}/{folds}: train {len(keep)} rows, held out {len(held)} ---")
-            run = train(
-                replace(
-                    cfg,
-                    data=str(files["train"]),
-                    eval_data=str(files["eval"]),
-                    out=str(out / "folds" / str(i)),
-                    overwrite=False,
-                    save_every_epoch=True,
-                ),
-                model,
-                tokenizer,
-            )
-            texts = [table.texts[j] for j in held]
-            for e in range(cfg.epochs):
-                a = load_adapter(run.out / "epochs" / f"{e + 1:03d}")
-                p = engine.classify(engine.predictor([a], bias=None), texts)
-                oof[e, held] = p
-                m = metrics([names[gold[j]] for j in held], _pred(p, names), names)
-                fold_f1[e][i] = m["macro_f1"]
+    for i, held in enumerate(parts):
+        keep = sorted(set(range(len(gold))) - set(held))
+        part = {
+            name: Table(cfg.data, [table.texts[j] for j in idx], [table.labels[j] for j in idx], [])
+            for name, idx in (("train", keep), ("eval", held))
+        }
+        logger.info(f"--- fold {i + 1}/{folds}: train {len(keep)} rows, held out {len(held)} ---")
+        texts = part["eval"].texts
+        train(
+            replace(
+                cfg,
+                data=None,
+                out=str(out / "folds" / str(i)),
+                overwrite=False,
+                save_every_epoch=True,  # each epoch's prompt stays inspectable (folds/<i>/epochs)
+            ),
+            model,
+            tokenizer,
+            data=part["train"],
+            eval_data=part["eval"],
+            callbacks=[_OutOfFold(engine, oof, held, texts)],
+        )
+        for e in range(cfg.epochs):
+            gold_held = [names[gold[j]] for j in held]
+            fold_f1[e][i] = metrics(gold_held, _pred(oof[e, held], names), names)["macro_f1"]
 
     rows = []
     for e in range(cfg.epochs):
@@ -143,7 +144,7 @@ def cross_validate(
 
     final = None
     if retrain:
-        print(f"--- final: all {len(gold)} rows, {best['epoch']} epochs ---")
+        logger.info(f"--- final: all {len(gold)} rows, {best['epoch']} epochs ---")
         final = train(
             replace(
                 cfg,

@@ -11,10 +11,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .config import DEFAULT_TEMPLATE, template_problems
 from .errors import SoftpromptError, first_line
-
-DEFAULT_TEMPLATE = "{text_column} : {text} Label : "
-"""The guide's template. `{text}` is the row's text, `{text_column}` the column's name."""
 
 LOCAL_FORMATS = {
     ".csv": "csv",
@@ -99,14 +97,10 @@ class Table:
 
 
 def validate_template(template: str) -> None:
-    try:
-        template.format(text="x", text_column="x")
-    except (KeyError, IndexError, ValueError) as e:
-        raise SoftpromptError(
-            f"--template {template!r} is not valid: it may use only {{text}} and {{text_column}} ({e})"
-        ) from None
-    if "{text}" not in template:
-        raise SoftpromptError(f"--template {template!r} must contain {{text}}")
+    """Raise SoftpromptError if `template` is not a valid input template."""
+    problems = template_problems(template)
+    if problems:
+        raise SoftpromptError(problems[0])
 
 
 def load_table(

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import SoftpromptError
+from .log import ensure_visible, logger
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 """Name of the built-in default model, accepted by `--model` (also `default`)."""
@@ -68,7 +69,8 @@ def default_model_dir() -> Path:
     source = gguf_path()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"softprompt: converting {source.name} to {target} (once; later loads are fast)")
+    ensure_visible()
+    logger.info(f"softprompt: converting {source.name} to {target} (once; later loads are fast)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:

