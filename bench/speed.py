@@ -621,7 +621,7 @@ def worker_classify(spec: dict) -> dict:
 def quantize_int8(model):
     """A copy of the model with every nn.Linear dynamically quantised to int8 (weights int8,
     activations quantised per call). Measured here, not offered by softprompt: on the default
-    model it changes most predictions (docs/benchmarks.md)."""
+    model it changes most predictions (docs/speed.md)."""
     import warnings
 
     import torch
