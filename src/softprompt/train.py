@@ -173,6 +173,8 @@ class TrainConfig:
     """Also checkpoint every N optimiser steps within an epoch; 0: after each epoch only (--save-steps)."""
     resume: str | None = None
     """Continue the run in this folder from its last checkpoint, with its saved settings (--resume)."""
+    report_to: str = "none"
+    """Experiment trackers for the per-epoch metrics (those in metrics.jsonl): none, tensorboard, wandb or mlflow, comma-separated for several (--report-to)."""
     progress: bool = True
     """Show progress bars."""
     extra: dict = field(default_factory=dict)
@@ -234,6 +236,13 @@ class TrainConfig:
             p.append("--data is required (or --resume RUN to continue a run)")
         if self.dtype not in DTYPE_CHOICES:
             p.append(f"--dtype must be one of {', '.join(DTYPE_CHOICES)} (got {self.dtype!r})")
+        from .trackers import TRACKERS, tracker_names
+
+        if any(n not in TRACKERS for n in tracker_names(self.report_to)):
+            p.append(
+                f"--report-to takes {', '.join(TRACKERS)}, comma-separated for several "
+                f"(got {self.report_to!r})"
+            )
         try:
             validate_template(self.template)
         except SoftpromptError as e:
