@@ -542,6 +542,7 @@ def test_train_help_lists_flags(capsys):
         "--config",
         "--no-balance",
         "--no-overwrite",
+        "--report-to",
     ):
         assert flag in out
     # help from TrainConfig's docstrings, with the default; the order of the layers
