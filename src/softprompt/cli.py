@@ -1,6 +1,7 @@
 """The `softprompt` command: a thin map from subcommands to library functions.
 
 softprompt train   --data train.csv --text-column "Tweet text" --label-column Label --out runs/c
+softprompt train   --config run.yaml --epochs 5   (settings from a YAML/JSON file; flags win)
 softprompt eval    runs/c --data dev.csv
 softprompt predict runs/c "some text"       |  --data new.csv --output preds.csv
 softprompt push    runs/c user/repo
