@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import shutil
@@ -258,6 +259,119 @@ def test_out_is_a_file(tmp_path, tiny_model_dir, demo_train, capsys):
     cli_error(capsys, train_args(demo_train, tiny_model_dir, out), "is a file")
 
 
+# --------------------------------------------------------------------------- --config
+
+
+def config_of(*argv: str, command: str = "train"):
+    """The TrainConfig that `softprompt train ARGV` would train with (without training)."""
+    from softprompt.cli import _train_config, parse_train_args
+
+    return _train_config(parse_train_args(command, [str(a) for a in argv]))
+
+
+def test_config_file_sits_between_preset_and_flags(tmp_path, demo_train):
+    """defaults < --preset < --config file < flags, whatever their order on the command line."""
+    conf = tmp_path / "run.yaml"
+    conf.write_text(
+        f"data: {demo_train}\ntext_column: Tweet text\nlabel_column: Label\n"
+        "epochs: 3\nbalance: true\nnum-virtual-tokens: 4\nlr: 1e-2\n"
+    )
+    for argv in (
+        ["--config", conf, "--preset", "guide", "--epochs", "2"],
+        ["--epochs", "2", "--preset", "guide", "--config", conf],
+    ):
+        cfg = config_of(*argv)
+        assert cfg.epochs == 2  # the flag over the file
+        assert cfg.balance is True and cfg.lr == 1e-2  # the file over the preset and defaults
+        assert cfg.eval_fraction == 0.2 and cfg.suffix_tokens == 0  # the preset over the defaults
+        assert cfg.num_virtual_tokens == 4 and cfg.text_column == "Tweet text"
+        assert cfg.weight_decay == 0.01 and cfg.extra == {"preset": "guide"}  # default; preset
+    # a JSON file, and a later file over an earlier one; the preset may come from a file
+    later = tmp_path / "later.json"
+    later.write_text(json.dumps({"epochs": 5, "preset": "guide", "balance": False}))
+    cfg = config_of("--config", conf, "--config", later)
+    assert cfg.epochs == 5 and cfg.balance is False and cfg.eval_fraction == 0.2
+    assert cfg.lr == 1e-2 and cfg.data == str(demo_train)
+    # cv reads the same files; --folds and --retrain may sit in them too
+    (tmp_path / "cv.yaml").write_text(f"data: {demo_train}\nfolds: 3\nretrain: false\n")
+    from softprompt.cli import parse_train_args
+
+    args = parse_train_args("cv", ["--config", str(tmp_path / "cv.yaml"), "--folds", "4"])
+    assert args.folds == 4 and args.retrain is False and args.given == {"data": str(demo_train)}
+
+
+def test_a_runs_train_config_is_a_config(run_dir, tmp_path):
+    """The finished run's train_config.json as --config: the same TrainConfig, the same prompt."""
+    saved = json.loads((run_dir / "train_config.json").read_text())
+    assert saved["dtype_requested"] == "auto" and saved["extra"] == {"preset": "guide"}
+    cfg = config_of("--config", run_dir / "train_config.json")
+    assert dataclasses.asdict(cfg) == {k: v for k, v in saved.items() if k != "dtype_requested"}
+    out = tmp_path / "again"
+    assert main(["train", "--config", str(run_dir / "train_config.json"), "--out", str(out)]) == 0
+    again = json.loads((out / "train_config.json").read_text())
+    assert again["out"] == str(out) and again["dtype_requested"] == saved["dtype"]
+    same = {"out": None, "dtype_requested": None}
+    assert {**again, **same} == {**saved, **same}
+    assert torch.equal(prompt_of(out), prompt_of(run_dir))
+
+
+def test_every_boolean_negates_over_preset_and_file(tmp_path):
+    from softprompt.config import TrainConfig
+
+    flags = [f.name for f in dataclasses.fields(TrainConfig) if f.type in ("bool", bool)]
+    assert {"balance", "overwrite", "progress", "fsdp"} <= set(flags)
+    for name in flags:
+        flag = name.replace("_", "-")
+        assert getattr(config_of("--data", "x", f"--no-{flag}"), name) is False, flag
+        assert getattr(config_of("--data", "x", f"--{flag}"), name) is True, flag
+    # the guide preset's balance=False, switched back on; small-data's balance=True, off
+    assert config_of("--data", "x", "--preset", "guide").balance is False
+    assert config_of("--data", "x", "--preset", "guide", "--balance").balance is True
+    assert config_of("--preset", "small-data", "--data", "x", "--no-balance").balance is False
+    # a file's booleans, switched by flags; the last flag wins
+    conf = tmp_path / "run.yaml"
+    conf.write_text("data: x\noverwrite: true\nbalance: false\n")
+    cfg = config_of("--config", conf, "--no-overwrite", "--balance")
+    assert cfg.overwrite is False and cfg.balance is True
+    assert config_of("--data", "x", "--no-balance", "--balance").balance is True
+
+
+def test_given_holds_only_what_was_given(tmp_path):
+    """--resume takes only the settings actually given: defaults never count as given."""
+    from softprompt.cli import parse_train_args
+
+    args = parse_train_args("train", ["--resume", "runs/x", "--no-progress", "--lr", "0.03"])
+    assert args.given == {"resume": "runs/x", "progress": False, "lr": 0.03}
+    assert args.preset is None and args.seeds == 1
+    conf = tmp_path / "device.yaml"
+    conf.write_text("device: cpu\n")
+    args = parse_train_args("train", ["--resume", "runs/x", "--config", str(conf)])
+    assert args.given == {"resume": "runs/x", "device": "cpu"}
+
+
+def test_config_and_flag_errors_are_one_line(tmp_path, capsys):
+    conf = tmp_path / "run.yaml"
+    argv = ["train", "--config", str(conf)]
+    conf.write_text("data: x.csv\nepoch: 3\n")
+    cli_error(capsys, argv, str(conf), "unknown key 'epoch'", "did you mean 'epochs'")
+    cli_error(capsys, ["cv", *argv[1:]], str(conf), "unknown key 'epoch'")
+    conf.write_text("data: x.csv\nepochs: three\n")
+    cli_error(capsys, argv, str(conf), "epochs: expected an integer, got three")
+    conf.write_text("balance: maybe\n")
+    cli_error(capsys, argv, str(conf), "balance: expected true or false, got 'maybe'")
+    conf.write_text("model: [a, b]\n")
+    cli_error(capsys, argv, str(conf), "model: expected a string or null")
+    conf.write_text("- data\n- x.csv\n")
+    cli_error(capsys, argv, str(conf), "key: value")
+    conf.write_text("data: [x.csv\n")
+    cli_error(capsys, argv, str(conf), "not valid YAML or JSON", "line 2")
+    missing = tmp_path / "nope.yaml"
+    cli_error(capsys, ["train", "--config", str(missing)], str(missing), "file not found")
+    cli_error(capsys, ["train", "--epochs", "x"], "--epochs: expected an integer, got x")
+    cli_error(capsys, ["train", "--epoch-count", "3"], "--epoch-count", "--help")
+    cli_error(capsys, ["cv", "--seeds", "2"], "--seeds", "softprompt cv --help")
+
+
 # --------------------------------------------------------------------------- eval
 
 
@@ -426,8 +540,19 @@ def test_train_help_lists_flags(capsys):
         "--overwrite",
         "--no-progress",
         "--preset",
+        "--config",
+        "--no-balance",
+        "--no-overwrite",
+        "--report-to",
     ):
         assert flag in out
+    # help from TrainConfig's docstrings, with the default; the order of the layers
+    assert "Length of the soft prompt (--num-virtual-tokens). (type: int, default: 8)" in " ".join(
+        out.split()
+    )
+    assert "the first of: a flag on the command line, a --config file, the --preset" in " ".join(
+        out.split()
+    )
 
 
 @pytest.fixture

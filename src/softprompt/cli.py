@@ -1,6 +1,7 @@
 """The `softprompt` command: a thin map from subcommands to library functions.
 
 softprompt train   --data train.csv --text-column "Tweet text" --label-column Label --out runs/c
+softprompt train   --config run.yaml --epochs 5   (settings from a YAML/JSON file; flags win)
 softprompt eval    runs/c --data dev.csv
 softprompt predict runs/c "some text"       |  --data new.csv --output preds.csv
 softprompt push    runs/c user/repo
@@ -10,12 +11,13 @@ softprompt serve   --adapters runs/      (every adapter folder under runs/, over
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import dataclasses
-import inspect
+import difflib
 import json
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -28,69 +30,196 @@ DTYPE_HELP = (
 )
 
 
-def _field_docs(cls) -> dict[str, str]:
-    """The docstring under each dataclass field (used as the flag's help)."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    docs = {}
-    for a, b in zip(body, body[1:], strict=False):
-        if (
-            isinstance(a, ast.AnnAssign)
-            and isinstance(b, ast.Expr)
-            and isinstance(getattr(b, "value", None), ast.Constant)
-        ):
-            docs[a.target.id] = str(b.value.value)
-    return docs
+TRAIN_HELP = {
+    "train": "train a soft prompt; the --out folder becomes an adapter",
+    "cv": "k-fold cross-validation: choose epochs and a decision bias, then train on all rows",
+}
+PRECEDENCE = (
+    "Each setting comes from the first of: a flag on the command line, a --config file, the "
+    "--preset, the default shown. A run's own train_config.json is a valid --config (its "
+    "dtype_requested is ignored; dtype is the type the run resolved --dtype to)."
+)
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
+def _train_parser(command: str):
+    """The `train` / `cv` parser (jsonargparse): a flag per TrainConfig field, typed, its help the
+    field's docstring; booleans as --x / --no-x. Parsed with defaults=False, it returns only what
+    was given, which --resume needs."""
+    from jsonargparse import ActionYesNo, ArgumentParser, set_parsing_settings
+
     from .config import PRESETS, TrainConfig
 
-    docs = _field_docs(TrainConfig)
-    skip = {"progress", "extra"}
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        help_ = docs.get(f.name, "")
-        if f.type in ("bool", bool):  # --x / --no-x; None unless given
-            p.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=f"{help_} [default: {'on' if f.default else 'off'}]",
-            )
-            continue
-        if f.name == "init_text":
-            p.add_argument(flag, default=None, help=help_)
-            continue
-        kind = {"int": int, "float": float}.get(str(f.type), str)
-        default = None if f.default is dataclasses.MISSING else f.default
-        # the parsed value stays None unless the flag is given: --resume tells given from default
-        p.add_argument(flag, type=kind, default=None, help=f"{help_} [default: {default}]")
+    class Parser(ArgumentParser):
+        hyphens = False
+
+        def add_argument(self, *args, **kwargs):
+            # jsonargparse names a field's flag --num_virtual_tokens; ours is --num-virtual-tokens
+            # (the key stays num_virtual_tokens). Only while the fields are added: jsonargparse
+            # also adds flags of its own.
+            if self.hyphens and args and args[0].startswith("--"):
+                args = ("--" + args[0][2:].replace("_", "-"), *args[1:])
+            if kwargs.get("type") is bool:  # --x / --no-x; true / false in a file
+                del kwargs["type"]
+                kwargs["action"] = ActionYesNo(no_prefix="no-")
+            return super().add_argument(*args, **kwargs)
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    p = Parser(
+        prog=f"softprompt {command}",
+        description=f"{TRAIN_HELP[command]}. {PRECEDENCE}",
+        exit_on_error=False,
+        print_config=None,
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        metavar="FILE",
+        help="YAML or JSON file of settings: the flags' names with _ as keys (num_virtual_tokens: "
+        "16, balance: false); repeatable, a later file wins; flags given on the command line win "
+        "over the files",
+    )
+    p.hyphens = True
+    p.add_class_arguments(TrainConfig, as_group=False, skip={"extra"})
+    p.hyphens = False
     p.add_argument(
         "--preset",
-        default=None,
-        help="start from a named recipe; flags you give override its values. "
+        help="start from a named recipe; --config files and flags override its values. "
         + "; ".join(
-            f"{name}: "
-            + " ".join(
-                f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-                for k, v in values.items()
-            )
+            f"{name}: " + (" ".join(_as_flags(values)) or "the defaults")
             for name, values in PRESETS.items()
         )
         + " (the defaults are the recommended recipe, docs/accuracy.md; guide: the PEFT guide's)",
     )
-    p.add_argument(
-        "--seeds",
-        type=int,
-        default=1,
-        help="train this many prompts (seeds --seed, --seed+1, ...) into --out/seed-<s>/ and save "
-        "them as one ensemble (--out/ensemble.json): eval, predict and serve use their mean "
-        "[default: 1]",
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if command == "train":
+        p.add_argument(
+            "--seeds",
+            type=int,
+            default=1,
+            help="train this many prompts (seeds --seed, --seed+1, ...) into --out/seed-<s>/ and "
+            "save them as one ensemble (--out/ensemble.json): eval, predict and serve use their "
+            "mean",
+        )
+    else:
+        p.add_argument("--folds", type=int, default=5, help="number of folds")
+        p.add_argument(
+            "--retrain",
+            type=bool,
+            default=True,
+            help="train the final run on all rows (--no-retrain: only report)",
+        )
+    return p
+
+
+def _as_flags(values: dict) -> list[str]:
+    """{"balance": False, "epochs": 50} -> ["--no-balance", "--epochs 50"]."""
+    flags = []
+    for k, v in values.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            flags.append(flag if v else "--no-" + flag[2:])
+        else:
+            flags.append(f"{flag} {shlex.quote(str(v))}")
+    return flags
+
+
+def parse_train_args(command: str, argv: list[str]) -> argparse.Namespace:
+    """`softprompt train` / `cv` arguments. `given`: the TrainConfig fields set by --config files
+    and flags (flags win), nothing else; the other arguments (preset, seeds or folds and retrain)
+    as attributes, defaults filled in."""
+    from argparse import ArgumentError
+
+    from .config import TrainConfig
+
+    parser = _train_parser(command)
+    try:
+        flags = parser.parse_args(argv, defaults=False).as_dict()
+    except ArgumentError as e:
+        msg = _one_line(e)
+        if msg.startswith("unrecognized arguments"):
+            msg += f" (softprompt {command} --help lists the flags)"
+        raise SoftpromptError(msg) from None
+    defaults = parser.get_defaults().as_dict()
+    values: dict = {}
+    for path in flags.pop("config", None) or []:
+        values.update(_read_config(parser, path, defaults))
+    values.update(flags)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    rest = {k: v for k, v in {**defaults, **values}.items() if k not in fields and k != "config"}
+    return argparse.Namespace(given={k: v for k, v in values.items() if k in fields}, **rest)
+
+
+def _read_config(parser, path: str, defaults: dict) -> dict:
+    """The settings in a --config file, checked against the parser: every key known, every value
+    of its flag's type. `extra` (in train_config.json) is kept as it is; `dtype_requested` is
+    dropped."""
+    from argparse import ArgumentError
+
+    import yaml
+
+    where = f"--config {path}"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SoftpromptError(f"{where}: file not found") from None
+    except OSError as e:
+        raise SoftpromptError(f"{where}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise SoftpromptError(f"{where}: not a text file (UTF-8)") from None
+    try:
+        data = yaml.safe_load(text)  # JSON is YAML too
+    except yaml.YAMLError as e:
+        raise SoftpromptError(f"{where}: not valid YAML or JSON ({_one_line(e)})") from None
+    if data is None:  # an empty file
+        data = {}
+    if not isinstance(data, dict):
+        raise SoftpromptError(
+            f"{where}: expected settings as key: value pairs, found a {type(data).__name__}"
+        )
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    data.pop("dtype_requested", None)  # train_config.json: the --dtype asked for, e.g. auto
+    extra = data.pop("extra", {})
+    if not isinstance(extra, dict):
+        raise SoftpromptError(f"{where}: extra must be a mapping (got {extra!r})")
+    known = set(defaults) - {"config"}
+    for key, value in data.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise SoftpromptError(
+                f"{where}: unknown key {key!r}; {hint}the keys are the flags' names with _ "
+                f"(softprompt train --help lists them)"
+            )
+        if isinstance(defaults[key], bool) and not isinstance(value, bool):
+            raise SoftpromptError(f"{where}: {key}: expected true or false, got {value!r}")
+    try:
+        values = parser.parse_object(data, defaults=False).as_dict()
+    except ArgumentError as e:
+        raise SoftpromptError(f"{where}: {_one_line(e, key_style=True)}") from None
+    return {**values, "extra": extra} if extra else values
+
+
+TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "NoneType": "null"}
+
+
+def _one_line(e: Exception, key_style: bool = False) -> str:
+    """A parser or YAML error on one line. jsonargparse's
+    'Parser key "epochs":\n  Expected a <class 'int'>. Got value: x' becomes
+    "--epochs: expected int, got x" (or "epochs: ..." with key_style, for a file)."""
+    msg = str(e).strip()
+    m = re.match(r'Parser key "([^"]+)":\s*(.*)', msg, re.S)
+    if m:
+        key, body = m.groups()
+        name = key if key_style else "--" + key.replace("_", "-")
+        types = re.findall(r"Expected an? <class '(\w+)'>", body)
+        got = re.findall(r"(?:Got|Given) value: (.*)", body)
+        if types and got:
+            want = " or ".join(dict.fromkeys(TYPE_WORDS.get(t, t) for t in types))
+            return f"{name}: expected {want}, got {got[-1].strip()}"
+        msg = f"{name}: {body}"
+    mark = getattr(e, "problem_mark", None)  # a YAML syntax error
+    if mark is not None:
+        msg = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}"
+    return " ".join(msg.split())
 
 
 def _adapter_flags(p: argparse.ArgumentParser) -> None:
@@ -134,25 +263,14 @@ def _adapter_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser, and the argparse parsers of the commands but train and cv."""
     parser = argparse.ArgumentParser(
         prog="softprompt", description="Prompt tuning for frozen causal language models."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a soft prompt; the --out folder becomes an adapter")
-    _add_train_flags(t)
-
-    c = sub.add_parser(
-        "cv",
-        help="k-fold cross-validation: choose epochs and a decision bias, then train on all rows",
-    )
-    _add_train_flags(c)
-    c.add_argument("--folds", type=int, default=5, help="number of folds [default: 5]")
-    c.add_argument(
-        "--no-retrain",
-        action="store_true",
-        help="only report; don't train the final run on all rows",
-    )
+    for command, help_ in TRAIN_HELP.items():  # listed here; parsed by parse_train_args
+        sub.add_parser(command, help=help_, add_help=False)
     e = sub.add_parser(
         "eval", help="accuracy, macro-F1 and confusion matrix on labeled data (JSON)"
     )
@@ -237,24 +355,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         action="store_true",
         help="allow loading and unloading adapters over HTTP (POST/DELETE /v1/adapters)",
     )
-    return parser, {"train": t, "cv": c, "eval": e, "predict": pr, "push": pu, "serve": s}
+    return parser, {"eval": e, "predict": pr, "push": pu, "serve": s}
 
 
-def _given_train_flags(args: argparse.Namespace) -> dict:
-    """The TrainConfig fields whose flags were given (unset flags parse to None / False)."""
-    from .config import TrainConfig
-
-    return {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(TrainConfig)
-        if getattr(args, f.name, None) is not None
-    }
-
-
-def _train_config(args: argparse.Namespace, given: dict):
-    """The TrainConfig of `train` / `cv`: the --preset's values (if any), then the given flags."""
+def _train_config(args: argparse.Namespace):
+    """The TrainConfig of `train` / `cv`: the --preset's values (if any), then the given ones."""
     from .config import TrainConfig, preset_config
 
+    given = args.given
     if given.get("method") == "prefix" and "suffix_tokens" not in given:
         given = {**given, "suffix_tokens": 0}  # deep prompts take no suffix tokens
     if args.preset:
@@ -265,18 +373,18 @@ def _train_config(args: argparse.Namespace, given: dict):
 def cmd_train(args: argparse.Namespace) -> int:
     from .training import end_processes, resume_config, train, train_ensemble
 
-    given = _given_train_flags(args)
+    given = args.given
     try:
-        if args.resume:
+        if given.get("resume"):
             if args.preset:
                 raise SoftpromptError(
-                    f"--preset cannot be used with --resume {args.resume}: the run keeps the "
+                    f"--preset cannot be used with --resume {given['resume']}: the run keeps the "
                     "settings it was started with"
                 )
-            cfg = resume_config(args.resume, **given)
+            cfg = resume_config(given["resume"], **given)
         else:
-            cfg = _train_config(args, given)
-        cfg.progress = not args.no_progress
+            cfg = _train_config(args)
+        cfg.progress = given.get("progress", True)  # not the resumed run's
         if args.seeds != 1:
             results = train_ensemble(cfg, args.seeds)
         else:
@@ -298,17 +406,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_cv(args: argparse.Namespace) -> int:
     from .cv import cross_validate
 
-    given = _given_train_flags(args)
     for flag in ("resume", "save_every_epoch", "eval_data"):
-        if flag in given:
+        if args.given.get(flag):
             raise SoftpromptError(f"--{flag.replace('_', '-')} cannot be used with `softprompt cv`")
-    if args.seeds != 1:
-        raise SoftpromptError(
-            "--seeds cannot be used with `softprompt cv` (it trains one prompt per fold)"
-        )
-    cfg = _train_config(args, given)
-    cfg.progress = not args.no_progress
-    r = cross_validate(cfg, args.folds, retrain=not args.no_retrain)
+    cfg = _train_config(args)
+    r = cross_validate(cfg, args.folds, retrain=args.retrain)
     where = f"; final run (calibrated) in {r.final.out}" if r.final else ""
     print(f"cross-validation report in {r.out / 'cv.json'}: best epoch {r.best_epoch}{where}")
     return 0
@@ -496,20 +598,24 @@ def _quiet_loading() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, subs = build_parser()
-    if not argv or argv[0] not in subs:
+    if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv)  # prints usage or help, and exits
-    # options and texts may come in any order: `predict RUN --generate "text"`
-    args = subs[argv[0]].parse_intermixed_args(argv[1:])
-    args.command = argv[0]
-    if getattr(args, "no_progress", False):
-        _quiet_loading()
-    from .log import show_log
-
-    # what a run says as it works: plain lines, on stdout for train and cv (their output), on
-    # stderr for the commands whose stdout is results
-    show_log(sys.stdout if args.command in ("train", "cv") else sys.stderr)
+    command = argv[0]
     try:
-        return COMMANDS[args.command](args)
+        if command in TRAIN_HELP:
+            args = parse_train_args(command, argv[1:])
+            quiet = args.given.get("progress") is False
+        else:  # options and texts may come in any order: `predict RUN --generate "text"`
+            args = subs[command].parse_intermixed_args(argv[1:])
+            quiet = getattr(args, "no_progress", False)
+        if quiet:
+            _quiet_loading()
+        from .log import show_log
+
+        # what a run says as it works: plain lines, on stdout for train and cv (their output),
+        # on stderr for the commands whose stdout is results
+        show_log(sys.stdout if command in TRAIN_HELP else sys.stderr)
+        return COMMANDS[command](args)
     except SoftpromptError as e:
         print(f"softprompt: error: {e}", file=sys.stderr)
         return 2

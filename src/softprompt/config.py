@@ -192,8 +192,8 @@ class TrainConfig:
             p.append("--data is required (or --resume RUN to continue a run)")
         if self.dtype not in DTYPE_CHOICES:
             p.append(f"--dtype must be one of {', '.join(DTYPE_CHOICES)} (got {self.dtype!r})")
-        unknown = [t for t in self.report_to.split(",") if t.strip() not in TRACKERS]
-        if unknown:
+        names = [n.strip().lower() for n in self.report_to.split(",") if n.strip()]
+        if any(n not in TRACKERS for n in names):
             p.append(
                 f"--report-to must name trackers from {', '.join(TRACKERS)} (got {self.report_to!r})"
             )

@@ -56,6 +56,7 @@ from ..model import (
     shard_model,
 )
 from ..prompt import PromptEncoder, init_prefix, init_prompt, task_init_text
+from .callbacks import Callback
 from .card import model_card, plot_history
 from .checkpoint import (
     TrainState,
@@ -66,25 +67,10 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .distributed import Processes, start_processes
+from .trackers import make_tracker
 
 IN_MEMORY = "<in memory>"
 """What train_config.json records as --data / --eval-data for rows passed to `train` directly."""
-
-
-class Callback:
-    """Hooks into `train`: subclass and override the ones you need. `run` is what `train` set up
-    (settings, task, model, rows, optimiser), `state` the `TrainState` (state.prompt is the
-    prompt as saved). Every process calls them; `run.procs.main` tells the main one."""
-
-    def on_step(self, run: Run, state: TrainState) -> None:
-        """After each optimiser step (and its checkpoint, with --save-steps)."""
-
-    def on_epoch(self, run: Run, state: TrainState, record: dict) -> None:
-        """After each epoch, once its files and checkpoint are written; `record` is its line
-        of metrics.jsonl."""
-
-    def on_train_end(self, run: Run, state: TrainState) -> None:
-        """After the last epoch."""
 
 
 @dataclass
@@ -188,6 +174,23 @@ def train(
     run = setup(cfg, task, model, tokenizer, model_name, out, procs, train_part, eval_part, say)
     if procs.main and not cfg.resume:
         atomic_write_config(out, run.cfg, requested)
+    tracker = make_tracker(cfg.report_to, out, config_record(run.cfg, requested))
+    callbacks = [*callbacks, tracker] if tracker is not None else list(callbacks)
+    try:
+        state = _loop(run, ckpt, rng, callbacks)
+    finally:
+        if tracker is not None:
+            tracker.close()
+    if procs.main:
+        plot_history(out, state.history)
+    best_prompt = procs.from_main(lambda: load_adapter(out).prompt)
+    return TrainResult(out, best_prompt, state.history, state.best, main_process=procs.main)
+
+
+def _loop(run: Run, ckpt: dict | None, rng: random.Random, callbacks) -> TrainState:
+    """The epochs, from a fresh state or the checkpoint's."""
+    cfg, procs, task, out = run.cfg, run.procs, run.task, run.out
+    say = logger.info if procs.main else _silent
 
     if ckpt is not None:
         state = TrainState.restore(ckpt, run.encoder, run.optimizer, run.scheduler, rng)
@@ -244,13 +247,10 @@ def train(
         for cb in callbacks:
             cb.on_epoch(run, state, record)
     if cfg.gradient_checkpointing:
-        set_gradient_checkpointing(model, False)
+        set_gradient_checkpointing(run.model, False)
     for cb in callbacks:
         cb.on_train_end(run, state)
-    if procs.main:
-        plot_history(out, state.history)
-    best_prompt = procs.from_main(lambda: load_adapter(out).prompt)
-    return TrainResult(out, best_prompt, state.history, state.best, main_process=procs.main)
+    return state
 
 
 # --------------------------------------------------------------------------- setup
