@@ -8,7 +8,10 @@ SoftPrompt.load("runs/c").classify(["my parcel never arrived"])
 from .adapters import load_adapter, push_to_hub, save_adapter
 from .data import DEFAULT_TEMPLATE, Task, load_table
 from .errors import SoftpromptError
-from .model import concat_forward, label_loss, load_base, prefix_kv
+from .kernels.kv import prefix_kv
+from .kernels.loss import label_loss
+from .kernels.reference import concat_forward
+from .modeling.load import load_base
 from .pipeline import SoftPrompt
 from .prompt import init_prompt
 from .train import PRESETS, TrainConfig, TrainResult, preset_config, train

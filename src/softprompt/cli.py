@@ -315,7 +315,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
 
 def _load(args):
-    from .model import dtype_line
+    from .modeling.load import dtype_line
     from .pipeline import SoftPrompt
 
     if not args.no_progress:  # on stderr: stdout carries the results

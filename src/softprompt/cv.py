@@ -23,7 +23,7 @@ from .data import label_set, load_table, stratified_folds
 from .engine import Engine
 from .errors import SoftpromptError
 from .evaluate import metrics
-from .model import dtype_line, load_base
+from .modeling.load import dtype_line, load_base
 from .train import TrainConfig, TrainResult, prepare_run_folder, train
 
 

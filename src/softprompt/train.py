@@ -46,24 +46,21 @@ from .data import (
 from .engine import ClassifyRow, Engine, predictor_for_prompt
 from .errors import SoftpromptError, first_line
 from .evaluate import metrics
-from .model import (
+from .kernels.kv import prefix_dims
+from .kernels.loss import label_loss, prefix_label_loss
+from .kernels.packed import note_path
+from .modeling.load import (
     DTYPE_CHOICES,
     check_model,
     count_parameters,
     dtype_line,
     dtype_name,
     format_trainable,
-    gather_root,
-    label_loss,
     load_base,
-    note_path,
     pick_device,
-    prefix_dims,
-    prefix_label_loss,
     resolve_dtype,
-    set_gradient_checkpointing,
-    shard_model,
 )
+from .modeling.sharding import gather_root, set_gradient_checkpointing, shard_model
 from .prompt import (
     GUIDE_INIT_TEXT,
     INIT_METHODS,
