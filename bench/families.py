@@ -31,12 +31,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import DEMO, make_tokenizer  # noqa: E402
 from families import FAMILIES, family_model  # noqa: E402
 from softprompt.data import Task, collate_train, encode_rows  # noqa: E402
-from softprompt.model import (  # noqa: E402
-    label_loss,
-    load_base,
-    packed_problem,
-    prefix_label_loss,
-)
+from softprompt.kernels.loss import label_loss, prefix_label_loss  # noqa: E402
+from softprompt.kernels.packed import packed_problem  # noqa: E402
+from softprompt.modeling.load import load_base  # noqa: E402
 from softprompt.prompt import init_prefix  # noqa: E402
 
 

@@ -65,7 +65,7 @@ def make_adapters(folder: Path, n: int, P: int, train_epochs: int, method: str =
     method "prefix": deep prompts (PEFT's PREFIX_TUNING), the real keys/values of vocab tokens."""
     from softprompt.adapters import peft_config, prefix_config, save_adapter
     from softprompt.data import Task
-    from softprompt.model import load_base
+    from softprompt.modeling.load import load_base
     from softprompt.prompt import init_prefix, init_prompt
 
     names = [f"a{i:02d}" for i in range(n)]
@@ -255,7 +255,7 @@ def run_peft(args, folder: Path, names: list[str], requests) -> dict:
 
     from softprompt.adapters import load_adapter
     from softprompt.data import input_budget, input_token_ids, label_token_ids
-    from softprompt.model import load_base
+    from softprompt.modeling.load import load_base
 
     model, tok, _ = load_base(None)
     paths = {n: folder / n if i == 0 else folder / "more" / n for i, n in enumerate(names)}
@@ -314,7 +314,7 @@ def run_peft_generate(folder: Path, names: list[str], requests) -> dict:
     sys.path.insert(0, str(ROOT / "bench"))
     from speed import peft_generate
 
-    from softprompt.model import load_base
+    from softprompt.modeling.load import load_base
 
     model, tok, _ = load_base(None)
     tok.padding_side = "left"

@@ -21,15 +21,11 @@ from softprompt.cli import main
 from softprompt.data import Task, collate_left, collate_train, encode_rows
 from softprompt.engine import ClassifyRow, Engine, predictor_for_prompt
 from softprompt.errors import SoftpromptError
-from softprompt.model import (
-    concat_forward,
-    dtype_line,
-    generate,
-    label_loss,
-    prefix_kv,
-    reference_loss,
-    resolve_dtype,
-)
+from softprompt.kernels.generate import generate
+from softprompt.kernels.kv import prefix_kv
+from softprompt.kernels.loss import label_loss
+from softprompt.kernels.reference import concat_forward, reference_loss
+from softprompt.modeling.load import dtype_line, resolve_dtype
 from softprompt.prompt import init_prompt
 from test_cli import train_args
 
@@ -173,7 +169,7 @@ def no_torch_probes(monkeypatch):
     ],
 )
 def test_auto_dtype_on_cpu_follows_the_cpu_flags(monkeypatch, no_torch_probes, flags, want, why):
-    import softprompt.model as sm
+    import softprompt.modeling.load as sm
 
     monkeypatch.setattr(sm, "_cpu_flags", lambda: flags)
     cpu = torch.device("cpu")
@@ -185,7 +181,7 @@ def test_auto_dtype_on_cpu_follows_the_cpu_flags(monkeypatch, no_torch_probes, f
 
 
 def test_auto_dtype_asks_torch_first_on_cpu(monkeypatch):
-    import softprompt.model as sm
+    import softprompt.modeling.load as sm
 
     monkeypatch.setattr(sm, "_cpu_flags", lambda: set())
     monkeypatch.setattr(torch._C._cpu, "_is_amx_tile_supported", lambda: True, raising=False)
@@ -230,7 +226,7 @@ def test_cli_train_records_the_resolved_dtype_and_prints_it(
     """--dtype auto (the default) on a CPU said to have AMX: the run trains in bfloat16 (torch
     emulates it here), records it, and says so once; eval/predict say it on stderr (not with
     --no-progress)."""
-    import softprompt.model as sm
+    import softprompt.modeling.load as sm
 
     monkeypatch.setattr(sm, "_cpu_flags", lambda: {"avx2", "amx_bf16"})
     out = tmp_path / "auto"

@@ -23,12 +23,17 @@ import pytest
 import torch
 
 from families import FAMILIES, family_model
-from softprompt import model as M
 from softprompt.adapters import load_adapter, peft_config, save_adapter
 from softprompt.cli import main
 from softprompt.data import Task
 from softprompt.engine import Engine, GenerateRow
 from softprompt.errors import SoftpromptError
+from softprompt.kernels.kv import prefix_kv
+from softprompt.kernels.loss import label_loss
+from softprompt.kernels.packed import packed_fits, packed_problem, sliding_window
+from softprompt.kernels.reference import concat_forward, prefix_length, reference_loss
+from softprompt.kernels.scoring import score_continuations
+from softprompt.modeling.load import load_base
 from softprompt.prompt import init_prompt
 
 LABELS = ["complaint", "no complaint"]
@@ -38,7 +43,7 @@ TEXTS = [
     "ok",
 ]
 PADDED = {"falcon_alibi"}
-"""Families that cannot run packed rows (`model.packed_problem`)."""
+"""Families that cannot run packed rows (`packed_problem`)."""
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,7 +82,7 @@ def _batch(tok, texts=("my order is late", "hi there, it is fine")):
 
 def test_the_path_each_family_takes(fam):
     name, model, *_ = fam
-    assert (M.packed_problem(model) is not None) == (name in PADDED), M.packed_problem(model)
+    assert (packed_problem(model) is not None) == (name in PADDED), packed_problem(model)
 
 
 def test_fast_loss_and_gradient_equal_peft_and_the_reference(fam):
@@ -91,9 +96,9 @@ def test_fast_loss_and_gradient_equal_peft_and_the_reference(fam):
     for how in ("fast", "reference"):
         prompt = start.clone().requires_grad_(True)
         if how == "fast":
-            loss = M.label_loss(model, prompt, ids, mask, lab)
+            loss = label_loss(model, prompt, ids, mask, lab)
         else:
-            loss = M.reference_loss(model, prompt, ids, mask, lab)
+            loss = reference_loss(model, prompt, ids, mask, lab)
         loss.backward()
         losses[how], grads[how] = loss.detach(), prompt.grad
     pm = get_peft_model(
@@ -117,8 +122,8 @@ def _full_forward_scores(model, tok, prompt, ids_rows, label_ids) -> torch.Tenso
     for b, row in enumerate(ids_rows):
         for j, lab in enumerate(label_ids):
             seq = torch.tensor([row + list(lab)])
-            P = M.prefix_length(prompt, seq)
-            logits = M.concat_forward(model, prompt, seq, torch.ones_like(seq))[0, P:]
+            P = prefix_length(prompt, seq)
+            logits = concat_forward(model, prompt, seq, torch.ones_like(seq))[0, P:]
             logp = torch.log_softmax(logits.float(), -1)
             out[b, j] = sum(logp[len(row) - 1 + k, t] for k, t in enumerate(lab))
     return out
@@ -146,7 +151,7 @@ def test_cached_generation_equals_full_forward_generation(fam):
         assert picked, name
         x = torch.tensor([list(r.ids) + picked])
         with torch.no_grad():
-            logits = M.concat_forward(model, prompt, x, torch.ones_like(x))[0].float()
+            logits = concat_forward(model, prompt, x, torch.ones_like(x))[0].float()
         steps = logits[-len(picked) - 1 : -1]  # the outputs that chose each token
         chosen = steps.gather(1, torch.tensor(picked)[:, None])[:, 0]
         assert torch.all(chosen >= steps.max(-1).values - 1e-4), (name, picked, steps.max(-1))
@@ -188,36 +193,36 @@ def test_padded_path_is_announced_once_and_exact(tokenizer, caplog):
     prompt = init_prompt(model, tokenizer, 4, "vocab", seed=2)
     with caplog.at_level(logging.WARNING, logger="softprompt"):
         Engine(model, tokenizer)
-        fast = M.label_loss(model, prompt, ids, mask, lab)
-        M.label_loss(model, prompt, ids, mask, lab)
+        fast = label_loss(model, prompt, ids, mask, lab)
+        label_loss(model, prompt, ids, mask, lab)
     lines = [r.getMessage() for r in caplog.records if "padded path" in r.getMessage()]
     assert len(lines) == 1 and "FalconForCausalLM" in lines[0] and "ALiBi" in lines[0], lines
-    assert abs(float(fast - M.reference_loss(model, prompt, ids, mask, lab))) < 1e-6
+    assert abs(float(fast - reference_loss(model, prompt, ids, mask, lab))) < 1e-6
     with pytest.raises(SoftpromptError, match="padded path"):
-        kv = M.prefix_kv(model, prompt)
-        M.score_continuations(model, kv, ids, mask, [[5, 0]])
+        kv = prefix_kv(model, prompt)
+        score_continuations(model, kv, ids, mask, [[5, 0]])
 
 
 def test_an_attention_implementation_without_4d_masks_takes_the_padded_path(tokenizer):
     model = family_model("llama", len(tokenizer))
     model.config._attn_implementation = "flash_attention_2"  # only the decision is exercised
-    assert "flash_attention_2" in M.packed_problem(model)
-    assert not M.packed_fits(model, 10)
+    assert "flash_attention_2" in packed_problem(model)
+    assert not packed_fits(model, 10)
 
 
 def test_rows_longer_than_a_sliding_window_fall_back_and_stay_exact(tokenizer, caplog):
     model = family_model("gemma3", len(tokenizer))
     model.config.sliding_window = 8  # shorter than prompt + row: a packed mask would ignore it
-    assert M.sliding_window(model) == 8
+    assert sliding_window(model) == 8
     ids, mask, lab = _batch(tokenizer)
     prompt = init_prompt(model, tokenizer, 4, "vocab", seed=2)
     with caplog.at_level(logging.WARNING, logger="softprompt"):
-        fast = M.label_loss(model, prompt, ids, mask, lab)
-    ref = M.reference_loss(model, prompt, ids, mask, lab)
+        fast = label_loss(model, prompt, ids, mask, lab)
+    ref = reference_loss(model, prompt, ids, mask, lab)
     assert abs(float(fast - ref)) < 1e-6
     assert any("sliding attention window (8" in r.getMessage() for r in caplog.records)
     model.config.sliding_window = 4096
-    assert M.packed_fits(model, 100)
+    assert packed_fits(model, 100)
 
 
 def test_models_softprompt_cannot_run_are_refused_before_any_work(tmp_path, tokenizer):
@@ -225,7 +230,7 @@ def test_models_softprompt_cannot_run_are_refused_before_any_work(tmp_path, toke
 
     T5Config(vocab_size=len(tokenizer), d_model=16, d_ff=32, num_layers=1, num_heads=2).save_pretrained(tmp_path / "t5")  # fmt: skip
     with pytest.raises(SoftpromptError, match="encoder-decoder"):
-        M.load_base(str(tmp_path / "t5"))
+        load_base(str(tmp_path / "t5"))
     out = tmp_path / "run"
     buf = io.StringIO()
     with contextlib.redirect_stderr(buf):
@@ -291,7 +296,7 @@ def test_bloom_adapters_in_peft_format_both_ways(bloom_dir, tokenizer, tmp_path)
     pm = PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "ours")).eval()
     with torch.no_grad():
         theirs = pm(input_ids=ids, attention_mask=mask).logits
-        ours = M.concat_forward(model, prompt, ids, mask)
+        ours = concat_forward(model, prompt, ids, mask)
     assert torch.allclose(theirs, ours, atol=1e-5, rtol=1e-5)
 
     pm = get_peft_model(copy.deepcopy(model), PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=6))  # fmt: skip
@@ -302,5 +307,5 @@ def test_bloom_adapters_in_peft_format_both_ways(bloom_dir, tokenizer, tmp_path)
     pm.eval()
     with torch.no_grad():
         theirs = pm(input_ids=ids, attention_mask=mask).logits
-        ours = M.concat_forward(model, loaded.prompt, ids, mask)
+        ours = concat_forward(model, loaded.prompt, ids, mask)
     assert torch.allclose(theirs, ours, atol=1e-5, rtol=1e-5)

@@ -10,14 +10,11 @@ import torch
 from softprompt.config import GUIDE_INIT_TEXT
 from softprompt.data import Task, collate_left, collate_train, encode_rows, label_token_ids
 from softprompt.evaluate import full_label_scores
-from softprompt.model import (
-    concat_forward,
-    generate,
-    label_loss,
-    prefix_kv,
-    reference_loss,
-    score_continuations,
-)
+from softprompt.kernels.generate import generate
+from softprompt.kernels.kv import prefix_kv
+from softprompt.kernels.loss import label_loss
+from softprompt.kernels.reference import concat_forward, reference_loss
+from softprompt.kernels.scoring import score_continuations
 from softprompt.prompt import init_prompt, text_token_ids
 
 TEXTS = [
@@ -140,7 +137,7 @@ def test_label_scores_with_shared_and_nested_label_prefixes(tiny):
     """score_continuations runs the labels as a trie in the input's pass: labels that share
     leading tokens, one label that is a prefix of another, one-token labels, rows of different
     lengths under different prompts. Each score equals a full forward over input + label."""
-    from softprompt.model import _continuation_trie
+    from softprompt.kernels.scoring import _continuation_trie
 
     model, tok = tiny
     a, b, c, d = (tok(w)["input_ids"][0] for w in (" no", " complaint", " late", " ok"))
@@ -230,7 +227,7 @@ def test_base_model_weights_never_change(tiny):
 def test_stacked_kv_of_separate_prompts_equals_each_alone(tiny):
     """KV computed once per prompt (as a server caches it), stacked, scored in one mixed batch;
     generation too."""
-    from softprompt.model import stack_kv
+    from softprompt.kernels.kv import stack_kv
 
     model, tok = tiny
     prompts = [init_prompt(model, tok, 4, "vocab", seed=s) for s in (1, 2, 3)]
@@ -254,7 +251,7 @@ def test_packed_label_loss_equals_reference(tiny):
     """A batch whose rows differ a lot in length runs packed (several rows in one lane):
     loss, weighted loss, per-token losses (row-major) and the prompt gradient equal the plain
     concatenated forward."""
-    from softprompt.model import pack_rows
+    from softprompt.kernels.packed import pack_rows
 
     model, tok = tiny
     texts = TEXTS + ["a", "@ZephyrMobile " * 6, "hi there", "late " * 9]
@@ -280,7 +277,7 @@ def test_packed_label_loss_equals_reference(tiny):
 def test_label_loss_over_several_lanes_each_with_the_prompt_equals_reference(tiny):
     """A batch too long for one lane runs in several, each starting with its own run of the
     prompt and head: the prompt's gradient sums over the lanes and still equals the reference."""
-    from softprompt.model import lane_width, pack_rows
+    from softprompt.kernels.packed import lane_width, pack_rows
 
     model, tok = tiny
     texts = [(t + " ") * (1 + i % 4) for i, t in enumerate(TEXTS * 10)]
@@ -366,7 +363,7 @@ def test_shared_template_head_equals_plain_path(tiny):
 
 
 def test_common_prefix_length_checks_every_row():
-    from softprompt.model import common_prefix_length
+    from softprompt.kernels.kv import common_prefix_length
 
     head = [5, 6, 7, 8]
     assert common_prefix_length([[5, 6, 7, 9, 1], [5, 6, 7, 8, 2]], head) == 3

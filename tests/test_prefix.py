@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from families import family_model
-from softprompt import model as M
 from softprompt.adapters import load_adapter, prefix_config, save_adapter
 from softprompt.cli import main
 from softprompt.data import Task
 from softprompt.engine import ClassifyRow, Engine
 from softprompt.errors import SoftpromptError
+from softprompt.kernels.kv import kv_to_prefix, prefix_dims, prefix_to_kv, run_after_prefix
+from softprompt.kernels.loss import prefix_label_loss
 from softprompt.prompt import init_prefix, init_prompt
 
 LABELS = ["complaint", "no complaint"]
@@ -57,10 +58,10 @@ def test_dims_and_layout_are_pefts(arch):
     model, tok = arch
     pm = _peft(model, 3)
     c = pm.peft_config["default"]
-    L, heads, d = M.prefix_dims(model)
+    L, heads, d = prefix_dims(model)
     assert (c.num_layers, c.num_attention_heads, c.token_dim) == (L, heads, heads * d)
     prefix = torch.randn(3, L * 2 * heads * d)
-    assert torch.equal(M.kv_to_prefix(M.prefix_to_kv(model, prefix))[0], prefix)
+    assert torch.equal(kv_to_prefix(prefix_to_kv(model, prefix))[0], prefix)
 
 
 def test_fast_loss_and_gradient_equal_peft_packed_and_padded(arch):
@@ -75,7 +76,7 @@ def test_fast_loss_and_gradient_equal_peft_packed_and_padded(arch):
     peft_loss.backward()
     for packed in (True, False):
         x = start.clone().requires_grad_(True)
-        loss = M.prefix_label_loss(model, x, ids, mask, labels, packed=packed)
+        loss = prefix_label_loss(model, x, ids, mask, labels, packed=packed)
         loss.backward()
         assert abs(float(loss - peft_loss)) < 1e-5, packed
         assert torch.allclose(x.grad, w.grad, atol=1e-6, rtol=1e-4), packed
@@ -93,7 +94,7 @@ def test_our_prefix_adapter_loads_in_peft_with_equal_logits(arch, tmp_path):
     ids, mask, _ = _batch(tok)
     with torch.no_grad():
         theirs = pm(input_ids=ids, attention_mask=mask).logits
-        hidden, _ = M.run_after_prefix(model, M.prefix_to_kv(model, prefix), ids, mask)
+        hidden, _ = run_after_prefix(model, prefix_to_kv(model, prefix), ids, mask)
         ours = model.get_output_embeddings()(hidden)
     real = mask.bool()
     assert torch.allclose(theirs[real], ours[real], atol=1e-5, rtol=1e-5)

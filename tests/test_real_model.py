@@ -9,7 +9,9 @@ import torch
 
 from softprompt.cli import main
 from softprompt.data import Task, collate_train, encode_rows
-from softprompt.model import concat_forward, label_loss, load_base
+from softprompt.kernels.loss import label_loss
+from softprompt.kernels.reference import concat_forward
+from softprompt.modeling.load import load_base
 from softprompt.prompt import init_prompt
 
 pytestmark = pytest.mark.slow

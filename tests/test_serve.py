@@ -29,14 +29,9 @@ from conftest import make_model  # noqa: E402
 from softprompt.adapters import save_adapter  # noqa: E402
 from softprompt.data import Task, input_token_ids  # noqa: E402
 from softprompt.engine import ClassifyRow, Engine, GenerateRow, KVCache  # noqa: E402
-from softprompt.model import (  # noqa: E402
-    common_prefix_length,
-    generate,
-    lane_width,
-    pack_rows,
-    prefix_kv,
-    slice_kv,
-)
+from softprompt.kernels.generate import generate  # noqa: E402
+from softprompt.kernels.kv import common_prefix_length, prefix_kv, slice_kv  # noqa: E402
+from softprompt.kernels.packed import lane_width, pack_rows  # noqa: E402
 from softprompt.pipeline import SoftPrompt  # noqa: E402
 from softprompt.prompt import init_prompt  # noqa: E402
 from softprompt.serve.app import ServeConfig, create_app  # noqa: E402
@@ -570,7 +565,7 @@ def test_text_stream_holds_back_what_could_start_a_stop_string(tokenizer):
 def _forward_logprobs(model, prompt, ids):
     """log_softmax of the plain concatenated forward pass: [T, V] for positions after each
     token of ids (the prompt's front vectors, P, first)."""
-    from softprompt.model import concat_forward
+    from softprompt.kernels.reference import concat_forward
 
     x = torch.tensor([ids])
     with torch.no_grad():

@@ -27,7 +27,9 @@ from softprompt.data import (
 )
 from softprompt.errors import SoftpromptError
 from softprompt.evaluate import front, generate_texts, label_probabilities
-from softprompt.model import label_loss, prefix_kv, score_continuations
+from softprompt.kernels.kv import prefix_kv
+from softprompt.kernels.loss import label_loss
+from softprompt.kernels.scoring import score_continuations
 from softprompt.pipeline import SoftPrompt
 from softprompt.prompt import init_prompt
 from test_cli import train_args

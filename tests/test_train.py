@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 from softprompt.adapters import load_adapter
 from softprompt.cli import main
 from softprompt.errors import SoftpromptError
-from softprompt.model import label_loss, pick_device, set_gradient_checkpointing
+from softprompt.kernels.loss import label_loss
+from softprompt.modeling.load import pick_device
+from softprompt.modeling.sharding import set_gradient_checkpointing
 from test_cli import cli_error, train_args
 
 SRC = Path(__file__).resolve().parents[1] / "src"

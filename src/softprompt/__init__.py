@@ -9,7 +9,10 @@ from .adapters import load_adapter, push_to_hub, save_adapter
 from .config import PRESETS, TrainConfig, preset_config
 from .data import DEFAULT_TEMPLATE, Task, load_table
 from .errors import SoftpromptError
-from .model import concat_forward, label_loss, load_base, prefix_kv
+from .kernels.kv import prefix_kv
+from .kernels.loss import label_loss
+from .kernels.reference import concat_forward
+from .modeling.load import load_base
 from .pipeline import SoftPrompt
 from .prompt import init_prompt
 from .training import TrainResult, train

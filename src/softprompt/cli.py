@@ -417,7 +417,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
 
 def _load(args):
-    from .model import dtype_line
+    from .modeling.load import dtype_line
     from .pipeline import SoftPrompt
 
     if not args.no_progress:  # on stderr: stdout carries the results
@@ -613,8 +613,9 @@ def main(argv: list[str] | None = None) -> int:
         from .log import show_log
 
         # what a run says as it works: plain lines, on stdout for train and cv (their output),
-        # on stderr for the commands whose stdout is results
-        show_log(sys.stdout if command in TRAIN_HELP else sys.stderr)
+        # on stderr for the commands whose stdout is results (serve sets up its own log)
+        if command != "serve":
+            show_log(sys.stdout if command in TRAIN_HELP else sys.stderr)
         return COMMANDS[command](args)
     except SoftpromptError as e:
         print(f"softprompt: error: {e}", file=sys.stderr)

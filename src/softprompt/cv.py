@@ -24,7 +24,7 @@ from .engine import Engine, predictor_for_prompt
 from .errors import SoftpromptError
 from .evaluate import metrics
 from .log import ensure_visible, logger
-from .model import dtype_line, load_base
+from .modeling.load import dtype_line, load_base
 from .training import Callback, TrainResult, prepare_run_folder, train
 
 

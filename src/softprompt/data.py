@@ -80,7 +80,7 @@ class Task:
 def suffix_placeholders(n: int) -> list[int]:
     """Token ids standing for `n` suffix soft tokens in a row: -n .. -1. Id -k is the prompt's
     k-th vector from the end, so `prompt[id]` (Python's negative indexing) is its embedding
-    (see `model.embed_ids`). They are never real vocabulary ids (those are >= 0)."""
+    (see `kernels.reference.embed_ids`). They are never real vocabulary ids (those are >= 0)."""
     return list(range(-n, 0))
 
 

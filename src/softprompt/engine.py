@@ -40,24 +40,21 @@ from .data import (
     label_token_ids,
 )
 from .errors import SoftpromptError
-from .model import (
+from .kernels.generate import choose_tokens, decode_next
+from .kernels.kv import (
     KV,
-    check_model,
-    choose_tokens,
     common_prefix_length,
-    decode_next,
     extend_kv,
-    label_loss,
-    note_path,
-    packed_fits,
     prefix_kv,
-    prefix_label_loss,
     prefix_to_kv,
     run_after_prefix,
-    score_continuations,
     slice_kv,
     stack_kv,
 )
+from .kernels.loss import label_loss, prefix_label_loss
+from .kernels.packed import note_path, packed_fits
+from .kernels.scoring import score_continuations
+from .modeling.load import check_model
 
 _ids = itertools.count()
 
@@ -66,7 +63,7 @@ _ids = itertools.count()
 class Member:
     """One prompt of a predictor: [P+S, H] float32 on the model's device; its last S vectors
     run after the text (suffix tokens). With kind "prefix" a deep prompt [P, layers*2*heads*d]
-    (its keys/values in every layer, `model.prefix_to_kv`)."""
+    (its keys/values in every layer, `kernels.kv.prefix_to_kv`)."""
 
     prompt: Tensor
     suffix_tokens: int = 0
@@ -365,7 +362,7 @@ class Engine:
 
     `share_head=False` runs the template's head with every row instead of caching it with the
     prompt (the same numbers up to rounding; for tests). On an FSDP-sharded model no KV can be
-    kept, and a model that cannot run packed rows (`model.packed_problem`) cannot take them:
+    kept, and a model that cannot run packed rows (`kernels.packed.packed_problem`) cannot take them:
     there every (row, label) pair runs as one plain forward pass (the padded path).
     """
 
@@ -389,7 +386,7 @@ class Engine:
     def base_predictor(self, name: str) -> Predictor:
         """The base model itself, no soft prompt in front (P = 0): for generation; it has no
         labels, so label scoring refuses it (`need_labels`)."""
-        from .model import hidden_size
+        from .modeling.load import hidden_size
 
         prompt = torch.zeros(0, hidden_size(self.model))
         adapter = Adapter(prompt=prompt, config={}, task=None, path=name, base_model=name)
@@ -534,7 +531,7 @@ class Engine:
 
     def _score_full(self, rows, members, conts) -> list[Tensor]:
         """`_score` without a KV cache or packing (`full_label_scores`): for a sharded model, and
-        for one that cannot run packed rows (`model.packed_problem`)."""
+        for one that cannot run packed rows (`kernels.packed.packed_problem`)."""
         pad = self.tokenizer.pad_token_id
         index = {tuple(c): i for i, c in enumerate(conts)}
         out: list = [None] * len(rows)

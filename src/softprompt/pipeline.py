@@ -13,7 +13,7 @@ from .data import Task
 from .engine import Engine, Predictor, make_predictor, need_labels
 from .errors import SoftpromptError
 from .evaluate import metrics
-from .model import load_base
+from .modeling.load import load_base
 
 
 class SoftPrompt:
@@ -82,7 +82,7 @@ class SoftPrompt:
         base model (or use the one given).
 
         `dtype` (for a base model loaded here): "auto" is bfloat16 where the device has bfloat16
-        hardware, else float32 (`model.resolve_dtype`); or float32, bfloat16, float16.
+        hardware, else float32 (`modeling.load.resolve_dtype`); or float32, bfloat16, float16.
         `ensemble`: more adapters for the same task; label probabilities are then the mean of
         all prompts' (each text runs once per prompt, all in the same batches)."""
         adapters, bias = load_members(path)

@@ -1,5 +1,5 @@
 """Soft-prompt parameters and their initialisations. (Combining a prompt with the input is
-`model.py`'s job.)"""
+the job of `kernels`.)"""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def init_prefix(
     """A new deep prompt [P, layers*2*heads*d] in float32: the real keys/values, in every layer,
     of a prompt from `init_prompt` (the init text, labels, vocabulary or random vectors run
     through the model), or of `start` [P, H], a trained prompt (`--init-from`)."""
-    from .model import kv_to_prefix, prefix_kv
+    from .kernels.kv import kv_to_prefix, prefix_kv
 
     if start is None:
         start = init_prompt(

@@ -38,7 +38,7 @@ def run_server(
     import uvicorn
 
     DrainingServer = _draining_server_class()
-    from ..model import dtype_line, load_base
+    from ..modeling.load import dtype_line, load_base
     from .app import ServeConfig, create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")

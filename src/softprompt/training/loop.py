@@ -37,24 +37,21 @@ from ..data import (
 from ..engine import ClassifyRow, Engine, predictor_for_prompt
 from ..errors import SoftpromptError
 from ..evaluate import metrics
+from ..kernels.kv import prefix_dims
+from ..kernels.loss import label_loss, prefix_label_loss
+from ..kernels.packed import note_path
 from ..log import ensure_visible, logger
-from ..model import (
+from ..modeling.load import (
     check_model,
     count_parameters,
     dtype_line,
     dtype_name,
     format_trainable,
-    gather_root,
-    label_loss,
     load_base,
-    note_path,
     pick_device,
-    prefix_dims,
-    prefix_label_loss,
     resolve_dtype,
-    set_gradient_checkpointing,
-    shard_model,
 )
+from ..modeling.sharding import gather_root, set_gradient_checkpointing, shard_model
 from ..prompt import PromptEncoder, init_prefix, init_prompt, task_init_text
 from .callbacks import Callback
 from .card import model_card, plot_history

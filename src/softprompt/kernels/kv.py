@@ -1,0 +1,209 @@
+"""A prompt's keys/values (KV) and rows run after them. With causal attention the virtual tokens
+never see the input, so their keys/values depend on the prompt alone: the prompt runs once
+(`prefix_kv`), its KV is cached and broadcast or picked per row (`run_after_prefix`). Also a deep
+prompt's layout (`prefix_to_kv`, `kv_to_prefix`, `prefix_dims`), extending, slicing and stacking
+KVs, and the glue to transformers' caches."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import SoftpromptError
+from .reference import _ids_or_embeds
+
+KV = tuple[tuple[Tensor, Tensor], ...]
+"""A prompt's keys/values: per layer (k, v), each [N, heads, P, head_dim]."""
+
+
+def _cache_kw(module) -> str:
+    """transformers 5 calls the cache argument `cache`; older releases `past_key_values`."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _out_cache(out):
+    return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+
+
+def prefix_kv(model, prompts: Tensor, head_ids: Tensor | None = None) -> KV:
+    """Keys/values of prompts [N, P, H] (or [P, H]) in every layer: ((k, v), ...) [N, heads, P, d].
+
+    `head_ids` [h] are tokens every row starts with (e.g. the template's text before `{text}`):
+    they run after the prompt in the same pass (positions P..P+h-1), and the KV then covers
+    P+h positions, so the rows can start after them.
+    """
+    if prompts.dim() == 2:
+        prompts = prompts[None]
+    decoder = model.get_decoder()
+    emb = model.get_input_embeddings()
+    embeds = prompts.to(emb.weight.dtype)
+    if head_ids is not None and head_ids.numel():
+        head = emb(head_ids.to(prompts.device))[None].expand(embeds.shape[0], -1, -1)
+        embeds = torch.cat([embeds, head], 1)
+    n = embeds.shape[1]
+    pos = torch.arange(n, device=prompts.device)[None].expand(embeds.shape[0], -1)
+    out = decoder(inputs_embeds=embeds, position_ids=pos, use_cache=True)
+    return tuple((layer.keys, layer.values) for layer in _out_cache(out).layers)
+
+
+_DIMS: dict[int, tuple[int, int, int]] = {}
+
+
+def prefix_dims(model) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of the model's KV cache: a deep prompt (prefix) of P
+    positions holds layers x 2 x heads x head dim numbers per position (PEFT's PREFIX_TUNING
+    `num_layers`, `num_attention_heads`, `token_dim // num_attention_heads`). Read off one
+    forward of a single position, so grouped-query and multi-query attention count right."""
+    key = id(model)
+    if key not in _DIMS:
+        with torch.no_grad():
+            emb = model.get_input_embeddings().weight[:1]
+            kv = prefix_kv(model, emb.float())
+        shapes = {(k.shape[1], k.shape[3], v.shape[1], v.shape[3]) for k, v in kv}
+        if len(shapes) != 1:
+            raise SoftpromptError(
+                f"{type(model).__name__} has layers of different key/value shapes {sorted(shapes)}; "
+                "a deep prompt (--method prefix) needs one shape in every layer: use --method prompt"
+            )
+        heads, d, _, _ = shapes.pop()
+        _DIMS[key] = (len(kv), heads, d)
+    return _DIMS[key]
+
+
+def prefix_to_kv(model, prefix: Tensor) -> KV:
+    """A deep prompt in PEFT's PREFIX_TUNING layout [P, layers*2*heads*d] (or [N, P, ...]) as
+    per-layer keys/values ((k, v), ...) [N, heads, P, d] in the model's dtype. Differentiable:
+    training optimises `prefix` itself."""
+    L, heads, d = prefix_dims(model)
+    x = prefix if prefix.dim() == 3 else prefix[None]
+    N, P, width = x.shape
+    if width != L * 2 * heads * d:
+        raise SoftpromptError(
+            f"a deep prompt of width {width} does not fit {type(model).__name__}: it needs "
+            f"{L} layers x 2 x {heads} heads x {d} = {L * 2 * heads * d}"
+        )
+    dtype = model.get_input_embeddings().weight.dtype
+    x = x.to(dtype).view(N, P, L, 2, heads, d).permute(2, 3, 0, 4, 1, 5)  # [L, 2, N, heads, P, d]
+    return tuple((x[i, 0], x[i, 1]) for i in range(L))
+
+
+def kv_to_prefix(kv: KV) -> Tensor:
+    """Keys/values [N, heads, P, d] per layer as a deep prompt [N, P, layers*2*heads*d] in
+    float32 (PEFT's PREFIX_TUNING layout; the inverse of `prefix_to_kv`)."""
+    x = torch.stack([torch.stack([k, v]) for k, v in kv])  # [L, 2, N, heads, P, d]
+    L, _, N, heads, P, d = x.shape
+    return x.permute(2, 4, 0, 1, 3, 5).reshape(N, P, L * 2 * heads * d).float()
+
+
+def extend_kv(model, kv: KV, ids: Sequence[int]) -> KV:
+    """kv (N prompts, length P) followed by the same tokens `ids` [h] for every prompt: a KV of
+    length P+h. Exact (causal attention): those tokens' keys/values depend only on what is before."""
+    if not len(ids):
+        return kv
+    N = kv[0][0].shape[0]
+    device = kv[0][0].device
+    x = torch.tensor([list(ids)], device=device).expand(N, -1)
+    rows = torch.arange(N, device=device)
+    _, cache = run_after_prefix(model, kv, x, torch.ones_like(x), rows, use_cache=True)
+    return tuple((layer.keys, layer.values) for layer in cache.layers)
+
+
+def slice_kv(kv: KV, length: int) -> KV:
+    """The first `length` positions of kv (exact: a position's KV never depends on later ones)."""
+    if kv[0][0].shape[2] == length:
+        return kv
+    return tuple((k[:, :, :length], v[:, :, :length]) for k, v in kv)
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]], head: Sequence[int], keep: int = 1) -> int:
+    """How many leading tokens of `head` every sequence starts with, leaving each sequence at
+    least `keep` tokens of its own. Checked per row, so a row whose tokenisation merged across
+    the template boundary (BPE) simply shortens the shared part."""
+    n = len(head)
+    for s in seqs:
+        n = min(n, len(s) - keep)
+        i = 0
+        while i < n and s[i] == head[i]:
+            i += 1
+        n = i
+        if n <= 0:
+            return 0
+    return max(n, 0)
+
+
+def stack_kv(kvs: Sequence[KV]) -> KV:
+    """Several prompts' KV (each from `prefix_kv`, all with the same P) as one KV of N prompts.
+
+    With `rows` [B] indexing into the result, each row of a batch runs after its own prompt
+    (one forward pass for many prompts). kvs: N tuples of per-layer (k, v) [n_i, heads, P, d].
+    """
+    if len(kvs) == 1:
+        return kvs[0]
+    P = {kv[0][0].shape[2] for kv in kvs}
+    assert len(P) == 1, f"prompts of different lengths {sorted(P)} cannot share a batch"
+    return tuple(
+        (torch.cat([kv[i][0] for kv in kvs]), torch.cat([kv[i][1] for kv in kvs]))
+        for i in range(len(kvs[0]))
+    )
+
+
+def _cache_from(kv: KV, rows: Tensor | int):
+    """A fresh DynamicCache for a batch. `rows` is the batch size (one shared prompt), an index
+    tensor [B] choosing each row's prompt out of kv's N prompts, or [B, M] choosing M prompts
+    per row, laid one after the other (M*P cached positions; packed lanes, see `packed_mask`)."""
+    from transformers import DynamicCache
+
+    def pick(t: Tensor) -> Tensor:
+        if isinstance(rows, int):
+            return t.expand(rows, -1, -1, -1)
+        if rows.dim() == 1:
+            return t[rows]
+        g = t[rows]  # [B, M, heads, P, d]
+        return g.transpose(1, 2).reshape(g.shape[0], t.shape[1], -1, t.shape[3])
+
+    return DynamicCache(ddp_cache_data=[(pick(k), pick(v)) for k, v in kv])
+
+
+def positions_after(prefix_len: int | Tensor, attention_mask: Tensor) -> Tensor:
+    """Position ids [B, T] for tokens after a prefix, skipping padding (left or right)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return (pos.clamp(min=0) + prefix_len).to(attention_mask.device)
+
+
+def run_after_prefix(
+    model,
+    kv: KV,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    rows: Tensor | None = None,
+    *,
+    past_mask: Tensor | None = None,
+    use_cache: bool = False,
+    prompts: Tensor | None = None,
+):
+    """Run input_ids [B, T] after a prompt's KV. Returns (hidden [B, T, H], cache or None).
+
+    `rows` [B] picks each row's prompt from kv (default: all rows use prompt 0, broadcast).
+    `past_mask` [B, P] marks the valid prefix positions (default: all valid).
+    `prompts` ([P+S, H], or [N, P+S, H] indexed by `rows`) fill suffix placeholders (`embed_ids`).
+    """
+    B = input_ids.shape[0]
+    P = kv[0][0].shape[2]
+    cache = _cache_from(kv, B if rows is None else rows)
+    if past_mask is None:
+        past_mask = attention_mask.new_ones(B, P)
+    full_mask = torch.cat([past_mask, attention_mask], dim=1)
+    pos = positions_after(past_mask.long().sum(-1, keepdim=True), attention_mask)
+    decoder = model.get_decoder()
+    out = decoder(
+        **_ids_or_embeds(model, input_ids, prompts, rows),
+        attention_mask=full_mask,
+        position_ids=pos,
+        use_cache=use_cache,
+        **{_cache_kw(decoder): cache},
+    )
+    return out.last_hidden_state, (_out_cache(out) if use_cache else None)
