@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from softprompt.calibrate import apply_bias, content_free_bias, fit_bias
+from softprompt.calibrate import _macro_f1, apply_bias, content_free_bias, fit_bias
 from softprompt.data import Task
 from softprompt.evaluate import label_probabilities, metrics
 from softprompt.prompt import init_prompt
@@ -70,6 +70,21 @@ def test_fit_bias_multiclass_never_worse_than_no_bias():
         return metrics([names[y] for y in gold], [names[i] for i in pred], names)["macro_f1"]
 
     assert f1_with(fit_bias(p, gold)) > f1_with([0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fit_bias_macro_f1_equals_scikit_learn(seed):
+    sk = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(seed)
+    L = 2 + seed % 3
+    gold = torch.randint(0, L, (int(torch.randint(1, 60, (1,), generator=g)),), generator=g)
+    pred = torch.randint(0, L, gold.shape, generator=g)
+    if seed % 2:
+        gold = gold.clamp_max(L - 2)  # label L-1 is never gold
+    if seed % 3 == 0:
+        pred = pred.clamp_min(1)  # label 0 is never predicted
+    want = sk.f1_score(gold, pred, labels=list(range(L)), average="macro", zero_division=0)
+    assert _macro_f1(gold, pred, L) == pytest.approx(want, abs=1e-12)
 
 
 def test_ensemble_equals_the_mean_of_its_members(tiny):

@@ -13,6 +13,7 @@ from softprompt.adapters import load_adapter
 from softprompt.calibrate import apply_bias
 from softprompt.cli import main
 from softprompt.data import stratified_folds
+from softprompt.errors import SoftpromptError
 from softprompt.evaluate import label_probabilities, metrics
 from softprompt.pipeline import SoftPrompt
 
@@ -29,6 +30,14 @@ def test_stratified_folds_partition_the_rows_and_share_each_class(k, seed):
         assert max(per_fold) - min(per_fold) <= 1
     assert max(map(len, folds)) - min(map(len, folds)) <= 1
     assert folds == stratified_folds(labels, k, seed)
+
+
+@pytest.mark.parametrize("k", [1, 6])
+def test_stratified_folds_refuses_k_outside_2_to_the_smallest_class(k):
+    with pytest.raises(
+        SoftpromptError, match=r"^--folds must be between 2 .*\{'a': 9, 'b': 5\}.*got"
+    ):
+        stratified_folds(["a"] * 9 + ["b"] * 5, k, 0)
 
 
 @pytest.fixture(scope="module")

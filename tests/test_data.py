@@ -270,6 +270,33 @@ def test_stratified_split_never_empties_a_class_from_train():
     assert {labels[i] for i in train} == {"a", "b"}
 
 
+def test_stratified_split_holds_out_every_class_even_when_the_fraction_is_small():
+    # 20 classes of 3 rows: 5% is 3 rows, fewer than the classes; each class still gives one
+    labels = [f"c{i}" for i in range(20) for _ in range(3)]
+    train, held = stratified_split(labels, 0.05, seed=0)
+    assert sorted(labels[i] for i in held) == sorted(set(labels))
+    assert {labels[i] for i in train} == set(labels)
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(
+    sizes=st.lists(st.integers(1, 12), min_size=1, max_size=6),
+    fraction=st.floats(0.01, 0.99),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_stratified_split_properties(sizes, fraction, seed):
+    labels = [f"c{k}" for k, n in enumerate(sizes) for _ in range(n)]
+    random.Random(seed).shuffle(labels)
+    train, held = stratified_split(labels, fraction, seed)
+    assert train == sorted(train) and held == sorted(held)
+    assert sorted(train + held) == list(range(len(labels)))
+    assert all(type(i) is int for i in train + held)
+    assert {labels[i] for i in train} == set(labels)  # no class leaves train
+    several = {lab for lab in labels if labels.count(lab) > 1}
+    assert {labels[i] for i in held} == several  # every class of 2+ rows is held out
+    assert stratified_split(labels, fraction, seed) == (train, held)
+
+
 @pytest.mark.parametrize("group_by_length", [True, False])
 @pytest.mark.parametrize("n,batch_size", [(0, 4), (1, 4), (17, 4), (40, 8), (1000, 3)])
 def test_batch_order_covers_every_index_once(n, batch_size, group_by_length):

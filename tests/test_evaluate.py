@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -31,6 +32,45 @@ def test_metrics_equal_scikit_learn(seed):
         assert m["per_class"][n]["recall"] == pytest.approx(r[i])
         assert m["per_class"][n]["f1"] == pytest.approx(f[i])
         assert m["per_class"][n]["support"] == s[i]
+
+
+def test_metrics_by_hand_with_labels_never_predicted_never_gold_and_invalid():
+    # c is gold once and never predicted, d is predicted once and never gold, e appears nowhere,
+    # and "x" is not a label (wrong, and counted as invalid)
+    names = ["a", "b", "c", "d", "e"]
+    gold = ["a", "a", "a", "b", "b", "c"]
+    pred = ["a", "d", "b", "b", "x", "a"]
+    m = metrics(gold, pred, names)
+    assert m["confusion_matrix"] == {
+        "labels": names,
+        "matrix": [[1, 1, 0, 1, 0], [0, 1, 0, 0, 0], [1, 0, 0, 0, 0], [0] * 5, [0] * 5],
+    }
+    want = {  # precision, recall, f1, support
+        "a": (1 / 2, 1 / 3, 2 / 5, 3),  # 1 right of 2 predicted a, of 3 gold a
+        "b": (1 / 2, 1 / 2, 1 / 2, 2),
+        "c": (0.0, 0.0, 0.0, 1),
+        "d": (0.0, 0.0, 0.0, 0),
+        "e": (0.0, 0.0, 0.0, 0),
+    }
+    for name, (p, r, f, s) in want.items():
+        got = m["per_class"][name]
+        assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((p, r, f))
+        assert got["support"] == s and type(got["support"]) is int
+    assert m["macro_f1"] == pytest.approx((2 / 5 + 1 / 2) / 5)
+    assert m["accuracy"] == pytest.approx(2 / 6)
+    assert (m["invalid"], m["n"]) == (1, 6)
+    json.dumps(m)  # plain Python numbers, not numpy's
+
+
+def test_metrics_of_no_rows_are_zero_and_unknown_gold_labels_are_refused():
+    m = metrics([], [], ["a", "b"])
+    assert (m["accuracy"], m["macro_f1"], m["n"], m["invalid"]) == (0.0, 0.0, 0, 0)
+    assert m["confusion_matrix"]["matrix"] == [[0, 0], [0, 0]]
+    assert m["per_class"]["a"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    with pytest.raises(ValueError, match="'c'"):
+        metrics(["a", "c"], ["a", "a"], ["a", "b"])
+    with pytest.raises(ValueError, match="2 gold labels but 1 prediction"):
+        metrics(["a", "b"], ["a"], ["a", "b"])
 
 
 def test_invalid_generations_count_as_wrong():

@@ -37,13 +37,15 @@ def content_free_bias(cf_probs: Tensor) -> list[float]:
 
 
 def _macro_f1(gold: Tensor, pred: Tensor, L: int) -> float:
-    f1s = []
-    for c in range(L):
-        tp = ((pred == c) & (gold == c)).sum().item()
-        fp = ((pred == c) & (gold != c)).sum().item()
-        fn = ((pred != c) & (gold == c)).sum().item()
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return sum(f1s) / L
+    """Macro-F1 of label indices over labels 0..L-1: what scikit-learn's
+    f1_score(gold, pred, labels=range(L), average="macro", zero_division=0) returns (a test
+    checks it), from one bincount. fit_bias scores every candidate offset with it (6,011 calls
+    for 1,000 rows x 3 labels); f1_score's input checks cost ~14 ms a call, which made fit_bias
+    ~80 s instead of ~2-3 s, so the loop keeps this. Per label F1 = 2 tp / (predicted + gold
+    count), 0 when both are 0."""
+    confusion = torch.bincount(gold * L + pred, minlength=L * L).view(L, L).double()
+    both = confusion.sum(0) + confusion.sum(1)
+    return (2 * confusion.diagonal() / both.clamp_min(1)).mean().item()
 
 
 def fit_bias(probs: Tensor, gold: Sequence[int], *, rounds: int = 3) -> list[float]:

@@ -4,6 +4,7 @@ collating and batching."""
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -315,34 +316,45 @@ def collate_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Te
 def stratified_split(
     labels: Sequence[str], fraction: float, seed: int
 ) -> tuple[list[int], list[int]]:
-    """Seeded (train_idx, eval_idx) holding out `fraction` of each class (at least one row of a
-    class with 2+ rows)."""
-    rng = random.Random(seed)
-    train, held = [], []
-    for lab in sorted(set(labels)):
-        idx = [i for i, v in enumerate(labels) if v == lab]
-        rng.shuffle(idx)
-        k = round(len(idx) * fraction)
-        if fraction > 0 and k == 0 and len(idx) > 1:
-            k = 1
-        k = min(k, len(idx) - 1)  # never hold out a whole class
-        held += idx[:k]
-        train += idx[k:]
-    return sorted(train), sorted(held)
+    """Seeded (train_idx, eval_idx), each sorted, holding out about `fraction` of each class by
+    scikit-learn's `train_test_split(stratify=labels)`. A class with one row stays in train;
+    every class with 2+ rows keeps at least one row in train and (fraction > 0) holds out at
+    least one; fraction 0 holds out nothing."""
+    from sklearn.model_selection import train_test_split  # lazily: slow to import
+
+    counts = Counter(labels)
+    rows = [i for i, v in enumerate(labels) if counts[v] > 1]  # one row cannot be split
+    if fraction <= 0 or not rows:
+        return list(range(len(labels))), []
+    classes = len({labels[i] for i in rows})
+    # scikit-learn needs at least one row of each class on each side; every class has 2+ rows
+    n_held = min(max(round(len(rows) * fraction), classes), len(rows) - classes)
+    train, held = train_test_split(
+        rows, test_size=n_held, stratify=[labels[i] for i in rows], random_state=seed
+    )
+    # its allocation is proportional, so a small class can get no held row, or only held rows
+    for lab in sorted({labels[i] for i in rows}):
+        if not any(labels[i] == lab for i in held):
+            held.append(train.pop(next(j for j, i in enumerate(train) if labels[i] == lab)))
+        elif not any(labels[i] == lab for i in train):
+            train.append(held.pop(next(j for j, i in enumerate(held) if labels[i] == lab)))
+    singles = [i for i, v in enumerate(labels) if counts[v] == 1]
+    return sorted(train + singles), sorted(held)
 
 
 def stratified_folds(labels: Sequence[str], k: int, seed: int) -> list[list[int]]:
-    """k seeded folds of row indices; each class is dealt round-robin so every fold gets its share."""
-    rng = random.Random(seed)
-    folds: list[list[int]] = [[] for _ in range(k)]
-    start = 0
-    for lab in sorted(set(labels)):
-        idx = [i for i, v in enumerate(labels) if v == lab]
-        rng.shuffle(idx)
-        for j, i in enumerate(idx):
-            folds[(start + j) % k].append(i)
-        start += len(idx)  # the next class starts where this one stopped: fold sizes stay even
-    return [sorted(f) for f in folds]
+    """k seeded folds of row indices (each sorted) by scikit-learn's `StratifiedKFold`: every
+    fold gets its share of each class (within one row), and fold sizes differ by at most one.
+    k must be between 2 and the size of the smallest class (`--folds`)."""
+    from sklearn.model_selection import StratifiedKFold  # lazily: slow to import
+
+    counts = {lab: n for lab, n in sorted(Counter(labels).items())}
+    if k < 2 or k > min(counts.values(), default=0):
+        raise SoftpromptError(
+            f"--folds must be between 2 and the size of the smallest class ({counts}); got {k}"
+        )
+    split = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [sorted(held.tolist()) for _, held in split.split(list(labels), list(labels))]
 
 
 def batch_order(

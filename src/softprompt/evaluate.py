@@ -81,34 +81,48 @@ def generate_texts(
 
 def metrics(gold: Sequence[str], pred: Sequence[str], label_names: Sequence[str]) -> dict:
     """accuracy, macro_f1 (over label_names), per-class precision/recall/f1/support, and the
-    confusion matrix (rows gold, columns predicted, in label_names order). A prediction that is
-    not a label counts as wrong and is counted in `invalid`."""
-    names = list(label_names)
-    index = {n: i for i, n in enumerate(names)}
-    L = len(names)
-    confusion = [[0] * L for _ in range(L)]
-    invalid = 0
-    for g, p in zip(gold, pred, strict=True):
-        if p in index:
-            confusion[index[g]][index[p]] += 1
-        else:
-            invalid += 1
-    per_class = {}
-    f1s = []
-    for i, n in enumerate(names):
-        tp = confusion[i][i]
-        predicted = sum(confusion[r][i] for r in range(L))
-        support = sum(1 for g in gold if g == n)
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[n] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
-        f1s.append(f1)
+    confusion matrix (rows gold, columns predicted, in label_names order), by scikit-learn. A
+    prediction that is not a label counts as wrong and is counted in `invalid`; a label never
+    predicted, or never gold, scores 0 where its F1 is undefined."""
+    from sklearn.metrics import (  # lazily: scikit-learn takes seconds to import
+        accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+    )
+
+    names, gold, pred = list(label_names), list(gold), list(pred)
+    if len(gold) != len(pred):
+        raise ValueError(f"metrics: {len(gold)} gold labels but {len(pred)} predictions")
+    unknown = sorted(set(gold) - set(names))
+    if unknown:
+        raise ValueError(f"metrics: gold labels {unknown} are not among the labels {names}")
     n = len(gold)
-    correct = sum(confusion[i][i] for i in range(L))
+    known = set(names)
+    invalid = sum(1 for label in pred if label not in known)
+    if n == 0:  # scikit-learn refuses empty input
+        p = r = f = [0.0] * len(names)
+        support, confusion = [0] * len(names), [[0] * len(names) for _ in names]
+        accuracy = macro_f1 = 0.0
+    else:
+        p, r, f, support = precision_recall_fscore_support(
+            gold, pred, labels=names, zero_division=0
+        )
+        confusion = confusion_matrix(gold, pred, labels=names).tolist()
+        accuracy = float(accuracy_score(gold, pred))
+        macro_f1 = float(f1_score(gold, pred, labels=names, average="macro", zero_division=0))
+    per_class = {
+        name: {
+            "precision": float(p[i]),
+            "recall": float(r[i]),
+            "f1": float(f[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(names)
+    }
     return {
-        "accuracy": correct / n if n else 0.0,
-        "macro_f1": sum(f1s) / L if L else 0.0,
+        "accuracy": accuracy,
+        "macro_f1": macro_f1,
         "per_class": per_class,
         "confusion_matrix": {"labels": names, "matrix": confusion},
         "invalid": invalid,
