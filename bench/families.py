@@ -28,9 +28,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from common import TEXT_COLUMN, tweet_task  # noqa: E402
+
 from conftest import DEMO, make_tokenizer  # noqa: E402
 from families import FAMILIES, family_model  # noqa: E402
-from softprompt.data import Task, collate_train, encode_rows  # noqa: E402
+from softprompt.data import collate_train, encode_rows  # noqa: E402
 from softprompt.kernels.loss import label_loss, prefix_label_loss  # noqa: E402
 from softprompt.kernels.packed import packed_problem  # noqa: E402
 from softprompt.modeling.load import load_base  # noqa: E402
@@ -40,8 +42,8 @@ from softprompt.prompt import init_prefix  # noqa: E402
 def _batches(tok, batch_size: int) -> list[dict]:
     with open(DEMO / "complaints_train.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    task = Task(text_column="Tweet text", label_names=["complaint", "no complaint"], max_length=64)
-    enc = encode_rows(tok, task, [r["Tweet text"] for r in rows], [r["Label"] for r in rows])
+    texts, labels = [r[TEXT_COLUMN] for r in rows], [r["Label"] for r in rows]
+    enc = encode_rows(tok, tweet_task(), texts, labels)
     return [
         collate_train(enc[s : s + batch_size], tok.pad_token_id)
         for s in range(0, len(enc), batch_size)

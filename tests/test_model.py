@@ -90,6 +90,30 @@ def test_loss_logits_and_gradient_equal_peft(tiny, tmp_path):
     assert _close(logits[real], out.logits.detach()[real])
 
 
+@torch.no_grad()
+def test_generation_equals_peft_generate_without_cache(tiny, tmp_path):
+    """Greedy generation after the guide's template, one tweet at a time (no padding): the same
+    text as PEFT's `generate(use_cache=False)` (it recomputes the prompt at every step; PEFT's
+    cached generate re-inserts the virtual tokens on transformers 5, so it is not the reference)."""
+    from softprompt.evaluate import generate_texts
+
+    model, tok = tiny
+    pm = _peft_model(model, tok, tmp_path)
+    pm.eval()
+    weight = pm.prompt_encoder["default"].embedding.weight
+    prompt = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+    weight.copy_(prompt)  # a prompt far from the text init: the tiny llama's output depends on it
+    task = Task(text_column="Tweet text", label_names=["complaint", "no complaint"], max_length=128)
+    ours = generate_texts(model, tok, prompt, task, TEXTS, max_new_tokens=6, batch_size=1)
+    for text, got in zip(TEXTS, ours, strict=True):
+        x = torch.tensor([tok(f"Tweet text : {text} Label : ")["input_ids"]])
+        out = pm.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6,
+                          do_sample=False, use_cache=False, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id)  # fmt: skip
+        want = tok.decode(out[0, x.shape[1] :], skip_special_tokens=True).strip()
+        assert got == want
+
+
 def _assert_loss_and_gradient_equal_reference(model, prompt, b):
     fast = label_loss(model, prompt, **b)
     (g_fast,) = torch.autograd.grad(fast, prompt)
