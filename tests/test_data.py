@@ -600,7 +600,7 @@ def test_property_jsonl_any_values_load_or_say_why(rows):
 def test_property_collated_labels_are_each_rows_tail(tokenizer, rows, max_length, template):
     """Through encode_rows and collate_train, the positions scored are exactly each row's label
     tokens, at the end of the row, never cut; the count the trainer divides by matches them."""
-    from softprompt.training.loop import label_token_count
+    from softprompt.training.step import label_token_count
 
     labels = [lab.strip() or "x" for _, lab in rows]
     task = Task(

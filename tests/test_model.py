@@ -320,7 +320,7 @@ def test_label_loss_over_several_lanes_each_with_the_prompt_equals_reference(tin
 
 def test_weighted_label_loss_is_the_weighted_mean_of_each_rows_tokens(tiny):
     """--balance: row i's tokens count w[i] times; checked against each row run alone."""
-    from softprompt.training.loop import row_weights
+    from softprompt.training.setup import row_weights
 
     model, tok = tiny
     _, b = _batch(tok)

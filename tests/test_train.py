@@ -205,7 +205,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_prompt(
 def test_nan_loss_later_keeps_best_and_last_good(
     tmp_path, tiny_model_dir, demo_train, capsys, monkeypatch
 ):
-    train_mod = importlib.import_module("softprompt.training.loop")
+    train_mod = importlib.import_module("softprompt.training.step")
     calls = {"n": 0}
     real = train_mod.label_loss
 

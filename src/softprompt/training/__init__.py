@@ -1,5 +1,6 @@
-"""Training: the recipe (`loop`), its state and checkpoints (`checkpoint`), data-parallel
-processes (`distributed`), ensembles (`ensemble`) and what a run leaves for people (`card`)."""
+"""Training: the recipe (`loop`: `setup`, `step`, `evaluation`), its state and checkpoints
+(`checkpoint`), data-parallel processes (`distributed`), hooks (`callbacks`, `trackers`),
+ensembles (`ensemble`) and what a run leaves for people (`card`)."""
 
 from .checkpoint import TrainState, prepare_run_folder, resume_config
 from .distributed import end_processes

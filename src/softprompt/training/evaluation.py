@@ -1,0 +1,61 @@
+"""Per-epoch evaluation on the held-out rows: loss (the training loss's kind) and the engine's
+label scoring, split over the processes and gathered."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..data import collate_train
+from ..engine import ClassifyRow, Engine, predictor_for_prompt
+from ..evaluate import metrics
+from ..modeling.sharding import gather_root
+from .setup import Run
+from .step import batch_loss, label_token_count
+
+
+def evaluate(run: Run, prompt: torch.Tensor) -> dict:
+    """Eval loss (mean over all label tokens), accuracy and macro-F1 (label scoring by the
+    inference engine, raw). Each process takes every world-th row; the sums and predictions are
+    gathered, so any process count gives the same."""
+    procs, task = run.procs, run.task
+    mine = list(range(procs.rank, len(run.eval_rows), procs.world))
+    engine = Engine(run.model, run.tokenizer, kv_cache_bytes=0)
+    predictor = predictor_for_prompt(run.model, run.tokenizer, prompt, task, kind=run.kind)
+    pad = run.tokenizer.pad_token_id
+    size = run.cfg.eval_batch_size
+    sums = torch.zeros(2, dtype=torch.float64, device=prompt.device)  # [loss sum, label tokens]
+    pred: list[str] = []
+    # FSDP: every process runs the same number of batches, each layer gathered from all of them
+    # (a process out of rows runs row 0 and keeps nothing); no KV cache can be kept
+    steps = math.ceil(len(run.eval_rows) / procs.world) if procs.fsdp else len(mine)
+    with torch.no_grad():
+        if procs.fsdp:
+            gather_root(run.model)
+        for s in range(0, steps, size):
+            idx = mine[s : s + size] or [0]
+            rows = [run.eval_rows[j] for j in idx]
+            batch = {k: v.to(prompt.device) for k, v in collate_train(rows, pad).items()}
+            loss = batch_loss(run, prompt, batch)
+            probs = engine.label_probabilities(
+                [
+                    ClassifyRow(predictor, engine.encode(predictor, run.eval_texts[j])[0])
+                    for j in idx
+                ]
+            )
+            if mine[s : s + size]:
+                sums[0] += loss.double()
+                sums[1] += label_token_count(rows)
+                pred += [task.label_names[int(p.argmax())] for p in probs]
+    loss = (procs.sum(sums)[0] / sums[1]).item()
+    gathered = dict(procs.gather(list(zip(mine, pred, strict=True))))
+    m = metrics(
+        run.eval_labels, [gathered[j] for j in range(len(run.eval_labels))], task.label_names
+    )
+    return {
+        "eval_loss": loss,
+        "eval_ppl": math.exp(min(loss, 50)),
+        "eval_accuracy": m["accuracy"],
+        "eval_macro_f1": m["macro_f1"],
+    }

@@ -1,0 +1,297 @@
+"""Setting a run up: the rows (given or read), the task, the prompt and its optimiser: a `Run`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapters import atomic_write_json, check_fits, load_adapter, peft_config, prefix_config
+from ..config import TrainConfig
+from ..data import (
+    Encoded,
+    Table,
+    Task,
+    check_labels,
+    encode_rows,
+    label_set,
+    load_table,
+    stratified_split,
+)
+from ..errors import SoftpromptError
+from ..kernels.kv import prefix_dims
+from ..kernels.packed import note_path
+from ..modeling.load import count_parameters, format_trainable
+from ..modeling.sharding import set_gradient_checkpointing, shard_model
+from ..prompt import PromptEncoder, init_prefix, init_prompt, task_init_text
+from .checkpoint import config_record
+from .distributed import Processes
+
+IN_MEMORY = "<in memory>"
+"""What train_config.json records as --data / --eval-data for rows passed to `train` directly."""
+
+
+@dataclass
+class Run:
+    """What `train` sets up once and the loop only reads (the optimiser and encoder change in place)."""
+
+    cfg: TrainConfig
+    task: Task
+    model: Any
+    tokenizer: Any
+    out: Path
+    procs: Processes
+    device: torch.device
+    train_rows: list[Encoded]
+    row_weight: list[float]
+    """[N] each training row's loss weight (1, or its class's share with --balance)."""
+    eval_rows: list[Encoded]
+    eval_texts: list[str]
+    eval_labels: list[str]
+    encoder: PromptEncoder
+    """The trainable parameters; `encoder()` is the prompt the loss sees, `export()` the saved one."""
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    adapter_conf: dict
+    """adapter_config.json of every adapter the run saves."""
+    base_record: str | None
+    """The base model's name as softprompt reloads it ("default" for the built-in one)."""
+    packed: bool
+    """Rows run packed after one shared prompt pass (off with gradient checkpointing or FSDP)."""
+
+    @property
+    def kind(self) -> str:
+        return "prefix" if self.cfg.method == "prefix" else "prompt"
+
+
+def load_data(cfg: TrainConfig, data, eval_data) -> tuple[Task, tuple, tuple]:
+    """The task and its (texts, labels) for training and for evaluation (both may be empty):
+    from the rows given, or read from cfg.data / cfg.eval_data, or held out of cfg.data."""
+    if data is not None:
+        table = _as_table(data, cfg, "data")
+    else:
+        table = load_table(
+            cfg.data, cfg.text_column, cfg.label_column, subset=cfg.subset, split=cfg.split
+        )
+    names = label_set(table)
+    if len(names) < 2:
+        raise SoftpromptError(
+            f"--data {cfg.data}: column {cfg.label_column!r} has only {names}; need at least 2 labels"
+        )
+    if eval_data is not None or cfg.eval_data:
+        if eval_data is not None:
+            held = _as_table(eval_data, cfg, "eval_data")
+        else:
+            held = load_table(
+                cfg.eval_data,
+                cfg.text_column,
+                cfg.label_column,
+                subset=cfg.subset,
+                split=cfg.eval_split,
+                flag="--eval-data",
+            )
+        check_labels(held, names, "--eval-data")
+        train_part = (table.texts, table.labels)
+        eval_part = (held.texts, held.labels)
+    else:
+        keep, out = stratified_split(table.labels, cfg.eval_fraction, cfg.seed)
+        train_part = ([table.texts[i] for i in keep], [table.labels[i] for i in keep])
+        eval_part = ([table.texts[i] for i in out], [table.labels[i] for i in out])
+    task = Task(
+        text_column=cfg.text_column,
+        label_names=names,
+        label_column=cfg.label_column,
+        template=cfg.template,
+        max_length=cfg.max_length,
+        suffix_tokens=cfg.suffix_tokens,
+    )
+    return task, train_part, eval_part
+
+
+def _as_table(rows, cfg: TrainConfig, name: str) -> Table:
+    """Rows given to `train` as a Table (as it is) or as dicts with the text and label columns."""
+    if isinstance(rows, Table):
+        return rows
+    texts, labels = [], []
+    for i, row in enumerate(rows):
+        missing = [c for c in (cfg.text_column, cfg.label_column) if c not in row]
+        if missing:
+            raise SoftpromptError(
+                f"train({name}=...): row {i} has no {missing[0]!r} key (keys: {sorted(row)}); "
+                "set TrainConfig.text_column / label_column to the rows' keys"
+            )
+        texts.append(str(row[cfg.text_column]))
+        labels.append(str(row[cfg.label_column]))
+    if not texts:
+        raise SoftpromptError(f"train({name}=...): no rows")
+    return Table(IN_MEMORY, texts, labels, [cfg.text_column, cfg.label_column])
+
+
+def setup(cfg, task, model, tokenizer, model_name, out, procs, train_part, eval_part, say) -> Run:
+    """Encode the rows, make the prompt and its optimiser, shard the model (FSDP); say what runs."""
+    if cfg.gradient_checkpointing:
+        set_gradient_checkpointing(model)
+    device = procs.device if procs.fsdp else model.get_input_embeddings().weight.device
+    train_rows = encode_rows(tokenizer, task, *train_part)
+    eval_rows = encode_rows(tokenizer, task, *eval_part) if eval_part[0] else []
+    init_text = cfg.init_text or task_init_text(task.label_names)
+    if cfg.method == "prefix":  # [P, layers*2*heads*d]: keys/values in every layer
+        if cfg.init_from:
+            prompt = _init_from(cfg, model, tokenizer, say).to(device)
+            cfg = replace(cfg, num_virtual_tokens=prompt.shape[0])
+        else:
+            prompt = init_prefix(
+                model,
+                tokenizer,
+                cfg.num_virtual_tokens,
+                cfg.init,
+                text=init_text,
+                label_names=task.label_names,
+                seed=cfg.seed,
+            ).to(device)
+    else:  # [P+S, H]: the last S run after the text (--suffix-tokens)
+        prompt = init_prompt(
+            model,
+            tokenizer,
+            cfg.num_virtual_tokens + cfg.suffix_tokens,
+            cfg.init,
+            text=init_text,
+            label_names=task.label_names,
+            seed=cfg.seed,
+        ).to(device)
+    # float32 whatever the model's dtype; cast where it enters the model
+    if procs.fsdp:  # after the prompt's init, which reads the whole embedding table
+        held, all_weights = shard_model(model, device)
+        say(
+            f"FSDP: base model sharded over {procs.world} processes; each holds about "
+            f"{held:,} of its {all_weights:,} weights"
+        )
+    # the prompt KV cache of the shared-prefix path cannot outlive a sharded layer's weights
+    packed = not (cfg.gradient_checkpointing or procs.fsdp)
+    if packed:
+        note_path(model)  # one line when the model cannot run packed rows (the loss falls back)
+    encoder = PromptEncoder(prompt, "mlp" if cfg.prefix_projection else cfg.reparam)
+    saved = encoder.export()
+    _say_what_trains(cfg, model, encoder, saved, procs, len(train_rows), len(eval_rows), task, say)
+
+    base_record, hub_name = _base_names(model_name)
+    if cfg.method == "prefix":
+        adapter_conf = prefix_config(
+            model, saved, base_model=hub_name, projection=cfg.prefix_projection
+        )
+    else:
+        adapter_conf = peft_config(
+            model,
+            saved[: cfg.num_virtual_tokens],
+            base_model=hub_name,
+            init=cfg.init,
+            init_text=init_text,
+            tokenizer_name=hub_name,
+        )
+    task.extra = {"base_model": base_record, "init": cfg.init, "softprompt_version": _version()}
+
+    from transformers import get_linear_schedule_with_warmup
+
+    steps_per_epoch = math.ceil(math.ceil(len(train_rows) / cfg.batch_size) / cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(cfg.warmup_ratio * total_steps), total_steps
+    )
+    return Run(
+        cfg=cfg,
+        task=task,
+        model=model,
+        tokenizer=tokenizer,
+        out=out,
+        procs=procs,
+        device=device,
+        train_rows=train_rows,
+        row_weight=row_weights(train_part[1], cfg.balance),
+        eval_rows=eval_rows,
+        eval_texts=list(eval_part[0]),
+        eval_labels=list(eval_part[1]),
+        encoder=encoder,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        adapter_conf=adapter_conf,
+        base_record=base_record,
+        packed=packed,
+    )
+
+
+def _say_what_trains(cfg, model, encoder, saved, procs, n_train, n_eval, task, say) -> None:
+    trainable = sum(p.numel() for p in encoder.parameters())
+    say(format_trainable(*count_parameters(model, trainable)))
+    if cfg.method == "prefix":
+        L, heads, d = prefix_dims(model)
+        say(
+            f"deep prompt (--method prefix): {cfg.num_virtual_tokens} positions x {L} layers x 2 "
+            f"x {heads * d} (keys and values) = {saved.numel():,} numbers"
+        )
+    if encoder.mlp is not None:
+        say(f"reparameterised: {trainable:,} trainable, saved as a {tuple(saved.shape)} prompt")
+    say(f"train rows: {n_train}, eval rows: {n_eval}, labels: {task.label_names}")
+    if procs.world > 1:
+        say(f"data parallel: {procs.world} processes, {cfg.batch_size} rows per batch in all")
+    elif cfg.fsdp:
+        say("--fsdp: one process, nothing to shard (launch with torchrun or accelerate launch)")
+    if cfg.suffix_tokens:
+        say(
+            f"{cfg.suffix_tokens} soft tokens after the text (--suffix-tokens): the adapter loads "
+            "in softprompt only (PEFT refuses it); --suffix-tokens 0 gives a plain PEFT adapter"
+        )
+
+
+def _init_from(cfg: TrainConfig, model, tokenizer, say) -> torch.Tensor:
+    """--init-from: the starting deep prompt [P, layers*2*heads*d]: the keys/values of a prompt
+    adapter's trained prompt (the vectors in front of the text), or a deep prompt as it is."""
+    adapter = load_adapter(cfg.init_from)
+    check_fits(adapter, model)
+    S = adapter.task.suffix_tokens if adapter.task is not None else 0
+    front = adapter.prompt[: adapter.prompt.shape[0] - S]
+    if S:
+        say(f"--init-from {cfg.init_from}: its {S} suffix tokens are left out (a prefix has none)")
+    if cfg.num_virtual_tokens != front.shape[0]:
+        say(
+            f"--init-from {cfg.init_from}: {front.shape[0]} virtual tokens (its length; "
+            f"--num-virtual-tokens {cfg.num_virtual_tokens} is overridden)"
+        )
+    if adapter.kind == "prefix":
+        return front.clone()
+    device = model.get_input_embeddings().weight.device
+    return init_prefix(model, tokenizer, front.shape[0], start=front.to(device))
+
+
+def atomic_write_config(out: Path, cfg: TrainConfig, requested: str) -> None:
+    atomic_write_json(out / "train_config.json", config_record(cfg, requested))
+
+
+def _base_names(model_name: str | None) -> tuple[str | None, str | None]:
+    """(name softprompt reloads the base from, Hub id recorded for PEFT users)."""
+    from ..defaults import HUB_ID, is_default_model
+
+    if model_name is None or is_default_model(model_name):
+        return "default", HUB_ID
+    return model_name, model_name
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("softprompt")
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def row_weights(labels: Sequence[str], balance: bool) -> list[float]:
+    """1 per row; with balance, N / (L * count of the row's label): each class weighs N / L."""
+    if not balance:
+        return [1.0] * len(labels)
+    counts = {y: labels.count(y) for y in set(labels)}
+    return [len(labels) / (len(counts) * counts[y]) for y in labels]
