@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from softprompt.cli import main
-from softprompt.config import TrainConfig
+from softprompt.config import TrainConfig, tracker_names
 from softprompt.errors import SoftpromptError
-from softprompt.training.trackers import flat_config, make_tracker, tracker_names
+from softprompt.training.trackers import flat_config, make_tracker
 from test_cli import train_args
 
 RECORDS = [

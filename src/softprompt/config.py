@@ -192,8 +192,7 @@ class TrainConfig:
             p.append("--data is required (or --resume RUN to continue a run)")
         if self.dtype not in DTYPE_CHOICES:
             p.append(f"--dtype must be one of {', '.join(DTYPE_CHOICES)} (got {self.dtype!r})")
-        names = [n.strip().lower() for n in self.report_to.split(",") if n.strip()]
-        if any(n not in TRACKERS for n in names):
+        if any(n not in TRACKERS for n in tracker_names(self.report_to)):
             p.append(
                 f"--report-to must name trackers from {', '.join(TRACKERS)} (got {self.report_to!r})"
             )
@@ -249,3 +248,9 @@ def template_problems(template: str) -> list[str]:
     if "{text}" not in template:
         return [f"--template {template!r} must contain {{text}}"]
     return []
+
+
+def tracker_names(report_to: str) -> list[str]:
+    """ "tensorboard, wandb" -> ["tensorboard", "wandb"]; "none" (alone or listed) adds nothing."""
+    names = [n.strip().lower() for n in report_to.split(",") if n.strip()]
+    return list(dict.fromkeys(n for n in names if n != "none"))

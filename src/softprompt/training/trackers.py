@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from ..config import TRACKERS
+from ..config import TRACKERS, tracker_names
 from ..errors import SoftpromptError
 from .callbacks import Callback
 
@@ -29,12 +29,6 @@ _NEEDS = {  # tracker -> (module it imports, what to install)
     "wandb": ("wandb", "pip install wandb"),
     "mlflow": ("mlflow", "pip install mlflow"),
 }
-
-
-def tracker_names(report_to: str) -> list[str]:
-    """ "tensorboard, wandb" -> ["tensorboard", "wandb"]; "none" (alone or listed) adds nothing."""
-    names = [n.strip().lower() for n in report_to.split(",") if n.strip()]
-    return list(dict.fromkeys(n for n in names if n != "none"))
 
 
 class Trackers(Callback):
