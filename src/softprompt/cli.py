@@ -389,8 +389,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             results = train_ensemble(cfg, args.seeds)
         else:
             result = train(cfg)
-    finally:
-        end_processes()
+    except BaseException:
+        end_processes(ok=False)
+        raise
+    end_processes()
     if args.seeds != 1:
         if results[0].main_process:
             f1 = [r.best.get("eval_macro_f1") for r in results]

@@ -7,6 +7,7 @@ the talking. One plainly launched process is rank 0 of 1 and talks to nobody.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -82,7 +83,19 @@ def start_processes(device: str | None, fsdp: bool = False) -> Processes:
     return Processes(rank=state.process_index, world=state.num_processes, device=dev, fsdp=fsdp)
 
 
-def end_processes() -> None:
-    """Leave the process group, if this process joined one (call once, at exit)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def end_processes(ok: bool = True) -> None:
+    """Leave the process group, if this process joined one (call once, at exit; `ok` when
+    every process got here without an error, so they can wait for each other first).
+
+    A sharded model is a reference cycle that holds the last collectives' work objects; left to
+    the interpreter's own exit, gloo frees them after Python is gone and the process aborts
+    ("terminate called without an active exception"). So collect it while Python still runs,
+    wait until every process is done talking, then leave."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    gc.collect()
+    if ok:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+    torch.distributed.destroy_process_group()
