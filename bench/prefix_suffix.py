@@ -106,13 +106,15 @@ def main() -> None:
             for j, s in enumerate(seqs):
                 x[j, : len(s)] = torch.tensor(s)
                 m[j, : len(s)] = 1
-            logp = torch.log_softmax(model.get_output_embeddings()(run(prefix, suffix, x, m)).float(), -1)  # fmt: skip
+            hidden = run(prefix, suffix, x, m)
+            # the LM head only where a label token is predicted
+            at = [(j, p, t) for j, (n, c) in enumerate(spans) for p, t in enumerate(c, n - 1)]
+            rows_, pos_, tgt = (torch.tensor(v) for v in zip(*at, strict=True))
+            logits = model.get_output_embeddings()(hidden[rows_, pos_]).float()
+            tok_lp = torch.log_softmax(logits, -1)[torch.arange(len(at)), tgt]
+            per_seq = torch.zeros(len(seqs)).index_add_(0, rows_, tok_lp)
             for j in range(0, len(seqs), len(names)):
-                row = []
-                for k in range(len(names)):
-                    n, c = spans[j + k]
-                    pos = torch.arange(n - 1, n - 1 + len(c))
-                    row.append(float(logp[j + k, pos, torch.tensor(c)].sum()))
+                row = per_seq[j : j + len(names)].tolist()
                 out.append(row)
         return out
 
