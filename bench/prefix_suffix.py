@@ -1,7 +1,8 @@
 """Measure a deep prompt with suffix tokens before building it in: a prefix (keys and values in
 every layer, P positions) and S soft tokens after the text, trained together, scored by label
 scoring on a dev file. `softprompt train` refuses `--suffix-tokens` with `--method prefix`; this
-says whether the pair would beat either alone. By hand (about 5 minutes per seed on one core):
+says whether the pair would beat either alone. By hand (15-30 minutes per seed on one core,
+about half of it scoring the 1,000 dev tweets, each label as its own padded row):
 
     python bench/prefix_suffix.py --data-dir ../shared/data/raft_twitter_complaints --seeds 42 1 2
 
