@@ -60,6 +60,11 @@ def log(msg: str) -> None:
     print(f"[serve-bench] {msg}", file=sys.stderr, flush=True)
 
 
+def adapter_paths(folder: Path, names: list[str]) -> list[Path]:
+    """Where `make_adapters` puts each adapter: the first in `folder`, the others in folder/more."""
+    return [folder / names[0]] + [folder / "more" / x for x in names[1:]]
+
+
 def make_adapters(folder: Path, n: int, P: int, train_epochs: int, method: str = "prompt") -> list[str]:  # fmt: skip
     """a00 directly in `folder` (loaded at start), a01.. in folder/more (loaded later).
     method "prefix": deep prompts (PEFT's PREFIX_TUNING), the real keys/values of vocab tokens."""
@@ -69,7 +74,7 @@ def make_adapters(folder: Path, n: int, P: int, train_epochs: int, method: str =
     from softprompt.prompt import init_prefix, init_prompt
 
     names = [f"a{i:02d}" for i in range(n)]
-    paths = [folder / names[0]] + [folder / "more" / x for x in names[1:]]
+    paths = adapter_paths(folder, names)
     if all((p / "adapter_model.safetensors").is_file() for p in paths):
         return names
     model, tok, _ = load_base(None)
@@ -258,7 +263,7 @@ def run_peft(args, folder: Path, names: list[str], requests) -> dict:
     from softprompt.modeling.load import load_base
 
     model, tok, _ = load_base(None)
-    paths = {n: folder / n if i == 0 else folder / "more" / n for i, n in enumerate(names)}
+    paths = dict(zip(names, adapter_paths(folder, names), strict=True))
     pm = PeftModel.from_pretrained(model, str(paths[names[0]]), adapter_name=names[0])
     for n in names[1:]:
         pm.load_adapter(str(paths[n]), adapter_name=n)
@@ -318,7 +323,7 @@ def run_peft_generate(folder: Path, names: list[str], requests) -> dict:
 
     model, tok, _ = load_base(None)
     tok.padding_side = "left"
-    paths = {n: folder / n if i == 0 else folder / "more" / n for i, n in enumerate(names)}
+    paths = dict(zip(names, adapter_paths(folder, names), strict=True))
     pm = PeftModel.from_pretrained(model, str(paths[names[0]]), adapter_name=names[0])
     for n in names[1:]:
         pm.load_adapter(str(paths[n]), adapter_name=n)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from serve import DEMO, make_adapters  # noqa: E402
+from serve import DEMO, adapter_paths, make_adapters  # noqa: E402
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
         suffix = "" if method == "prompt" else "_prefix"
         folder = ROOT / "bench" / "results" / f"serve_adapters{suffix}"
         names = make_adapters(folder, args.adapters, args.num_virtual_tokens, 0, method)
-        paths = [folder / names[0]] + [folder / "more" / n for n in names[1:]]
+        paths = adapter_paths(folder, names)
         kinds[method] = [engine.predictor([load_adapter(x)]) for x in paths]
 
     rng = random.Random(args.seed)
