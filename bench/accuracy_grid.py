@@ -87,6 +87,9 @@ def main() -> None:
     ap.add_argument("--recipe", action="append", required=True, help="name:field=value,...")
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     ap.add_argument("--device", default=None)
+    ap.add_argument("--model", default=None, help="base model (default: the built-in one)")
+    ap.add_argument("--dtype", default="auto", help="base model dtype (default: auto)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--eval-batch-size", type=int, default=64)
     ap.add_argument("--dev-rows", type=int, default=0, help="score only the first N dev rows")
     ap.add_argument("--runs", default=None, help="folder for the run folders (default: a temp dir)")
@@ -98,7 +101,9 @@ def main() -> None:
     texts, gold = dev.texts, dev.labels
     if args.dev_rows:
         texts, gold = texts[: args.dev_rows], gold[: args.dev_rows]
-    model, tokenizer, _ = load_base(None, device=args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, _ = load_base(args.model, device=args.device, dtype=args.dtype)
     runs = Path(args.runs or tempfile.mkdtemp(prefix="accuracy-grid-"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +131,7 @@ def main() -> None:
                 out=str(folder),
                 seed=seed,
                 device=args.device,
+                model=args.model,
                 **{**BASE, **mine},
             )
             t0 = time.perf_counter()

@@ -48,8 +48,8 @@ from torch.utils.data import DataLoader
 from transformers import default_data_collator, get_linear_schedule_with_warmup
 
 from softprompt import TrainConfig, load_base, train
-from softprompt.defaults import default_model_dir
 from softprompt.evaluate import classify, generate_texts, metrics
+from softprompt.modeling.builtin import default_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "raft_twitter_complaints"

@@ -24,7 +24,7 @@ def base():
 
 
 def test_default_model_loads_offline_from_the_gguf_cache(base):
-    from softprompt.defaults import default_model_dir
+    from softprompt.modeling.builtin import default_model_dir
 
     model, tok = base
     assert (default_model_dir() / "model.safetensors").is_file()

@@ -8,6 +8,13 @@ A run folder is an adapter folder:
     softprompt_suffix.safetensors  {"suffix_embeddings": [S, H]}, only with --suffix-tokens:
                                vectors that run after the text, which PEFT cannot place
                                (PEFT loads the P vectors in front alone)
+With a classification head (`--head`) the weights file holds the head too:
+    linear: "base_model.score.weight" [K, H] and task_type SEQ_CLS, PEFT's own layout (its
+            `score` in modules_to_save): PEFT loads it onto AutoModelForSequenceClassification
+            with num_labels=K, labels in softprompt.json's order;
+    pooled: "softprompt_head.{weight,bias,mean,std,layers}" and task_type
+            SOFTPROMPT_POOLED_CLS, which PEFT refuses ("Invalid task type") rather than
+            loading the prompt without its head.
 A deep prompt (`--method prefix`) is PEFT's PREFIX_TUNING adapter: adapter_model.safetensors
 holds {"prompt_embeddings": [P, layers*2*kv_heads*head_dim]}, each position's keys and values
 in every layer (`kernels.kv.prefix_to_kv`). PEFT's P-tuning adapters (P_TUNING) load as plain
@@ -31,6 +38,7 @@ from torch import Tensor
 
 from .data import Task
 from .errors import SoftpromptError, first_line
+from .readouts.head import ClassifierHead
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -47,6 +55,13 @@ PREFIX_PEFT_TYPE = "PREFIX_TUNING"
 PTUNING_PEFT_TYPES = ("P_TUNING", "PROMPT_ENCODER")
 """PEFT's P-tuning (PromptEncoderConfig): saved as its encoder's output, a plain prompt."""
 PEFT_TYPES = ("PROMPT_TUNING", SUFFIX_PEFT_TYPE, PREFIX_PEFT_TYPE, *PTUNING_PEFT_TYPES)
+SEQ_CLS = "SEQ_CLS"
+POOLED_TASK_TYPE = "SOFTPROMPT_POOLED_CLS"
+"""task_type of an adapter with a pooled head: PEFT refuses task types it does not know."""
+TASK_TYPES = (None, "CAUSAL_LM", SEQ_CLS, POOLED_TASK_TYPE)
+SCORE_KEY = "base_model.score.weight"
+"""PEFT's key for a SEQ_CLS model's `score` layer (modules_to_save) in adapter_model.safetensors."""
+POOLED_KEY = "softprompt_head."
 KINDS = {"PROMPT_TUNING": "prompt", SUFFIX_PEFT_TYPE: "prompt"} | dict.fromkeys(
     PTUNING_PEFT_TYPES, "prompt"
 )
@@ -67,6 +82,8 @@ class Adapter:
     base_model: str | None
     kind: str = "prompt"
     """prompt (input embeddings [P(+S), H]) or prefix (a deep prompt [P, layers*2*heads*d])."""
+    head: ClassifierHead | None = None
+    """The classification head (`--head`), or None: label words answer."""
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -136,18 +153,60 @@ def peft_config(
     return conf
 
 
+def head_tensors(head: ClassifierHead) -> tuple[dict[str, Tensor], dict]:
+    """(the head's tensors under their adapter_model.safetensors keys, the adapter_config.json
+    fields that go with it)."""
+    t = head.tensors()
+    if head.kind == "linear":
+        return {SCORE_KEY: t["weight"]}, {"task_type": SEQ_CLS, "modules_to_save": ["classifier", "score"]}  # fmt: skip
+    t["layers"] = torch.tensor(head.layers, dtype=torch.int64)
+    return {POOLED_KEY + k: v for k, v in t.items()}, {"task_type": POOLED_TASK_TYPE}
+
+
+def read_head(tensors: dict[str, Tensor], where: Path) -> ClassifierHead | None:
+    """The classification head in an adapter's tensors, or None (label words)."""
+    if POOLED_KEY + "weight" in tensors:
+        t = {k[len(POOLED_KEY) :]: v for k, v in tensors.items() if k.startswith(POOLED_KEY)}
+        missing = [k for k in ("weight", "bias", "mean", "std", "layers") if k not in t]
+        if missing:
+            raise SoftpromptError(f"{where}: the pooled head lacks {missing}; the file is damaged")
+        layers = [int(i) for i in t.pop("layers").tolist()]
+        head = ClassifierHead.from_tensors({"kind": "pooled", "layers": layers}, t)
+    else:
+        key = next((k for k in tensors if k.endswith("score.weight")), None)
+        if key is None:
+            return None
+        head = ClassifierHead("linear", tensors[key])
+    if not all(bool(torch.isfinite(x).all()) for x in head.tensors().values()):
+        raise SoftpromptError(f"{where}: the classification head holds NaN or infinite values")
+    return head
+
+
 def save_adapter(
-    folder: str | Path, prompt: Tensor, config: dict, task: Task | None, *, card: str | None = None
+    folder: str | Path,
+    prompt: Tensor,
+    config: dict,
+    task: Task | None,
+    *,
+    card: str | None = None,
+    head: ClassifierHead | None = None,
 ) -> Path:
     """Write an adapter folder; each file is replaced atomically (a kill never leaves a torn file).
 
     With suffix tokens the prompt [P+S, H] is split: the P vectors in front go to PEFT's file
-    (num_virtual_tokens = P), the S after the text to softprompt_suffix.safetensors."""
+    (num_virtual_tokens = P), the S after the text to softprompt_suffix.safetensors. A
+    classification head goes into the weights file (`head_tensors`)."""
     from safetensors.torch import save
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     prompt = prompt.detach().float().cpu()
+    extra: dict[str, Tensor] = {}
+    config = {k: v for k, v in config.items() if k != "modules_to_save"}
+    config["task_type"] = "CAUSAL_LM"
+    if head is not None:
+        extra, fields = head_tensors(head)
+        config.update(fields)
     S = task.suffix_tokens if task is not None else 0
     if S:
         if not 0 < S < prompt.shape[0]:
@@ -166,7 +225,7 @@ def save_adapter(
         (folder / SUFFIX_NAME).unlink(missing_ok=True)  # a stale one from an earlier save
         if config.get("peft_type") == SUFFIX_PEFT_TYPE:
             config = {**config, "peft_type": "PROMPT_TUNING"}
-    atomic_write_bytes(folder / WEIGHTS_NAME, save({WEIGHT_KEY: prompt.contiguous()}))
+    atomic_write_bytes(folder / WEIGHTS_NAME, save({WEIGHT_KEY: prompt.contiguous(), **extra}))
     atomic_write_json(folder / CONFIG_NAME, config)
     if task is not None:
         atomic_write_json(folder / TASK_NAME, task.to_dict())
@@ -215,9 +274,10 @@ def load_adapter(path: str | Path) -> Adapter:
             f"{folder}: adapter type is {ptype!r}; softprompt loads PROMPT_TUNING, PREFIX_TUNING "
             "and P_TUNING (prompt encoder) adapters (use PEFT itself for LoRA and other types)"
         )
-    if config.get("task_type") not in (None, "CAUSAL_LM"):
+    if config.get("task_type") not in TASK_TYPES:
         raise SoftpromptError(
-            f"{folder}: task_type is {config.get('task_type')!r}; softprompt serves CAUSAL_LM prompts"
+            f"{folder}: task_type is {config.get('task_type')!r}; softprompt loads CAUSAL_LM "
+            "prompts and SEQ_CLS prompts with their `score` head"
         )
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
@@ -247,6 +307,12 @@ def load_adapter(path: str | Path) -> Adapter:
         raise SoftpromptError(
             f"{weights}: the prompt holds NaN or infinite values; the adapter is unusable"
         )
+    head = read_head(tensors, weights)
+    if config.get("task_type") in (SEQ_CLS, POOLED_TASK_TYPE) and head is None:
+        raise SoftpromptError(
+            f"{weights}: task_type {config['task_type']} but no classification head in it "
+            f"(expected {SCORE_KEY!r}); the file is damaged or was saved without its head"
+        )
     task = None
     base = config.get("base_model_name_or_path")
     task_path = folder / TASK_NAME
@@ -267,7 +333,13 @@ def load_adapter(path: str | Path) -> Adapter:
             "take no suffix tokens (the file is damaged or hand-edited)"
         )
     return Adapter(
-        prompt=prompt, config=config, task=task, path=str(folder), base_model=base, kind=kind
+        prompt=prompt,
+        config=config,
+        task=task,
+        path=str(folder),
+        base_model=base,
+        kind=kind,
+        head=head,
     )
 
 
@@ -401,6 +473,7 @@ def check_fits(adapter: Adapter, model) -> None:
     from .modeling.load import hidden_size
 
     if adapter.kind == "prefix":
+        check_head_fits(adapter, model)
         L, heads, d = prefix_dims(model)
         c = adapter.config
         n_l, n_h = c.get("num_layers"), c.get("num_attention_heads")
@@ -418,6 +491,29 @@ def check_fits(adapter: Adapter, model) -> None:
         raise SoftpromptError(
             f"{adapter.path}: prompt width {adapter.prompt.shape[1]} does not match the base model's hidden size {H}; "
             f"this adapter was trained for another model ({adapter.base_model}); pass that one with --model"
+        )
+    check_head_fits(adapter, model)
+
+
+def check_head_fits(adapter: Adapter, model) -> None:
+    """Refuse a classification head for another model width or depth (one line naming both)."""
+    from .modeling.load import decoder_layers, hidden_size
+
+    head = adapter.head
+    if head is None:
+        return
+    H = hidden_size(model)
+    if head.width != H:
+        raise SoftpromptError(
+            f"{adapter.path}: classification head of width {head.width}, but the base model's "
+            f"hidden size is {H}; it was trained for another model ({adapter.base_model}); pass "
+            "that one with --model"
+        )
+    L = len(decoder_layers(model))
+    if head.layers and max(head.layers) > L:
+        raise SoftpromptError(
+            f"{adapter.path}: the head pools layers {head.layers[0]}-{head.layers[-1]}, but the "
+            f"base model has {L} layers; it was trained for another model ({adapter.base_model})"
         )
 
 

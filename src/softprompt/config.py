@@ -23,6 +23,11 @@ vocab (embeddings of sampled vocabulary tokens), random (normal, scaled like the
 REPARAM_METHODS = ("none", "mlp")
 """`--reparam` choices: the prompt itself, or P-tuning's residual MLP over it."""
 
+HEADS = ("none", "linear", "pooled")
+"""`--head` choices: none (label words: the LM head's logits for each label's tokens), linear
+(a trained `score` layer on the final layer's state at the last token: PEFT's SEQ_CLS), pooled
+(a trained layer on mean-pooled middle layers; softprompt's own)."""
+
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 """`--report-to` choices (comma-separated for several)."""
 
@@ -79,6 +84,14 @@ class TrainConfig:
     """More soft tokens, placed right after the text instead of before it (--suffix-tokens). They
     see the whole text, so they can gather it for the label (docs/accuracy.md). Such adapters
     load in softprompt only (PEFT refuses them); 0 gives a plain PEFT prompt-tuning adapter."""
+    head: str = "none"
+    """How the label is read: none (label words, scored through the LM head), linear (a
+    classification head on the final layer's state at the last token, started from the label
+    words' rows of the LM head: PEFT's SEQ_CLS form), or pooled (a head on the mean of the text's
+    states in a band of middle layers, started from a linear probe), trained with the prompt
+    (--head)."""
+    head_lr: float = 1e-3
+    """AdamW learning rate of the classification head (--head-lr)."""
     init: str = "text"
     """Prompt init: text, labels, vocab or random (--init)."""
     init_text: str | None = None
@@ -184,6 +197,10 @@ class TrainConfig:
                 p.append("--init-from is for --method prefix")
             if self.prefix_projection:
                 p.append("--prefix-projection is for --method prefix")
+        if self.head not in HEADS:
+            p.append(f"--head must be one of {', '.join(HEADS)} (got {self.head!r})")
+        if not (self.head_lr > 0 and math.isfinite(self.head_lr)):
+            p.append(f"--head-lr must be a positive number (got {self.head_lr})")
         if self.init not in INIT_METHODS:
             p.append(f"--init must be one of {', '.join(INIT_METHODS)} (got {self.init!r})")
         if self.save_steps < 0:

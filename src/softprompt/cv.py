@@ -47,7 +47,9 @@ class _OutOfFold(Callback):
 
     def on_epoch(self, run, state, record) -> None:
         prompt = state.prompt.detach()
-        predictor = predictor_for_prompt(run.model, run.tokenizer, prompt, run.task, kind=run.kind)
+        predictor = predictor_for_prompt(
+            run.model, run.tokenizer, prompt, run.task, kind=run.kind, head=state.head
+        )
         self.oof[state.epoch - 1, self.held] = self.engine.classify(predictor, self.texts)
 
 

@@ -263,6 +263,9 @@ class Encoded:
 
     input_ids: list[int]
     label_ids: list[int]
+    label: int = -1
+    """The row's class: its index in the task's label_names (-1: not known). A classification
+    head trains on it (`--head`); label-word training reads `label_ids`."""
 
     def __len__(self) -> int:
         return len(self.input_ids) + len(self.label_ids)
@@ -280,7 +283,8 @@ def encode_rows(
             raise SoftpromptError(
                 f"--max-length {task.max_length} is too short for the label {label!r} ({len(lab)} tokens); raise it"
             )
-        out.append(Encoded(input_token_ids(tokenizer, task, text, budget), lab))
+        k = task.label_names.index(label) if label in task.label_names else -1
+        out.append(Encoded(input_token_ids(tokenizer, task, text, budget), lab, k))
     return out
 
 

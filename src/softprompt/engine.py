@@ -40,6 +40,7 @@ from .data import (
     label_token_ids,
 )
 from .errors import SoftpromptError
+from .kernels.features import head_features
 from .kernels.generate import choose_tokens, decode_next
 from .kernels.kv import (
     KV,
@@ -53,8 +54,9 @@ from .kernels.kv import (
 )
 from .kernels.loss import label_loss, prefix_label_loss
 from .kernels.packed import note_path, packed_fits
-from .kernels.scoring import score_continuations
+from .kernels.scoring import score_rows
 from .modeling.load import check_model
+from .readouts.head import ClassifierHead, RowFeatures, head_starts, needs
 
 _ids = itertools.count()
 
@@ -69,6 +71,8 @@ class Member:
     suffix_tokens: int = 0
     path: str | None = None
     kind: str = "prompt"
+    head: ClassifierHead | None = None
+    """Its classification head (`--head`): it answers through it instead of the label words."""
     uid: int = field(default_factory=lambda: next(_ids))
     """Unique per load: the KV cache's key (a prompt loaded again is a new member)."""
 
@@ -99,7 +103,7 @@ class Predictor:
     """Each label's tokens plus the end token (what label scoring scores)."""
     budget: int
     """Input tokens allowed for classification (max_length minus the longest label)."""
-    head: list[int]
+    template_head: list[int]
     """The template's tokens before the text (e.g. `Tweet text :`), cached with each prompt."""
     base_model: str | None = None
     unloaded: bool = False
@@ -117,10 +121,19 @@ class Predictor:
     def prompt_bytes(self) -> int:
         return sum(m.prompt.numel() * m.prompt.element_size() for m in self.members)
 
+    @property
+    def can_generate(self) -> bool:
+        """Whether it can write text: not with a classification head (its prompt was trained
+        for the head, not for the LM head's next token)."""
+        return all(m.head is None for m in self.members)
+
     def describe(self) -> dict:
         """What /v1/models and the CLI say about it."""
+        heads = {m.head.kind if m.head is not None else "none" for m in self.members}
         return {
             "labels": list(self.task.label_names),
+            "head": heads.pop() if len(heads) == 1 else sorted(heads),
+            "can_generate": self.can_generate,
             "num_virtual_tokens": self.num_virtual_tokens,
             "suffix_tokens": self.task.suffix_tokens,
             "method": self.members[0].kind,
@@ -130,6 +143,16 @@ class Predictor:
             "calibration_bias": self.bias,
             "ensemble": [m.path for m in self.members] if self.is_ensemble else None,
         }
+
+
+def need_generation(predictor: Predictor) -> None:
+    """A predictor with a classification head answers labels only."""
+    if not predictor.can_generate:
+        raise SoftpromptError(
+            f"{predictor.name} has a classification head (--head): it answers with label "
+            "probabilities only, not text; classify instead (predict/eval without --generate, "
+            "or /v1/classify)"
+        )
 
 
 def need_labels(predictor: Predictor) -> None:
@@ -209,18 +232,31 @@ def make_predictor(
                 f"{len(task.label_names)} labels {task.label_names}; remove 'calibration' from "
                 "softprompt.json (or run `softprompt cv` again)"
             )
+    for a in adapters:
+        if a.head is not None and a.head.num_labels != len(task.label_names):
+            raise SoftpromptError(
+                f"{a.path}: its classification head scores {a.head.num_labels} labels, but "
+                f"{len(task.label_names)} are given {task.label_names}; pass its labels, in "
+                "training order, with --labels"
+            )
     device = model.get_input_embeddings().weight.device
     return Predictor(
         name=name or str(first.path),
         task=task,
         members=[
-            Member(a.prompt.to(device), task.suffix_tokens, path=str(a.path), kind=a.kind)
+            Member(
+                a.prompt.to(device),
+                task.suffix_tokens,
+                path=str(a.path),
+                kind=a.kind,
+                head=None if a.head is None else a.head.to(device),
+            )
             for a in adapters
         ],
         bias=values,
         label_ids=[label_token_ids(tokenizer, n) for n in task.label_names],
         budget=input_budget(tokenizer, task),
-        head=list(tokenizer(task.head())["input_ids"]),
+        template_head=list(tokenizer(task.head())["input_ids"]),
         base_model=first.base_model,
     )
 
@@ -234,10 +270,12 @@ def predictor_for_prompt(
     bias: Sequence[float] | None = None,
     name: str = "prompt",
     kind: str = "prompt",
+    head: ClassifierHead | None = None,
 ) -> Predictor:
     """A predictor of prompt [P+S, H] (or an ensemble [K, P+S, H]) for `task`, not read from disk
     (training's per-epoch evaluation, `evaluate.label_probabilities`); raw unless `bias` is given.
-    kind "prefix": deep prompts [P, layers*2*heads*d], with the config the model gives them."""
+    kind "prefix": deep prompts [P, layers*2*heads*d], with the config the model gives them.
+    `head`: the (one) prompt's classification head."""
     prompts = [prompt] if prompt.dim() == 2 else list(prompt)
     base = task.extra.get("base_model") if task.extra else None
     adapters = [
@@ -250,6 +288,7 @@ def predictor_for_prompt(
             path=f"{name} {i}",
             base_model=base,
             kind=kind,
+            head=head,
         )
         for i, p in enumerate(prompts)
     ]
@@ -427,6 +466,7 @@ class Engine:
         progress: bool = False,
     ) -> list[str]:
         """Greedy free generation after each templated text, as in the PEFT guide."""
+        need_generation(predictor)
         task = predictor.task
         budget = task.max_length - 1 if not task.label_names else predictor.budget
         rows = [
@@ -464,10 +504,11 @@ class Engine:
         it: ([T-1] for tokens 1..T-1 (token 0 has no context of text), top ids [T-1, k], their
         log-probabilities [T-1, k]), on the CPU. Equal to `log_softmax` of `concat_forward`."""
         p = row.predictor
+        need_generation(p)
         if p.is_ensemble:
             raise SoftpromptError(f"{p.name} is an ensemble: log-probabilities use one prompt")
         m = p.members[0]
-        kv = slice_kv(self.kv_cache.get(m, p.head, keep=not p.unloaded), m.front_length)
+        kv = slice_kv(self.kv_cache.get(m, p.template_head, keep=not p.unloaded), m.front_length)
         ids = [i for i in row.ids if i >= 0]
         x = torch.tensor([ids], device=self.device)
         hidden, _ = run_after_prefix(self.model, kv, x, torch.ones_like(x))
@@ -505,18 +546,23 @@ class Engine:
         return out
 
     def _score(self, rows: Sequence[ClassifyRow], members: Sequence[Member]) -> list[Tensor]:
-        """Log-probability of each row's labels after its member's prompt (one length P)."""
+        """Each row's label scores after its member's prompt (one length P), whose softmax is
+        its label probabilities: the log-probability of each label's tokens, or with a
+        classification head its logits. One pass for both kinds of rows."""
         conts: dict[tuple[int, ...], int] = {}
-        for r in rows:
-            for c in r.predictor.label_ids:
-                conts.setdefault(tuple(c), len(conts))
+        for r, m in zip(rows, members, strict=True):
+            if m.head is None:
+                for c in r.predictor.label_ids:
+                    conts.setdefault(tuple(c), len(conts))
         span = max(m.prompt.shape[0] + len(r.ids) for r, m in zip(rows, members, strict=True))
-        span += max(len(c) for c in conts)
+        span += max((len(c) for c in conts), default=0)
         if _is_sharded(self.model) or not packed_fits(self.model, span):  # says why once
             return self._score_full(rows, members, list(conts))
         kv, index, bank, h = self._prompts(rows, members)
         ids, mask = collate_left([r.ids[h:] for r in rows], self.tokenizer.pad_token_id)
-        scores = score_continuations(
+        layers, last = needs([m.head for m in members])
+        starts = torch.stack([self._starts([r])[0] for r in rows]) - h if layers else None
+        scores, feats = score_rows(
             self.model,
             kv,
             ids.to(self.device),
@@ -524,21 +570,45 @@ class Engine:
             list(conts),
             rows=index,
             prompts=bank,
+            trie=[m.head is None for m in members],
+            layers=layers,
+            starts=starts,
+            last=last,
         )
         return [
-            scores[b, [conts[tuple(c)] for c in r.predictor.label_ids]] for b, r in enumerate(rows)
+            _row_logits(m.head, feats, b)
+            if m.head is not None
+            else scores[b, [conts[tuple(c)] for c in r.predictor.label_ids]]
+            for b, (r, m) in enumerate(zip(rows, members, strict=True))
         ]
 
+    def _starts(self, rows: Sequence[ClassifyRow]) -> Tensor:
+        """Where each row's text begins in its ids [B] (after its template's head)."""
+        return torch.cat([head_starts([r.ids], r.predictor.template_head) for r in rows])
+
     def _score_full(self, rows, members, conts) -> list[Tensor]:
-        """`_score` without a KV cache or packing (`full_label_scores`): for a sharded model, and
-        for one that cannot run packed rows (`kernels.packed.packed_problem`)."""
+        """`_score` without a KV cache or packing (`full_label_scores`, `head_features` on padded
+        rows): for a sharded model, and for one that cannot run packed rows
+        (`kernels.packed.packed_problem`)."""
         pad = self.tokenizer.pad_token_id
         index = {tuple(c): i for i, c in enumerate(conts)}
         out: list = [None] * len(rows)
-        for kind in {m.kind for m in members}:
-            part = [b for b, m in enumerate(members) if m.kind == kind]
+        for kind, headed in {(m.kind, m.head is not None) for m in members}:
+            part = [
+                b for b, m in enumerate(members) if (m.kind, m.head is not None) == (kind, headed)
+            ]
             prompts = torch.stack([members[b].prompt for b in part])
             seqs = [rows[b].ids for b in part]
+            if headed:
+                batch = collate_train([Encoded(list(q), []) for q in seqs], pad)
+                feats = head_features(
+                    self.model, prompts, batch["input_ids"].to(self.device),
+                    batch["attention_mask"].to(self.device), self._starts([rows[b] for b in part]),
+                    [members[b].head for b in part], kind=kind, packed=False,
+                )  # fmt: skip
+                for j, b in enumerate(part):
+                    out[b] = _row_logits(members[b].head, feats, j)
+                continue
             logp = full_label_scores(self.model, prompts, seqs, conts, pad, kind=kind)
             for j, b in enumerate(part):
                 out[b] = logp[j, [index[tuple(c)] for c in rows[b].predictor.label_ids]]
@@ -550,7 +620,7 @@ class Engine:
         right-aligned [N, S, H] or None, h)."""
         h = 0
         if self.share_head:  # rows start after the part of their head that all of them have
-            h = min(common_prefix_length([r.ids], r.predictor.head, keep=1) for r in rows)
+            h = min(common_prefix_length([r.ids], r.predictor.template_head, keep=1) for r in rows)
         slot: dict[int, int] = {}
         distinct: list[tuple[Member, Predictor]] = []
         for r, m in zip(rows, members, strict=True):
@@ -559,7 +629,9 @@ class Engine:
                 distinct.append((m, r.predictor))
         kvs = [
             slice_kv(
-                self.kv_cache.get(m, p.head if self.share_head else (), keep=not p.unloaded),
+                self.kv_cache.get(
+                    m, p.template_head if self.share_head else (), keep=not p.unloaded
+                ),
                 m.front_length + h,
             )
             for m, p in distinct
@@ -593,6 +665,7 @@ class Engine:
         return them ready to decode, their first tokens' logits computed."""
         groups: dict[int, list[GenerateRow]] = {}
         for r in rows:
+            need_generation(r.predictor)
             if r.predictor.is_ensemble:
                 raise SoftpromptError(
                     f"{r.predictor.name} is an ensemble: generation uses one prompt (ensembles "
@@ -750,6 +823,15 @@ def full_label_scores(
     row = torch.arange(len(pairs), device=tok.device)[:, None].expand_as(keep)[keep]
     logp = torch.zeros(len(pairs), device=tok.device).index_add_(0, row, -tok)
     return logp.view(len(seqs), len(continuations))
+
+
+def _row_logits(head: ClassifierHead, feats: RowFeatures, b: int) -> Tensor:
+    """Row b's label logits [K] through `head`."""
+    one = RowFeatures(
+        None if feats.last is None else feats.last[b : b + 1],
+        {i: x[b : b + 1] for i, x in feats.pooled.items()},
+    )
+    return head(one)[0]
 
 
 def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

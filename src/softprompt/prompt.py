@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .config import INIT_METHODS, REPARAM_METHODS
 from .errors import SoftpromptError
+from .readouts.head import ClassifierHead
 
 
 def task_init_text(label_names: Sequence[str]) -> str:
@@ -123,11 +124,19 @@ class PromptEncoder(torch.nn.Module):
 
     `forward()` gives the prompt [P, H] that enters the model; that tensor is what gets saved,
     so the adapter stays a plain PEFT prompt whatever the encoder. The MLP's last layer starts
-    at zero: the encoded prompt equals the init at step 0.
+    at zero: the encoded prompt equals the init at step 0. `head`, a classification head
+    (`--head`), trains with the prompt (its own learning rate: `param_groups`).
     """
 
-    def __init__(self, init: Tensor, reparam: str = "none", hidden: int = 256):
+    def __init__(
+        self,
+        init: Tensor,
+        reparam: str = "none",
+        hidden: int = 256,
+        head: ClassifierHead | None = None,
+    ):
         super().__init__()
+        self.head = head
         if reparam not in REPARAM_METHODS:
             raise SoftpromptError(
                 f"--reparam must be one of {', '.join(REPARAM_METHODS)} (got {reparam!r})"
@@ -151,3 +160,15 @@ class PromptEncoder(torch.nn.Module):
     def export(self) -> Tensor:
         """The prompt [P, H] as it enters the model, detached (what an adapter stores)."""
         return self().detach().clone()
+
+    def export_head(self) -> ClassifierHead | None:
+        """A detached copy of the classification head (None without one)."""
+        return None if self.head is None else self.head.copy()
+
+    def param_groups(self, lr: float, head_lr: float) -> list[dict]:
+        """AdamW parameter groups: the prompt (and its encoder) at `lr`, the head at `head_lr`."""
+        head = set(id(p) for p in self.head.parameters()) if self.head is not None else set()
+        groups = [{"params": [p for p in self.parameters() if id(p) not in head], "lr": lr}]
+        if self.head is not None:
+            groups.append({"params": list(self.head.parameters()), "lr": head_lr})
+        return groups

@@ -4,11 +4,14 @@ where packing cannot run. Equal to `reference.reference_loss` up to float roundi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import SoftpromptError
+from .capture import run_capturing
 from .kv import _cache_from, prefix_to_kv, run_after_prefix
 from .packed import lane_width, pack_rows, packed_fits, packed_mask, run_packed
 from .reference import _concat_inputs, embed_ids, prefix_length
@@ -84,12 +87,38 @@ def _shared_prefix_loss(
     """`label_loss` with shared_prefix=True: the prompt [P, H] (its front vectors) and the first
     `h` tokens of the rows [B, T] run once at the start of each lane, and the rest of the rows,
     packed after them, all see them."""
+    hidden, _, target, row_of, index = shared_prefix_hidden(
+        model, prompt, input_ids, attention_mask, labels, h
+    )
+    return _packed_loss(model, hidden, target, row_of, index, weights, reduction)
+
+
+def shared_prefix_hidden(
+    model,
+    prompt: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor | None,
+    h: int,
+    *,
+    keep_last: bool = False,
+    layers: Sequence[int] = (),
+    stop: bool = False,
+) -> tuple[Tensor | None, dict[int, Tensor], Tensor, Tensor, Tensor]:
+    """The packed forward of `label_loss(shared_prefix=True)`: the prompt [P, H] (its front
+    vectors) and the first `h` tokens of the rows [B, T] run once at the start of each lane, the
+    rest of the rows packed after them (`_pack_label_rows`; `keep_last` keeps each row's last
+    token, which a classification head reads). Returns (final hidden states of the packed
+    positions [lanes, W, H] (None when `stop` ended the pass after `layers`), the outputs of
+    `layers` at those positions {index: [lanes, W, H]}, target, row_of, index [lanes, W])."""
     dtype = model.get_input_embeddings().weight.dtype
     P = prefix_length(prompt, input_ids)  # the rest are suffix tokens, inside the rows
     head = embed_ids(model, input_ids[0, :h], prompt)
     prefix = torch.cat([prompt[:P].to(dtype), head])  # [Q, H]
     Q = prefix.shape[0]
-    ids, target, row_of, index = _pack_label_rows(input_ids, attention_mask, labels, h, Q)
+    ids, target, row_of, index = _pack_label_rows(
+        input_ids, attention_mask, labels, h, Q, keep_last
+    )
     lanes, width = ids.shape
     device = input_ids.device
     # The prefix sees itself causally; a row sees the whole prefix and its own earlier
@@ -99,28 +128,45 @@ def _shared_prefix_loss(
     )
     head_mask = torch.full((Q, Q + width), torch.finfo(dtype).min, dtype=dtype, device=device)
     head_mask[:, :Q].triu_(1)
-    hidden = run_packed(
+    hidden, states = run_capturing(
+        lambda: run_packed(
+            model,
+            {
+                "inputs_embeds": torch.cat(
+                    [prefix.expand(lanes, -1, -1), embed_ids(model, ids, prompt)], 1
+                )
+            },
+            torch.cat([head_mask.expand(lanes, 1, -1, -1), rows_mask], 2),
+            torch.cat(
+                [torch.arange(Q, device=device).expand(lanes, -1), index.clamp(min=0) + Q], 1
+            ),
+        ),
         model,
-        {
-            "inputs_embeds": torch.cat(
-                [prefix.expand(lanes, -1, -1), embed_ids(model, ids, prompt)], 1
-            )
-        },
-        torch.cat([head_mask.expand(lanes, 1, -1, -1), rows_mask], 2),
-        torch.cat([torch.arange(Q, device=device).expand(lanes, -1), index.clamp(min=0) + Q], 1),
-    )[:, Q:]
-    return _packed_loss(model, hidden, target, row_of, index, weights, reduction)
+        layers,
+        stop=stop,
+    )
+    states = {i: x[:, Q:] for i, x in states.items()}
+    return (None if hidden is None else hidden[:, Q:]), states, target, row_of, index
 
 
 def _pack_label_rows(
-    input_ids: Tensor, attention_mask: Tensor, labels: Tensor, h: int, prefix: int
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor | None,
+    h: int,
+    prefix: int,
+    keep_last: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Right-padded training rows [B, T] packed into lanes (`pack_rows`), each row from its
     token h (the first h are shared and run elsewhere) up to its last but one (the last is only
-    ever a target); `prefix` positions come before each lane (for the lane width's cost).
+    ever a target), or to its last with `keep_last` (rows a classification head reads, whose
+    `labels` may be None); `prefix` positions come before each lane (for the lane width's cost).
     Returns (ids, target, row_of, index), each [lanes, width]: the token, the label it predicts
     (-100: none), its row (-1: unused) and its place among its row's packed tokens."""
-    lengths = [max(int(n) - 1 - h, 0) for n in attention_mask.sum(-1).tolist()]
+    if labels is None:
+        labels = torch.full_like(input_ids, -100)
+    drop = 0 if keep_last else 1
+    lengths = [max(int(n) - drop - h, 0) for n in attention_mask.sum(-1).tolist()]
     width = lane_width(lengths, prefix)
     lanes, places = pack_rows(lengths, width)
     device = input_ids.device
@@ -131,7 +177,7 @@ def _pack_label_rows(
     for b, (lane, off) in enumerate(places):
         n = lengths[b]
         ids[lane, off : off + n] = input_ids[b, h : h + n]
-        target[lane, off : off + n] = labels[b, h + 1 : h + 1 + n]
+        target[lane, off : off + n] = labels[b, h + 1 : h + 1 + n] if drop else -100
         row_of[lane, off : off + n] = b
         index[lane, off : off + n] = torch.arange(n, device=device)
     return ids, target, row_of, index
@@ -191,15 +237,42 @@ def prefix_label_loss(
     if not packed:
         hidden, _ = run_after_prefix(model, kv, input_ids, attention_mask)
         return _padded_loss(model, hidden, labels, weights, reduction)
-    ids, target, row_of, index = _pack_label_rows(input_ids, attention_mask, labels, 0, 0)
+    hidden, _, target, row_of, index = prefix_packed_hidden(
+        model, kv, input_ids, attention_mask, labels
+    )
+    return _packed_loss(model, hidden, target, row_of, index, weights, reduction)
+
+
+def prefix_packed_hidden(
+    model,
+    kv,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor | None,
+    *,
+    keep_last: bool = False,
+    layers: Sequence[int] = (),
+    stop: bool = False,
+) -> tuple[Tensor | None, dict[int, Tensor], Tensor, Tensor, Tensor]:
+    """The packed forward of `prefix_label_loss`: rows [B, T] packed into lanes after a deep
+    prompt's keys/values `kv` (each lane's past); returns what `shared_prefix_hidden` returns."""
+    P = kv[0][0].shape[2]
+    ids, target, row_of, index = _pack_label_rows(
+        input_ids, attention_mask, labels, 0, 0, keep_last
+    )
     lanes, width = ids.shape
     dtype = model.get_input_embeddings().weight.dtype
     past = torch.ones((lanes, width, P), dtype=torch.bool, device=ids.device)
-    hidden = run_packed(
+    hidden, states = run_capturing(
+        lambda: run_packed(
+            model,
+            {"input_ids": ids},
+            packed_mask(row_of, index, past, dtype),
+            index.clamp(min=0) + P,
+            _cache_from(kv, lanes),
+        ),
         model,
-        {"input_ids": ids},
-        packed_mask(row_of, index, past, dtype),
-        index.clamp(min=0) + P,
-        _cache_from(kv, lanes),
+        layers,
+        stop=stop,
     )
-    return _packed_loss(model, hidden, target, row_of, index, weights, reduction)
+    return hidden, states, target, row_of, index

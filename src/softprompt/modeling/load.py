@@ -116,18 +116,19 @@ def load_base(
 ):
     """Load a frozen causal LM and its tokenizer.
 
-    `name` is a Hugging Face model id, a local folder, or None/`default` for the built-in
-    SmolLM2-135M-Instruct. Returns (model, tokenizer, resolved_name); every parameter of the
+    `name` is a Hugging Face model id, a local folder, the short name of a built-in model
+    (`modeling.builtin`: gemma3-270m), or None/`default` for the built-in SmolLM2-135M-Instruct. Returns (model, tokenizer, resolved_name); every parameter of the
     model has requires_grad=False and the model is in eval mode (no dropout). `dtype` "auto"
     is bfloat16 where the device has bfloat16 hardware, else float32 (`resolve_dtype`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ..defaults import default_model_dir, is_default_model
+    from .builtin import builtin_model, builtin_model_dir, is_default_model
 
     target = pick_device(device)
     dtype = resolve_dtype(dtype, target)
-    source = str(default_model_dir()) if is_default_model(name) else name
+    builtin = builtin_model(name)
+    source = str(builtin_model_dir(name)) if builtin is not None else name
     looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
     if looks_local and not Path(source).expanduser().is_dir():
         raise SoftpromptError(
@@ -161,7 +162,9 @@ def load_base(
     model.requires_grad_(False)
     model.eval()
     model.to(target)
-    return model, tokenizer, "default" if is_default_model(name) else name
+    if builtin is not None:
+        name = "default" if is_default_model(name) else builtin.name
+    return model, tokenizer, name
 
 
 def check_model(model) -> None:

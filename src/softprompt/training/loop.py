@@ -33,6 +33,7 @@ from ..modeling.load import (
     resolve_dtype,
 )
 from ..modeling.sharding import set_gradient_checkpointing
+from ..readouts.head import ClassifierHead
 from .callbacks import Callback
 from .card import model_card, plot_history
 from .checkpoint import (
@@ -59,6 +60,8 @@ class TrainResult:
     best: dict
     main_process: bool = True
     """False in the other processes of a data-parallel run (they write and print nothing)."""
+    head: ClassifierHead | None = None
+    """The best prompt's classification head (`--head`), or None (label words)."""
 
 
 def train(
@@ -127,8 +130,10 @@ def train(
             tracker.close()
     if procs.main:
         plot_history(out, state.history)
-    best_prompt = procs.from_main(lambda: load_adapter(out).prompt)
-    return TrainResult(out, best_prompt, state.history, state.best, main_process=procs.main)
+    best = procs.from_main(lambda: load_adapter(out))
+    return TrainResult(
+        out, best.prompt, state.history, state.best, main_process=procs.main, head=best.head
+    )
 
 
 def _loop(run: Run, ckpt: dict | None, rng: random.Random, callbacks) -> TrainState:
@@ -145,8 +150,9 @@ def _loop(run: Run, ckpt: dict | None, rng: random.Random, callbacks) -> TrainSt
             f"optimiser step {state.step}"
         )
     else:
-        state = TrainState(prompt=run.encoder.export())
-    good = state.prompt.clone() if ckpt else None  # the prompt when the loss was last finite
+        state = TrainState(prompt=run.encoder.export(), head=run.encoder.export_head())
+    # the prompt (and head) when the loss was last finite
+    good = (state.prompt.clone(), state.head) if ckpt else None
     lengths = [len(r) for r in run.train_rows]
     for epoch in range(state.epoch, cfg.epochs + 1):
         state.epoch = epoch
@@ -168,7 +174,7 @@ def _loop(run: Run, ckpt: dict | None, rng: random.Random, callbacks) -> TrainSt
             if not math.isfinite(batch_loss):
                 where = f"epoch {epoch}, batch {i + 1} (step {state.step + 1})"
                 _stop(run, state, f"loss became {batch_loss}", where, good)
-            good = state.prompt.clone()
+            good = (state.prompt.clone(), state.head)
             state.total += batch_loss * len(state.batches[i])
             state.count += len(state.batches[i])
             state.done = i + 1
@@ -176,9 +182,9 @@ def _loop(run: Run, ckpt: dict | None, rng: random.Random, callbacks) -> TrainSt
             bar.set_postfix(loss=f"{batch_loss:.4f}")
             if state.done % cfg.grad_accum == 0 or state.done == len(state.batches):
                 optimizer_step(run, state)
-                if not torch.isfinite(state.prompt).all():
+                if not _finite(state):
                     where = f"optimiser step {state.step + 1}"
-                    _stop(run, state, "the prompt became NaN or infinite", where, good)
+                    _stop(run, state, "the prompt or head became NaN or infinite", where, good)
                 state.step += 1
                 if cfg.save_steps and state.step % cfg.save_steps == 0:
                     _checkpoint(run, state, rng)
@@ -213,7 +219,7 @@ def end_epoch(run: Run, state: TrainState, seconds: float) -> dict:
         "epoch_seconds": seconds,
     }
     if run.eval_rows:
-        record.update(evaluate(run, state.prompt.detach()))
+        record.update(evaluate(run, state.prompt.detach(), state.head))
     state.history.append(record)
     (logger.info if run.procs.main else _silent)(_format_record(record))
     is_best = state.best is None or _better(record, state.best)
@@ -223,12 +229,13 @@ def end_epoch(run: Run, state: TrainState, seconds: float) -> dict:
     if run.procs.main:
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        save_adapter(out / "last", state.prompt, run.adapter_conf, run.task)
+        save = dict(config=run.adapter_conf, task=run.task, head=state.head)
+        save_adapter(out / "last", state.prompt, **save)
         if cfg.save_every_epoch:
-            save_adapter(out / "epochs" / f"{state.epoch:03d}", state.prompt, run.adapter_conf, run.task)  # fmt: skip
+            save_adapter(out / "epochs" / f"{state.epoch:03d}", state.prompt, **save)
         if is_best:
-            card = model_card(run.task, run.adapter_conf, record, run.base_record)
-            save_adapter(out, state.prompt, run.adapter_conf, run.task, card=card)
+            card = model_card(run.task, run.adapter_conf, record, run.base_record, state.head)
+            save_adapter(out, state.prompt, **save, card=card)
     return record
 
 
@@ -238,15 +245,16 @@ def _checkpoint(run: Run, state: TrainState, rng: random.Random) -> None:
         save_checkpoint(run.out / "checkpoint", ckpt)
 
 
-def _stop(run: Run, state: TrainState, why: str, where: str, good: torch.Tensor | None):
-    """A non-finite loss or prompt: save the last good prompt, then stop with a message."""
+def _stop(run: Run, state: TrainState, why: str, where: str, good: tuple | None):
+    """A non-finite loss or prompt: save the last good (prompt, head), then stop with a message."""
     out = run.out
     kept = "no prompt was saved (the first batch already failed)"
     if good is not None:
         if run.procs.main:
-            save_adapter(out / "last", good, run.adapter_conf, run.task)
+            prompt, head = good
+            save_adapter(out / "last", prompt, run.adapter_conf, run.task, head=head)
             if state.best is None:  # make the run folder loadable too
-                save_adapter(out, good, run.adapter_conf, run.task)
+                save_adapter(out, prompt, run.adapter_conf, run.task, head=head)
         kept = f"the last good prompt is saved in {out / 'last'}"
         if state.best is not None:
             kept += f", the best one (epoch {state.best['epoch']}) in {out}"
@@ -254,6 +262,12 @@ def _stop(run: Run, state: TrainState, why: str, where: str, good: torch.Tensor 
         f"{why} at {where}; training stopped and "
         f"{kept}. Lower --lr (now {run.cfg.lr}) or use --dtype float32 (now {run.cfg.dtype})"
     )
+
+
+def _finite(state: TrainState) -> bool:
+    """Whether the prompt (and the head) hold only finite numbers."""
+    tensors = [state.prompt, *(state.head.tensors().values() if state.head is not None else ())]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _shown(record: dict) -> dict:

@@ -17,17 +17,26 @@ from ..data import (
     Table,
     Task,
     check_labels,
+    collate_train,
     encode_rows,
     label_set,
     load_table,
     stratified_split,
 )
 from ..errors import SoftpromptError
+from ..kernels.features import head_features
 from ..kernels.kv import prefix_dims
 from ..kernels.packed import note_path
-from ..modeling.load import count_parameters, format_trainable
+from ..modeling.load import count_parameters, decoder_layers, format_trainable
 from ..modeling.sharding import set_gradient_checkpointing, shard_model
 from ..prompt import PromptEncoder, init_prefix, init_prompt, task_init_text
+from ..readouts.head import (
+    ClassifierHead,
+    fit_pooled_head,
+    head_starts,
+    label_word_head,
+    pooled_layers,
+)
 from .checkpoint import config_record
 from .distributed import Processes
 
@@ -62,6 +71,8 @@ class Run:
     """The base model's name as softprompt reloads it ("default" for the built-in one)."""
     packed: bool
     """Rows run packed after one shared prompt pass (off with gradient checkpointing or FSDP)."""
+    head_ids: list[int]
+    """The template's tokens before the text: where a pooled head's part of a row begins."""
 
     @property
     def kind(self) -> str:
@@ -164,17 +175,19 @@ def setup(cfg, task, model, tokenizer, model_name, out, procs, train_part, eval_
             seed=cfg.seed,
         ).to(device)
     # float32 whatever the model's dtype; cast where it enters the model
+    # the prompt KV cache of the shared-prefix path cannot outlive a sharded layer's weights
+    packed = not (cfg.gradient_checkpointing or procs.fsdp)
+    if packed:
+        note_path(model)  # one line when the model cannot run packed rows (the loss falls back)
+    # before sharding: a pooled head starts as a probe on the whole model's features
+    head = make_head(cfg, model, tokenizer, task, prompt, train_rows, packed, say)
     if procs.fsdp:  # after the prompt's init, which reads the whole embedding table
         held, all_weights = shard_model(model, device)
         say(
             f"FSDP: base model sharded over {procs.world} processes; each holds about "
             f"{held:,} of its {all_weights:,} weights"
         )
-    # the prompt KV cache of the shared-prefix path cannot outlive a sharded layer's weights
-    packed = not (cfg.gradient_checkpointing or procs.fsdp)
-    if packed:
-        note_path(model)  # one line when the model cannot run packed rows (the loss falls back)
-    encoder = PromptEncoder(prompt, "mlp" if cfg.prefix_projection else cfg.reparam)
+    encoder = PromptEncoder(prompt, "mlp" if cfg.prefix_projection else cfg.reparam, head=head)
     saved = encoder.export()
     _say_what_trains(cfg, model, encoder, saved, procs, len(train_rows), len(eval_rows), task, say)
 
@@ -198,7 +211,9 @@ def setup(cfg, task, model, tokenizer, model_name, out, procs, train_part, eval_
 
     steps_per_epoch = math.ceil(math.ceil(len(train_rows) / cfg.batch_size) / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        encoder.param_groups(cfg.lr, cfg.head_lr), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(cfg.warmup_ratio * total_steps), total_steps
     )
@@ -221,7 +236,43 @@ def setup(cfg, task, model, tokenizer, model_name, out, procs, train_part, eval_
         adapter_conf=adapter_conf,
         base_record=base_record,
         packed=packed,
+        head_ids=list(tokenizer(task.head())["input_ids"]),
     )
+
+
+def make_head(cfg, model, tokenizer, task, prompt, rows, packed, say) -> ClassifierHead | None:
+    """The classification head `--head` asks for, on the model's device: linear starts from the
+    label words' rows of the LM head; pooled from a linear probe on the training rows' features
+    with the starting prompt (the same in every process: every row, one seeded fit)."""
+    if cfg.head == "none":
+        return None
+    device = model.get_input_embeddings().weight.device
+    if cfg.head == "linear":
+        return label_word_head(model, tokenizer, task.label_names).to(device)
+    layers = pooled_layers(model)
+    H = model.get_input_embeddings().weight.shape[1]
+    K = len(task.label_names)
+    probe = ClassifierHead("pooled", torch.zeros(K, H), None, torch.zeros(H), torch.ones(H), layers)
+    head_ids = list(tokenizer(task.head())["input_ids"])
+    kind = "prefix" if cfg.method == "prefix" else "prompt"
+    feats = []
+    with torch.no_grad():
+        for s in range(0, len(rows), cfg.eval_batch_size):
+            part = rows[s : s + cfg.eval_batch_size]
+            batch = collate_train([Encoded(r.input_ids, []) for r in part], tokenizer.pad_token_id)
+            starts = head_starts([r.input_ids for r in part], head_ids)
+            f = head_features(
+                model, prompt.to(device), batch["input_ids"].to(device),
+                batch["attention_mask"].to(device), starts, [probe], kind=kind, packed=packed,
+            )  # fmt: skip
+            feats.append(torch.stack([f.pooled[i] for i in layers]).mean(0).cpu())
+    weights = row_weights([task.label_names[r.label] for r in rows], cfg.balance)
+    head = fit_pooled_head(torch.cat(feats), [r.label for r in rows], K, layers, weights=weights)
+    say(
+        f"pooled head (--head pooled): layers {layers[0]}-{layers[-1]} of "
+        f"{len(decoder_layers(model))}, started from a linear probe on the {len(rows)} training rows"
+    )
+    return head.to(device)
 
 
 def _say_what_trains(cfg, model, encoder, saved, procs, n_train, n_eval, task, say) -> None:
@@ -273,10 +324,11 @@ def atomic_write_config(out: Path, cfg: TrainConfig, requested: str) -> None:
 
 def _base_names(model_name: str | None) -> tuple[str | None, str | None]:
     """(name softprompt reloads the base from, Hub id recorded for PEFT users)."""
-    from ..defaults import HUB_ID, is_default_model
+    from ..modeling.builtin import builtin_model, is_default_model
 
-    if model_name is None or is_default_model(model_name):
-        return "default", HUB_ID
+    builtin = builtin_model(model_name)
+    if builtin is not None:
+        return ("default" if is_default_model(model_name) else builtin.name), builtin.hub_id
     return model_name, model_name
 
 
