@@ -1,14 +1,17 @@
-"""Serving cost of deep-prompt (prefix) adapters against prompt-tuning adapters, in process.
+"""Serving cost of each kind of adapter against prompt-tuning adapters read through their label
+words, in process: deep prompts (prefix), and prompts with a classification head (linear,
+pooled).
 
 `softprompt serve` batches rows of many adapters through one `Engine`; this times the engine
-itself on the same batches for both kinds, with no HTTP or client noise, so the two can be
+itself on the same batches for every kind, with no HTTP or client noise, so they can be
 compared within a few percent. Each round scores the same `--batches` batches of `--batch-size`
-demo tweets (adapter chosen at random per row, as in bench/serve.py) once with 16 prompt adapters
-and once with 16 prefix adapters, alternating which kind goes first. The adapters are those of
-bench/serve.py (`make_adapters`: untrained, the serving cost is the same); every adapter's KV is
+demo tweets (adapter chosen at random per row, as in bench/serve.py) once per kind, 16 adapters
+of that kind, the order of the kinds rotating from round to round. The adapters are those of
+bench/serve.py (`make_adapters`: untrained, the serving cost is the same; the heads are the
+label words' rows (linear) and a probe on random features (pooled)); every adapter's KV is
 cached after a warm-up, as in a running server. By hand, on an otherwise idle machine:
 
-    python bench/serve_methods.py --threads 1
+    python bench/serve_methods.py --threads 1 --kinds words,prefix,linear,pooled
 """
 
 from __future__ import annotations
@@ -39,26 +42,40 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kinds", default="words,prefix", help="words, prefix, linear, pooled")
     args = p.parse_args()
+
+    from dataclasses import replace
 
     import torch
 
     from softprompt.adapters import load_adapter
     from softprompt.engine import ClassifyRow, Engine
     from softprompt.modeling.load import load_base
+    from softprompt.readouts.head import fit_pooled_head, label_word_head, pooled_layers
 
     torch.set_num_threads(args.threads)
     model, tok, _ = load_base(None)
     engine = Engine(model, tok)
     with open(DEMO, newline="") as f:
         texts = [row["Tweet text"] for row in csv.DictReader(f)]
+    wanted = args.kinds.split(",")
     kinds = {}
-    for method in ("prompt", "prefix"):
+    for kind in ["words", *[k for k in wanted if k != "words"]]:
+        method = "prefix" if kind == "prefix" else "prompt"
         suffix = "" if method == "prompt" else "_prefix"
         folder = ROOT / "bench" / "results" / f"serve_adapters{suffix}"
         names = make_adapters(folder, args.adapters, args.num_virtual_tokens, 0, method)
-        paths = adapter_paths(folder, names)
-        kinds[method] = [engine.predictor([load_adapter(x)]) for x in paths]
+        adapters = [load_adapter(x) for x in adapter_paths(folder, names)]
+        if kind == "linear":
+            head = label_word_head(model, tok, adapters[0].task.label_names)
+            adapters = [replace(a, head=head) for a in adapters]
+        elif kind == "pooled":
+            g = torch.Generator().manual_seed(args.seed)
+            x = torch.randn(20, model.config.hidden_size, generator=g)
+            head = fit_pooled_head(x, [i % 2 for i in range(20)], 2, pooled_layers(model))
+            adapters = [replace(a, head=head) for a in adapters]
+        kinds[kind] = [engine.predictor([a]) for a in adapters]
 
     rng = random.Random(args.seed)
     plan = [
@@ -77,7 +94,8 @@ def main() -> None:
                 engine.label_probabilities(b)
         seconds: dict[str, list[float]] = {m: [] for m in kinds}
         for r in range(args.rounds):
-            order = list(kinds) if r % 2 == 0 else list(reversed(list(kinds)))
+            shift = r % len(kinds)
+            order = list(kinds)[shift:] + list(kinds)[:shift]
             for m in order:
                 t = time.perf_counter()
                 for b in work[m]:
@@ -93,8 +111,10 @@ def main() -> None:
     for m in kinds:
         per = " / ".join(f"{x:.1f}" for x in rate[m])
         print(f"{m}: rows/s per round {per}; mean {statistics.mean(rate[m]):.1f}")
-    ratio = statistics.mean(rate["prefix"]) / statistics.mean(rate["prompt"])
-    print(f"prefix / prompt throughput: {ratio:.3f}x")
+    for m in kinds:
+        if m != "words":
+            ratio = statistics.mean(rate[m]) / statistics.mean(rate["words"])
+            print(f"{m} / words throughput: {ratio:.3f}x")
 
 
 if __name__ == "__main__":

@@ -392,3 +392,26 @@ def test_a_resumed_head_run_trains_the_same_prompt_and_head(tmp_path, tiny_model
     assert torch.equal(a.prompt, b.prompt)
     for k, v in a.head.tensors().items():
         assert torch.equal(b.head.tensors()[k], v), k
+
+
+def test_cv_and_seed_ensembles_run_head_adapters(tmp_path, tiny_model_dir, demo_train, demo_test):
+    """cv scores each fold's head, fits a bias and calibrates the final head run; --seeds 2
+    makes an ensemble of head adapters whose answer is the mean of its members'."""
+    from softprompt.pipeline import SoftPrompt
+
+    cv = tmp_path / "cv"
+    _cli("cv", "--data", str(demo_train), "--text-column", "Tweet text", "--label-column",
+         "Label", "--model", str(tiny_model_dir), "--epochs", "2", "--folds", "2",
+         "--head", "pooled", "--no-progress", "--out", str(cv))  # fmt: skip
+    report = json.loads((cv / "cv.json").read_text())
+    assert report["status"] == "done" and len(report["bias"]) == 2
+    final = SoftPrompt.load(str(cv / "final"))
+    assert final.predictor.members[0].head.kind == "pooled" and final.bias == report["bias"]
+    ens = tmp_path / "ens"
+    _cli(*train_args(demo_train, tiny_model_dir, ens, "--head", "linear", "--seeds", "2"))
+    both = SoftPrompt.load(str(ens), dtype="float32")  # 1e-5: float32's bound
+    texts = TEXTS
+    each = [SoftPrompt.load(str(ens / f"seed-{s}"), both.model, both.tokenizer) for s in (42, 43)]
+    mean = torch.stack([torch.tensor([list(r["probabilities"].values()) for r in sp.classify(texts)]) for sp in each]).mean(0)  # fmt: skip
+    got = torch.tensor([list(r["probabilities"].values()) for r in both.classify(texts)])
+    assert torch.allclose(got, mean, atol=1e-5)
