@@ -207,7 +207,7 @@ def test_unknown_preset_and_preset_with_resume(
     run_dir, tmp_path, tiny_model_dir, demo_train, capsys
 ):
     argv = train_args(demo_train, tiny_model_dir, tmp_path / "x", "--preset", "tiny-data")
-    cli_error(capsys, argv, "--preset 'tiny-data' is not a preset", "small-data")
+    cli_error(capsys, argv, "--preset", "invalid choice: 'tiny-data'", "small-data")
     assert not (tmp_path / "x").exists()
     cli_error(
         capsys,

@@ -8,55 +8,26 @@ from __future__ import annotations
 
 import logging
 import signal
-from pathlib import Path
 
 
-def run_server(
-    adapters: str,
-    *,
-    model: str | None = None,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    dtype: str = "auto",
-    device: str | None = None,
-    trust_remote_code: bool = False,
-    max_batch_size: int = 32,
-    max_wait_ms: float = 5.0,
-    kv_cache_mb: float = 256.0,
-    max_body_bytes: int = 1_000_000,
-    max_inputs: int = 1024,
-    stream_buffer: int = 256,
-    stream_timeout_s: float = 30.0,
-    log_level: str = "info",
-    drain_s: float = 60.0,
-    api_key: str | None = None,
-    allow_adapter_admin: bool = False,
-) -> None:
-    """Load the base model and every adapter under `adapters` that fits it, then serve until
-    SIGINT/SIGTERM: /health turns 503, new requests get 503, in-flight requests (at most
-    `drain_s` seconds) finish, then the server exits."""
+def run_server(config) -> None:
+    """Load the base model and every adapter under `config.adapters` (a `settings.ServeConfig`)
+    that fits it, then serve until SIGINT/SIGTERM: /health turns 503, new requests get 503,
+    in-flight requests (at most `config.drain_s` seconds) finish, then the server exits."""
     import uvicorn
 
     DrainingServer = _draining_server_class()
     from ..modeling.load import dtype_line, load_base
-    from .app import ServeConfig, create_app
+    from .app import create_app
 
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    logging.getLogger("softprompt.serve").info("%s", dtype_line(dtype, device))
+    level = config.log_level
+    logging.basicConfig(level=level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    logging.getLogger("softprompt.serve").info("%s", dtype_line(config.dtype, config.device))
     base, tokenizer, name = load_base(
-        model, dtype=dtype, device=device, trust_remote_code=trust_remote_code
-    )
-    config = ServeConfig(
-        adapters=Path(adapters),
-        max_batch_size=max_batch_size,
-        max_wait_ms=max_wait_ms,
-        kv_cache_mb=kv_cache_mb,
-        max_body_bytes=max_body_bytes,
-        max_inputs=max_inputs,
-        stream_buffer=stream_buffer,
-        stream_timeout_s=stream_timeout_s,
-        api_key=api_key,
-        allow_adapter_admin=allow_adapter_admin,
+        config.model,
+        dtype=config.dtype,
+        device=config.device,
+        trust_remote_code=config.trust_remote_code,
     )
     app = create_app(base, tokenizer, config, model_name=name)
     state = app.state.softprompt
@@ -69,10 +40,14 @@ def run_server(
     )
     server = DrainingServer(
         uvicorn.Config(
-            app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_s
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=level,
+            timeout_graceful_shutdown=config.drain_s,
         ),
         state,
-        drain_s,
+        config.drain_s,
     )
     server.run()
 

@@ -27,7 +27,6 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -43,62 +42,10 @@ from ..engine import ClassifyRow, Engine, GenerateRow, Predictor, PromptLogprobR
 from ..errors import SoftpromptError
 from .batcher import Batcher, Closed
 from .registry import load_predictor, scan_folder
+from .settings import ServeConfig
 from .text import TextStream, token_text
 
 log = logging.getLogger("softprompt.serve")
-
-
-@dataclass
-class ServeConfig:
-    """Server settings (each is a `softprompt serve` flag)."""
-
-    adapters: Path
-    """Folder whose sub-folders are adapters; an adapter's name is its folder's name (`--adapters`)."""
-    max_batch_size: int = 32
-    """Most rows (inputs) in one forward pass (`--max-batch-size`)."""
-    max_wait_ms: float = 5.0
-    """How long the first queued row waits for others to join its batch (`--max-wait-ms`)."""
-    kv_cache_mb: float = 256.0
-    """Budget for cached prompt keys/values, least recently used out first; at least the
-    adapter in use is kept (`--kv-cache-mb`)."""
-    max_body_bytes: int = 1_000_000
-    """Larger request bodies get 413 (`--max-body-bytes`)."""
-    max_inputs: int = 1024
-    """Most inputs (or prompts) in one request (`--max-inputs`)."""
-    stream_buffer: int = 256
-    """Most events a stream holds for a client that does not read them; when it is full the
-    stream's rows end (they stop taking decoding steps) (`--stream-buffer`)."""
-    stream_timeout_s: float = 30.0
-    """A stream whose client takes no data for this long is closed and its rows end
-    (`--stream-timeout-s`)."""
-    api_key: str | None = None
-    """If set, every request but `/health` and the playground page `/` needs
-    `Authorization: Bearer <key>` (`--api-key`, or the SOFTPROMPT_API_KEY environment variable)."""
-    allow_adapter_admin: bool = False
-    """Allow loading and unloading adapters over HTTP (`POST /v1/adapters`,
-    `DELETE /v1/adapters/{name}`); off by default (`--allow-adapter-admin`)."""
-
-    def validate(self) -> None:
-        """Every problem at once, naming the flag to change."""
-        problems = [
-            msg
-            for bad, msg in (
-                (self.max_batch_size < 1, "--max-batch-size must be at least 1"),
-                (self.max_wait_ms < 0, "--max-wait-ms must be 0 or more"),
-                (self.kv_cache_mb < 0, "--kv-cache-mb must be 0 or more"),
-                (self.max_body_bytes < 1, "--max-body-bytes must be at least 1"),
-                (self.max_inputs < 1, "--max-inputs must be at least 1"),
-                (self.stream_buffer < 1, "--stream-buffer must be at least 1"),
-                (self.stream_timeout_s <= 0, "--stream-timeout-s must be more than 0"),
-                (
-                    self.api_key is not None and not self.api_key.strip(),
-                    "--api-key (or SOFTPROMPT_API_KEY) is empty; give a key or leave it unset",
-                ),
-            )
-            if bad
-        ]
-        if problems:
-            raise SoftpromptError("; ".join(problems))
 
 
 class ApiError(Exception):
@@ -294,7 +241,6 @@ class ServerState:
         self.tokenizer = tokenizer
         self.config = config
         self.model_name = model_name
-        config.validate()
         self.root = Path(config.adapters).expanduser().resolve()
         if not self.root.is_dir():
             raise SoftpromptError(
