@@ -1252,7 +1252,23 @@ def _chrome():
     return webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver))
 
 
+def _shown(browser) -> dict[str, tuple[float, float]]:
+    """The page's classification: label -> (the probability it prints, its bar's width as a
+    share of the bar's track)."""
+    from selenium.webdriver.common.by import By
+
+    shown = {}
+    for row in browser.find_elements(By.CSS_SELECTOR, "#probabilities tr[data-label]"):
+        bar, track = (row.find_element(By.CSS_SELECTOR, c) for c in (".bar", ".track"))
+        assert track.is_displayed() and track.size["height"] > 0
+        share = bar.size["width"] / track.size["width"]
+        shown[row.get_attribute("data-label")] = (float(row.find_element(By.CSS_SELECTOR, ".prob").text), share)  # fmt: skip
+    return shown
+
+
 def test_playground_in_a_headless_browser(model, tokenizer, adapters_dir):
+    """The page opens on the first adapter that can classify (not the base model, listed first)
+    in classify mode, and shows each label's probability as a number and as a bar."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -1265,23 +1281,26 @@ def test_playground_in_a_headless_browser(model, tokenizer, adapters_dir):
             wait.until(
                 lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1"
             )
-            Select(browser.find_element(By.ID, "adapter")).select_by_value("gamma")
+            picker = Select(browser.find_element(By.ID, "adapter"))
+            assert picker.options[0].get_attribute("value") == "tiny"  # the base model: no labels
+            assert picker.first_selected_option.get_attribute("value") == "alpha"
+            assert browser.find_element(By.ID, "mode-classify").is_selected()
             browser.find_element(By.ID, "text").send_keys(TEXTS[0])
-            browser.find_element(By.ID, "run").click()
-            wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#probabilities td.prob"))
-            shown = {
-                row.get_attribute("data-label"): float(
-                    row.find_element(By.CSS_SELECTOR, ".prob").text
-                )
-                for row in browser.find_elements(By.CSS_SELECTOR, "#probabilities tr[data-label]")
-            }
-            want = _alone(model, tokenizer, adapters_dir, "gamma", [TEXTS[0]])[0]
-            assert set(shown) == {"yes", "no", "maybe so"}
-            for k, p in want["probabilities"].items():
-                assert abs(shown[k] - p) < 1e-4
-            assert browser.find_element(By.ID, "label").text == want["label"]
-            # completion mode
-            browser.find_element(By.ID, "mode-complete").click()
+            for name, labels in (("alpha", {"complaint", "no complaint"}), ("gamma", {"yes", "no", "maybe so"})):  # fmt: skip
+                picker.select_by_value(name)
+                browser.find_element(By.ID, "run").click()
+                n = len(labels)
+                wait.until(lambda b, n=n: len(b.find_elements(By.CSS_SELECTOR, "#probabilities td.prob")) == n)  # fmt: skip
+                shown = _shown(browser)
+                want = _alone(model, tokenizer, adapters_dir, name, [TEXTS[0]])[0]
+                assert set(shown) == labels
+                for k, p in want["probabilities"].items():
+                    assert abs(shown[k][0] - p) < 1e-4
+                    assert abs(shown[k][1] - p) < 0.02, (k, shown[k], p)  # the bar's length
+                assert browser.find_element(By.ID, "label").text == want["label"]
+            # the base model cannot classify: picking it switches to completion mode
+            picker.select_by_value("tiny")
+            assert browser.find_element(By.ID, "mode-complete").is_selected()
             browser.find_element(By.ID, "run").click()
             wait.until(lambda b: b.find_elements(By.ID, "completion"))
     finally:
