@@ -47,6 +47,15 @@ class AdapterConfig:
     """Allow models with custom code from the Hub (--trust-remote-code)."""
     progress: bool = True
     """Show progress bars and the dtype line on stderr (--progress / --no-progress)."""
+    subset: str | None = None
+    """Hub dataset configuration of --data (--subset)."""
+    split: str = "test"
+    """Hub dataset split of --data (--split)."""
+    output: str | None = None
+    """Write the results to this file: eval's metrics JSON, or predict's predictions as .csv or
+    .jsonl (default: printed as JSON lines) (--output)."""
+    overwrite: bool = False
+    """Replace --output if it exists (--overwrite)."""
 
 
 @dataclass
@@ -57,14 +66,6 @@ class EvalConfig(AdapterConfig):
     """Labeled data: a file or a Hub dataset id (--data)."""
     label_column: str | None = None
     """Column with the gold label (default: the training one) (--label-column)."""
-    subset: str | None = None
-    """Hub dataset configuration (--subset)."""
-    split: str = "test"
-    """Hub dataset split (--split)."""
-    output: str | None = None
-    """Also write the metrics JSON to this file (--output)."""
-    overwrite: bool = False
-    """Replace --output if it exists (--overwrite)."""
 
 
 @dataclass
@@ -75,14 +76,6 @@ class PredictConfig(AdapterConfig):
     """Texts to classify."""
     data: str | None = None
     """A file or Hub dataset id with a text column (--data)."""
-    subset: str | None = None
-    """Hub dataset configuration (--subset)."""
-    split: str = "test"
-    """Hub dataset split (--split)."""
-    output: str | None = None
-    """Write predictions to .csv or .jsonl (default: print JSON lines) (--output)."""
-    overwrite: bool = False
-    """Replace --output if it exists (--overwrite)."""
 
 
 @dataclass

@@ -57,7 +57,7 @@ def create_app(model, tokenizer, config: ServeConfig, model_name: str = "default
     app.include_router(api)
     app.include_router(public)
     add_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(body_limit, limit=config.max_body_bytes)
     app.add_middleware(RequestMetrics, state=state)  # outermost: counts 413s too
     app.openapi = lambda: _openapi(app)
     return app
@@ -83,27 +83,25 @@ def _openapi(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
-class BodyLimit:
+def body_limit(app, limit: int):
     """ASGI middleware: a request body over `limit` bytes gets 413 before anything reads it
     (by its Content-Length; a body without one is read here, up to the limit)."""
 
-    def __init__(self, app, limit: int):
-        self.app = app
-        self.limit = limit
+    async def too_big(scope, receive, send):
+        msg = f"request body is over the limit of {limit} bytes; send fewer or shorter inputs per request"  # fmt: skip
+        await error_response(413, msg, "request_too_large")(scope, receive, send)
 
-    async def __call__(self, scope, receive, send):
+    async def limited(scope, receive, send):
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            return await app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None:
-            try:
-                size = int(length)
-            except ValueError:
+            if not length.isdigit():
                 bad = error_response(400, "bad Content-Length header", "invalid_request_error")
                 return await bad(scope, receive, send)
-            if size > self.limit:
-                return await self._too_big(scope, receive, send)
-            return await self.app(scope, receive, send)
+            if int(length) > limit:
+                return await too_big(scope, receive, send)
+            return await app(scope, receive, send)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -111,19 +109,14 @@ class BodyLimit:
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.limit:
-                return await self._too_big(scope, receive, send)
+            if size > limit:
+                return await too_big(scope, receive, send)
             if not message.get("more_body"):
                 break
         body = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-        return await self.app(scope, lambda: _replay(body, receive), send)
+        return await app(scope, lambda: _replay(body, receive), send)
 
-    async def _too_big(self, scope, receive, send):
-        msg = (
-            f"request body is over the limit of {self.limit} bytes; send fewer or shorter inputs "
-            "per request"
-        )
-        await error_response(413, msg, "request_too_large")(scope, receive, send)
+    return limited
 
 
 async def _replay(body: list, receive):

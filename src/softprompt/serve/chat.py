@@ -25,13 +25,13 @@ from .text import TextStream
 
 
 class ServingChat(OpenAIServing):
+    """One generate row per request: the rendered messages, greedy or sampled."""
+
     id_prefix = "chatcmpl-"
 
-    async def create(
-        self, req: ChatRequest, request: Request
+    async def respond(
+        self, req: ChatRequest, request: Request, entry: Predictor, stops: list[str]
     ) -> ChatCompletionResponse | EventSourceResponse:
-        entry = self.predictor(req.model, request)
-        stops = self.stop_strings(req)
         max_tokens = req.max_completion_tokens or req.max_tokens
         ids = self._ids(entry, req.messages)
         left = self.state.context - entry.num_virtual_tokens - len(ids)

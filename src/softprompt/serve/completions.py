@@ -23,13 +23,14 @@ from .text import TextStream, token_text
 
 
 class ServingCompletion(OpenAIServing):
+    """One generate row per prompt (a request may send several), and with echo + logprobs a
+    prompt-scoring row per prompt in the same job."""
+
     id_prefix = "cmpl-"
 
-    async def create(
-        self, req: CompletionRequest, request: Request
+    async def respond(
+        self, req: CompletionRequest, request: Request, entry: Predictor, stops: list[str]
     ) -> CompletionResponse | EventSourceResponse:
-        entry = self.predictor(req.model, request)
-        stops = self.stop_strings(req)
         for flag, bad, what in (
             ("echo", req.echo and req.stream, "echo is not supported with stream"),
             ("best_of", req.best_of not in (None, 1), "best_of must be 1"),

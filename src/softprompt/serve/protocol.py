@@ -119,23 +119,26 @@ class UsageInfo(BaseModel):
     total_tokens: int
 
 
-class CompletionResponse(BaseModel):
+class Envelope(BaseModel):
+    """What every completion or chat response, and every chunk of their streams, starts with."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: str
     created: int
     model: str
+
+
+class CompletionResponse(Envelope):
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: UsageInfo
     warnings: list[str] | None = Omitted("Prompts that were cut to fit the context.")
 
 
-class CompletionStreamResponse(BaseModel):
+class CompletionStreamResponse(Envelope):
     """One server-sent event of a streamed completion (then `data: [DONE]`)."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = Omitted("Only in the last chunk, with include_usage.")
     warnings: list[str] | None = Omitted("Only in the first chunk.")
@@ -176,11 +179,8 @@ class ChatChoice(BaseModel):
     finish_reason: FinishReason
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(Envelope):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: UsageInfo
 
@@ -197,13 +197,10 @@ class ChatStreamChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionStreamResponse(BaseModel):
+class ChatCompletionStreamResponse(Envelope):
     """One server-sent event of a streamed chat answer (then `data: [DONE]`)."""
 
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = Omitted("Only in the last chunk, with include_usage.")
 

@@ -46,6 +46,15 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ the request
 
+    async def create(self, req, request: Request):
+        """The answer to a request: its model and the settings both endpoints take checked,
+        then the endpoint's own `respond`."""
+        entry = self.predictor(req.model, request)
+        return await self.respond(req, request, entry, self.stop_strings(req))
+
+    async def respond(self, req, request: Request, entry: Predictor, stops: list[str]):
+        raise NotImplementedError
+
     def predictor(self, name: str, request: Request) -> Predictor:
         """The adapter (or the base model) to generate with; an ensemble cannot."""
         entry = self.state.get(name)
