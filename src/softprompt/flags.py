@@ -90,7 +90,6 @@ def settings_fields(cls) -> dict[str, Setting]:
                 Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation,
                 REQUIRED if f.is_required() else f.get_default(call_default_factory=True),
                 f.description or "",
-                bool((f.json_schema_extra or {}).get("positional")),
             )
             for name, f in cls.model_fields.items()
         }
@@ -101,7 +100,7 @@ def settings_fields(cls) -> dict[str, Setting]:
         if f.metadata.get("required"):
             default = REQUIRED
         out[f.name] = Setting(
-            f.name, hints[f.name], default, docs.get(f.name, ""), f.metadata.get("positional")
+            f.name, hints[f.name], default, docs.get(f.name, ""), bool(f.metadata.get("positional"))
         )
     return out
 
