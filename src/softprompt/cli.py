@@ -21,8 +21,13 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import SoftpromptError
+
+if TYPE_CHECKING:  # each command's interface: its settings class
+    from .serve.settings import ServeConfig
+    from .settings import EvalConfig, PredictConfig, PushConfig
 
 HELP = {
     "train": "train a soft prompt; the --out folder becomes an adapter",
@@ -183,7 +188,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- eval and predict
 
 
-def _load(cfg):
+def _load(cfg: EvalConfig | PredictConfig):
     from .modeling.load import dtype_line
     from .pipeline import SoftPrompt
 
@@ -214,7 +219,7 @@ def _check_output(path: str | None, overwrite: bool) -> None:
         )
 
 
-def cmd_eval(cfg) -> int:
+def cmd_eval(cfg: EvalConfig) -> int:
     from .adapters import atomic_write_json
     from .data import check_labels, load_table
 
@@ -239,7 +244,7 @@ def cmd_eval(cfg) -> int:
     return 0
 
 
-def cmd_predict(cfg) -> int:
+def cmd_predict(cfg: PredictConfig) -> int:
     from .data import load_table
 
     if not cfg.texts and not cfg.data:
@@ -295,7 +300,7 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
     atomic_write_bytes(path, data.encode())
 
 
-def cmd_push(cfg) -> int:
+def cmd_push(cfg: PushConfig) -> int:
     from .adapters import push_to_hub
 
     url = push_to_hub(cfg.adapter, cfg.repo_id, private=cfg.private, token=cfg.token)
@@ -303,7 +308,7 @@ def cmd_push(cfg) -> int:
     return 0
 
 
-def cmd_serve(cfg) -> int:
+def cmd_serve(cfg: ServeConfig) -> int:
     from .serve import run_server
 
     run_server(cfg)
