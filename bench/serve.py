@@ -29,6 +29,14 @@ the mix over this loop's). Any failed request makes it exit 1.
 
     python bench/serve.py --mix --requests 2000 --clients 32
 
+`--server-src DIR` (repeatable) runs the server from another checkout's `src` folder, and
+`--rounds N` runs each of them N times, alternating (A, B, A, B, ...), with no PEFT: the
+throughput of two commits measured in the same run, e.g. a change against its base:
+
+    git archive d9b66fd | tar -x -C /tmp/base
+    OMP_NUM_THREADS=1 python bench/serve.py --server-cpus 1 --client-cpus 0 --dtype float32 \
+        --requests 1000 --server-src /tmp/base/src --server-src src --rounds 3
+
 By default the load generator and the server share the machine's cores. `--server-cpus 1
 --client-cpus 0` pins the server (and then PEFT, which runs in this process) to CPU 1 and the load
 generator to CPU 0, so both systems get the same core and the clients' own work is not charged to
@@ -166,9 +174,9 @@ async def load(url: str, requests: list[tuple[str, str]], clients: int) -> dict:
     }
 
 
-def start_server(args, folder: Path) -> tuple[subprocess.Popen, str]:
-    """`softprompt serve` on loopback (pinned to --server-cpus if given); returns once /health
-    is 200."""
+def start_server(args, folder: Path, src: Path = ROOT / "src") -> tuple[subprocess.Popen, str]:
+    """`softprompt serve` from the `src` folder given, on loopback (pinned to --server-cpus if
+    given); returns once /health is 200."""
     import httpx
 
     port = free_port()
@@ -176,8 +184,8 @@ def start_server(args, folder: Path) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "softprompt.cli", "serve", "--adapters", str(folder),
            "--port", str(port), "--max-batch-size", str(args.max_batch_size),
            "--max-wait-ms", str(args.max_wait_ms), "--kv-cache-mb", str(args.kv_cache_mb),
-           "--log-level", "warning", "--allow-adapter-admin"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+           "--dtype", args.dtype, "--log-level", "warning", "--allow-adapter-admin"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())}
     cpus = args.server_cpus
     if cpus:
         env["OMP_NUM_THREADS"] = str(len(cpus))
@@ -209,10 +217,10 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def run_softprompt(args, folder: Path, names: list[str], requests) -> dict:
+def run_softprompt(args, folder: Path, names: list[str], requests, src: Path = ROOT / "src") -> dict:  # fmt: skip
     import httpx
 
-    proc, url = start_server(args, folder)
+    proc, url = start_server(args, folder, src)
     out: dict = {}
     try:
         texts = [t for _, t in requests]
@@ -550,6 +558,23 @@ def cpu_list(text: str) -> list[int]:
     return cpus
 
 
+def run_rounds(args, folder: Path, names: list[str], requests) -> dict:
+    """Each --server-src's server on the same requests, --rounds times, alternating."""
+    srcs = [Path(x) for x in args.server_src]
+    runs = []
+    for r in range(args.rounds):
+        for src in srcs:
+            log(f"round {r + 1}: the server from {src}")
+            load = run_softprompt(args, folder, names, requests, src)["load"]
+            runs.append({"round": r + 1, "src": str(src), **{k: v for k, v in load.items() if k != "answers"}})  # fmt: skip
+            print(f"round {r + 1} {src}: {load['throughput_rps']:.2f} req/s, p50 {load['p50_ms']:.0f} ms, "
+                  f"p99 {load['p99_ms']:.0f} ms, failed {load['failed']}", flush=True)  # fmt: skip
+    means = {str(s): sum(x["throughput_rps"] for x in runs if x["src"] == str(s)) / args.rounds for s in srcs}  # fmt: skip
+    for s, m in means.items():
+        print(f"mean {s}: {m:.2f} req/s over {args.rounds} runs")
+    return {"runs": runs, "mean_rps": means}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -590,10 +615,17 @@ def main() -> None:
                    help="--mix: classify requests alone and again while long generations run")  # fmt: skip
     p.add_argument("--serial-requests", type=int, default=64,
                    help="--mix: generation requests of the mix sent again one at a time")  # fmt: skip
+    p.add_argument("--dtype", default="auto", help="the server's --dtype (auto: bfloat16 where the CPU has it)")  # fmt: skip
+    p.add_argument("--server-src", action="append", default=None,
+                   help="run the server from this src folder (repeatable: each in turn, no PEFT)")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=1, help="with --server-src: runs of each, alternating")  # fmt: skip
     p.add_argument("--out", default=None,
                    help="default: bench/results/serve.json (serve_mix.json with --mix)")  # fmt: skip
     args = p.parse_args()
-    args.out = args.out or str(ROOT / "bench" / "results" / ("serve_mix.json" if args.mix else "serve.json"))  # fmt: skip
+    name = (
+        "serve_mix.json" if args.mix else "serve_rounds.json" if args.server_src else "serve.json"
+    )
+    args.out = args.out or str(ROOT / "bench" / "results" / name)
     sys.path.insert(0, str(ROOT / "src"))
 
     suffix = "" if args.method == "prompt" else f"_{args.method}"
@@ -612,6 +644,12 @@ def main() -> None:
         raise SystemExit(1 if out["failed"] else 0)
     rng = random.Random(args.seed)
     requests = [(rng.choice(names), texts[i % len(texts)]) for i in range(args.requests)]
+    if args.server_src:
+        out = run_rounds(args, folder, names, requests)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"settings": vars(args), **out}, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        raise SystemExit(1 if any(r["failed"] for r in out["runs"]) else 0)
     peft_n = min(args.peft_requests or args.requests, args.requests)
 
     sp = run_softprompt(args, folder, names, requests)

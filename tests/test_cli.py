@@ -207,7 +207,7 @@ def test_unknown_preset_and_preset_with_resume(
     run_dir, tmp_path, tiny_model_dir, demo_train, capsys
 ):
     argv = train_args(demo_train, tiny_model_dir, tmp_path / "x", "--preset", "tiny-data")
-    cli_error(capsys, argv, "--preset 'tiny-data' is not a preset", "small-data")
+    cli_error(capsys, argv, "--preset", "invalid choice: 'tiny-data'", "small-data")
     assert not (tmp_path / "x").exists()
     cli_error(
         capsys,
@@ -370,6 +370,40 @@ def test_config_and_flag_errors_are_one_line(tmp_path, capsys):
     cli_error(capsys, ["train", "--epochs", "x"], "--epochs: expected an integer, got x")
     cli_error(capsys, ["train", "--epoch-count", "3"], "--epoch-count", "--help")
     cli_error(capsys, ["cv", "--seeds", "2"], "--seeds", "softprompt cv --help")
+
+
+def test_every_subcommand_checks_its_flags_in_one_line(tmp_path, capsys):
+    """eval, predict, push and serve take their flags from their settings classes: a wrong type
+    or choice, a missing value, an unknown flag is one line naming the flag, before any work."""
+    run = str(tmp_path)
+    cli_error(capsys, ["eval", run, "--data", "d.csv", "--batch-size", "x"], "--batch-size: expected an integer, got x")  # fmt: skip
+    cli_error(capsys, ["eval", run], "--data is required")
+    cli_error(capsys, ["predict", run, "hi", "--dtype", "f8"], "--dtype", "invalid choice: 'f8'")
+    cli_error(capsys, ["predict", run, "hi", "--max-new-tokens", "1.5", "--batch-size", "0.5"],
+              "--max-new-tokens: expected an integer, got 1.5", "--batch-size: expected an integer")  # fmt: skip
+    cli_error(capsys, ["predict", run, "hi", "--nope"], "unrecognized arguments: --nope", "softprompt predict --help")  # fmt: skip
+    cli_error(capsys, ["push", run], "repo_id")
+    cli_error(capsys, ["serve", "--adapters", run, "--port", "http"], "--port (or SOFTPROMPT_PORT): expected an integer, got http")  # fmt: skip
+    cli_error(capsys, ["serve", "--adapters", run, "--log-level", "loud"], "--log-level", "invalid choice")  # fmt: skip
+
+
+def test_predict_texts_are_taken_as_given():
+    """Texts with commas, brackets or JSON are one text each, wherever the flags stand."""
+    from softprompt.cli import parse_command
+
+    texts = ["no water, and the bill is paid", "[urgent] help", '{"a": 1}', "null"]
+    cfg = parse_command("predict", ["runs/x", texts[0], "--no-calibration", *texts[1:], "--ensemble", "runs/y"])  # fmt: skip
+    assert cfg.texts == texts and cfg.adapter == "runs/x" and cfg.ensemble == ["runs/y"]
+    assert cfg.calibration is False and cfg.progress is True and cfg.batch_size == 32
+
+
+def test_eval_help_comes_from_its_settings_class(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Labeled data: a file or a Hub dataset id (--data). (type: str, required)" in out
+    assert "--calibration, --no-calibration" in out and "{auto,float32,bfloat16,float16}" in out
 
 
 # --------------------------------------------------------------------------- eval

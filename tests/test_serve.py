@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -117,8 +118,8 @@ def test_mixed_batch_equals_each_request_alone(model, tokenizer, adapters_dir):
     ]
     assert pack_rows([len(r.ids) for r in rows])[0] < len(rows)  # rows share lanes
     for e in entries.values():  # the cached KV covers the prompt and the template's head
-        assert min(common_prefix_length([r.ids], e.head) for r in rows) > 0
-        assert engine.kv_cache.get(e.members[0], e.head)[0][0].shape[2] == e.num_virtual_tokens + len(e.head)  # fmt: skip
+        assert min(common_prefix_length([r.ids], e.template_head) for r in rows) > 0
+        assert engine.kv_cache.get(e.members[0], e.template_head)[0][0].shape[2] == e.num_virtual_tokens + len(e.template_head)  # fmt: skip
     mixed = engine.run(rows)
     for row, text, got in zip(rows, texts, mixed, strict=True):
         (alone,) = engine.run([row])
@@ -471,66 +472,90 @@ def test_stream_is_plain_sse_ending_in_done(chat_server):
     assert sum((x["text_offset"] for x in streamed), []) == want["text_offset"]
 
 
+class StepGate:
+    """Holds rows of the engine's decoding: while `hold(batch)` is true and `release` is not set,
+    a decoding step makes no token, and the worker goes on with everything else (new rows,
+    classify rows); `held` is set once it has held. The tests wait on these events: no sleep
+    or clock decides what they check."""
+
+    def __init__(self, state, hold):
+        self.real = state.engine.step
+        self.hold = hold
+        self.held = threading.Event()
+        self.release = threading.Event()
+        state.engine.step = self.step
+
+    def step(self, batch):
+        if not self.release.is_set() and self.hold(batch):
+            self.held.set()
+            time.sleep(0.001)  # the worker loops here until released
+            return []
+        return self.real(batch)
+
+
+def _waited(event: threading.Event) -> None:
+    assert event.wait(60), "the server never got there"
+
+
+def _until(condition, what: str) -> None:
+    """Wait (60 s at most) for a condition of the server to hold."""
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
 def test_short_requests_pass_a_long_generation(model, chat_tok, chat_dir):
     """A classify request and a short completion sent while a long generation decodes are
-    answered before it ends (they join between decoding steps)."""
+    answered before it ends: they join between decoding steps. The long one is held after its
+    first token until they are answered."""
     app = _app(model, chat_tok, chat_dir, max_wait_ms=0)
-    state = app.state.softprompt
-    real = state.engine.step
-
-    def slow_step(batch):
-        time.sleep(0.01)
-        return real(batch)
-
-    state.engine.step = slow_step
-    finished: dict[str, float] = {}
+    alone = lambda b: [r.predictor.name for r in b.rows] == ["tiny"] and len(b.toks[0]) >= 1  # noqa: E731
+    gate = StepGate(app.state.softprompt, alone)
 
     async def go(url):
         async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-
-            async def post(tag, path, body):
-                r = await c.post(path, json=body)
-                finished[tag] = time.monotonic()
-                return r
-
-            long = asyncio.ensure_future(post("long", "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 150, "temperature": 0}))  # fmt: skip
-            await asyncio.sleep(0.3)
-            short = await post("short", "/v1/completions", {"model": "alpha", "prompt": "hi", "max_tokens": 2, "temperature": 0})  # fmt: skip
-            cls = await post("classify", "/v1/classify", {"adapter": "alpha", "inputs": TEXTS})
+            long = asyncio.ensure_future(c.post("/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 150, "temperature": 0}))  # fmt: skip
+            await asyncio.to_thread(_waited, gate.held)  # decoding, held after its first token
+            short = await c.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 2, "temperature": 0})  # fmt: skip
+            cls = await c.post("/v1/classify", json={"adapter": "alpha", "inputs": TEXTS})
+            assert not long.done()  # the short ones passed it
+            gate.release.set()
             return await long, short, cls
 
     with running(app) as url:
         long, short, cls = asyncio.run(go(url))
     assert long.status_code == short.status_code == cls.status_code == 200
     assert long.json()["usage"]["completion_tokens"] == 150  # greedy: no end token before
-    assert finished["short"] < finished["long"] and finished["classify"] < finished["long"]
+    assert short.json()["usage"]["completion_tokens"] == 2
     ref = _alone(model, chat_tok, chat_dir, "alpha", TEXTS)
     for got, want in zip(cls.json()["results"], ref, strict=True):
         assert got["label"] == want["label"]
 
 
 def test_client_leaving_a_stream_ends_its_row_only(model, chat_tok, chat_dir):
+    """The stream's row is held at 5 tokens; its client leaves; once the server has seen it
+    leave, the row is let go: it ends without another token, and other requests are served."""
     app = _app(model, chat_tok, chat_dir, max_wait_ms=0)
     state = app.state.softprompt
     made: dict[str, int] = {}  # adapter -> most tokens a row of it reached
-    real = state.engine.step
 
-    def slow_step(batch):  # 5 ms a decoding step, and a note of each row's progress
-        time.sleep(0.005)
+    def hold(batch):
         for r, toks in zip(batch.rows, batch.toks, strict=True):
             made[r.predictor.name] = max(made.get(r.predictor.name, 0), len(toks))
-        made["rows"] = len(batch.rows)
-        return real(batch)
+        return made.get("tiny", 0) >= 5
 
-    state.engine.step = slow_step
-    long = {"model": "tiny", "prompt": "a", "max_tokens": 200, "temperature": 0.7, "stream": True}
+    gate = StepGate(state, hold)
+    long = {"model": "tiny", "prompt": "a", "max_tokens": 200, "temperature": 0, "stream": True}
     with running(app) as url:
         with httpx.stream("POST", f"{url}/v1/completions", json=long, timeout=30) as r:
-            got = 0
-            for line in r.iter_lines():
-                got += line.startswith("data: ")
-                if got == 3:
-                    break  # leave mid-stream
+            lines = r.iter_lines()  # (an iterator dropped early would close the stream)
+            assert next(lines).startswith("data: ")
+            _waited(gate.held)
+        # left mid-stream
+        metrics = lambda: httpx.get(f"{url}/metrics").text  # noqa: E731
+        _until(lambda: _metric(metrics(), "softprompt_client_disconnects_total") == 1, "the disconnect")  # fmt: skip
+        gate.release.set()
         other = httpx.post(
             f"{url}/v1/completions",
             json={"model": "alpha", "prompt": TEXTS[1], "max_tokens": 4, "temperature": 0},
@@ -540,10 +565,8 @@ def test_client_leaving_a_stream_ends_its_row_only(model, chat_tok, chat_dir):
         prompt = SoftPrompt.load(str(chat_dir / "alpha"), model, chat_tok).prompt
         want = _reference(model, chat_tok, prompt, chat_tok(TEXTS[1])["input_ids"], 4)
         assert other.json()["choices"][0]["text"] == chat_tok.decode(want, skip_special_tokens=True)
-        time.sleep(0.5)
-        assert made["tiny"] < 100, made  # the left stream's row ended soon after its client left
-        metrics = httpx.get(f"{url}/metrics").text
-        assert _metric(metrics, "softprompt_client_disconnects_total") == 1
+        assert made["tiny"] == 5, made  # the left stream's row took no step after it was let go
+        assert _metric(metrics(), "softprompt_client_disconnects_total") == 1
 
 
 def test_text_stream_holds_back_what_could_start_a_stop_string(tokenizer):
@@ -733,93 +756,103 @@ def _asgi_request(app, path: str, body: dict, sent: list, stall: asyncio.Event):
 
 
 def test_a_stream_whose_client_does_not_read_ends_and_blocks_nobody(model, chat_tok, chat_dir):
-    """A streaming client that never reads: its events fill the stream's buffer, its row
-    ends (stops taking decoding steps) and, after the write timeout, its response ends;
-    meanwhile other requests are answered."""
-    app = _app(model, chat_tok, chat_dir, max_wait_ms=0, stream_buffer=4, stream_timeout_s=1.5)
+    """A streaming client that never reads: its events fill the stream's buffer and its row
+    ends (stops taking decoding steps) while other requests are answered; once the client has
+    taken nothing for --stream-timeout-s, its response ends."""
+    app = _app(model, chat_tok, chat_dir, max_wait_ms=0, stream_buffer=4, stream_timeout_s=60)
     state = app.state.softprompt
     made: dict[str, int] = {}
     real = state.engine.step
 
-    def slow_step(batch):
-        time.sleep(0.005)
+    def step(batch):
         for r, toks in zip(batch.rows, batch.toks, strict=True):
             made[r.predictor.name] = max(made.get(r.predictor.name, 0), len(toks))
         return real(batch)
 
-    state.engine.step = slow_step
+    state.engine.step = step
     long = {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "max_tokens": 200,
-            "temperature": 0.7, "stream": True}  # fmt: skip
+            "temperature": 0, "stream": True}  # fmt: skip
 
     async def go():
         sent: list = []
-        stall = asyncio.Event()
-        start = time.monotonic()
+        stall = asyncio.Event()  # never set: the client reads nothing
         stuck = asyncio.ensure_future(_asgi_request(app, "/v1/chat/completions", long, sent, stall))
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as c:
-            await asyncio.sleep(0.3)
-            assert not stuck.done() and sent[0]["status"] == 200
+            metrics = lambda: c.get("/metrics")  # noqa: E731
+            while _metric((await metrics()).text, "softprompt_stalled_streams_total", why="buffer") < 1:  # fmt: skip
+                await asyncio.sleep(0.01)  # the buffer fills
             others = await asyncio.gather(
                 c.post("/v1/classify", json={"adapter": "alpha", "inputs": TEXTS}),
                 c.post("/v1/chat/completions", json={**long, "model": "alpha", "max_tokens": 5, "stream": False}),
                 c.post("/v1/completions", json={"model": "beta", "prompt": "hi", "max_tokens": 30, "temperature": 0}),
             )  # fmt: skip
-            answered = time.monotonic() - start
-            tokens_then = made["tiny"]
-            await asyncio.wait_for(stuck, 10)  # the write timeout ends the stalled response
-            ended = time.monotonic() - start
-            metrics = (await c.get("/metrics")).text
-        return others, answered, ended, tokens_then, sent, metrics
+            assert not stuck.done() and sent[0]["status"] == 200  # still open, 60 s to go
+            # a client that takes nothing for the timeout: its response ends there
+            state.config.stream_timeout_s = 0.2
+            stuck_too = asyncio.ensure_future(_asgi_request(app, "/v1/chat/completions", long, [], stall))  # fmt: skip
+            await asyncio.wait_for(stuck_too, 30)
+            text = (await metrics()).text
+            stuck.cancel()
+        return others, sent, text
 
-    others, answered, ended, tokens_then, sent, metrics = asyncio.run(go())
+    others, sent, metrics = asyncio.run(go())
     assert [r.status_code for r in others] == [200, 200, 200]
-    assert answered < 1.5  # while the stalled stream was still open
     assert others[2].json()["usage"]["completion_tokens"] == 30
-    # the buffer (4 events) filled: the row ended a few tokens in, long before 200
-    assert tokens_then < 20 and made["tiny"] == tokens_then, made
-    assert 1.5 <= ended < 5
+    # the buffer (4 events) filled: the rows ended a few tokens in, long before 200
+    assert made["tiny"] < 20, made
     assert sent[-1]["type"] == "http.response.body" and sent[-1].get("more_body")  # cut short
-    assert _metric(metrics, "softprompt_stalled_streams_total", why="buffer") == 1
+    assert _metric(metrics, "softprompt_stalled_streams_total", why="buffer") == 2
     assert _metric(metrics, "softprompt_stalled_streams_total", why="timeout") == 1
-    assert state.in_flight == 0 and state.batcher.queue_depth == 0
+    assert state.batcher.queue_depth == 0
 
 
 def test_unload_while_its_generation_runs(model, chat_tok, chat_dir):
-    """A streamed chat and a completion of an adapter unloaded mid-generation finish with the
-    answer they would have had; other adapters are served meanwhile; new requests for it 404."""
+    """A streamed chat and a completion of an adapter unloaded mid-generation (both held at
+    their third token until the unload is done) finish with the answer they would have had;
+    other adapters are served meanwhile; new requests for it 404."""
     app = _app(model, chat_tok, chat_dir, max_wait_ms=0, allow_adapter_admin=True)
     state = app.state.softprompt
-    real = state.engine.step
-
-    def slow_step(batch):
-        time.sleep(0.01)
-        return real(batch)
-
     chat = {"model": "eps", "messages": [{"role": "user", "content": TEXTS[0]}], "max_tokens": 40, "temperature": 0}  # fmt: skip
     done = {"model": "eps", "prompt": TEXTS[1], "max_tokens": 40, "temperature": 0}
     with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
         assert c.post("/v1/adapters", json={"path": "more/eps"}).status_code == 201
         want_chat = c.post("/v1/chat/completions", json=chat).json()["choices"][0]["message"]["content"]  # fmt: skip
         want_done = c.post("/v1/completions", json=done).json()["choices"][0]["text"]
-        state.engine.step = slow_step
-        box = {}
-        t = threading.Thread(target=lambda: box.setdefault("r", httpx.post(f"{url}/v1/completions", json=done, timeout=30)))  # fmt: skip
-        t.start()
-        pieces = []
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**chat, "stream": True}, timeout=30) as s:  # fmt: skip
-            for line in s.iter_lines():
-                if line.startswith("data: {"):
-                    pieces.append(json.loads(line[6:]))
-                if len(pieces) == 3 and "unloaded" not in box:
-                    box["unloaded"] = "r" not in box  # the completion still running
-                    assert c.delete("/v1/adapters/eps").json() == {"deleted": "eps"}
-                    r = c.post("/v1/completions", json=done)
-                    assert r.status_code == 404 and "eps" not in _err(r)["known_adapters"]
-                    r = c.post("/v1/classify", json={"adapter": "alpha", "inputs": TEXTS})
-                    assert r.status_code == 200
-        t.join(30)
-    assert box["unloaded"] is True  # the unload came while the completion ran
+
+        def both(b) -> bool:  # both rows of eps decoding, 3 tokens in
+            return len(b.rows) == 2 and all(
+                r.predictor.name == "eps" and len(t) >= 3
+                for r, t in zip(b.rows, b.toks, strict=True)
+            )
+
+        gate = StepGate(state, both)
+        box: dict = {}
+
+        def stream():
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json={**chat, "stream": True}, timeout=30) as s:  # fmt: skip
+                box["pieces"] = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: {")]  # fmt: skip
+
+        threads = [
+            threading.Thread(target=stream),
+            threading.Thread(
+                target=lambda: box.setdefault(
+                    "r", httpx.post(f"{url}/v1/completions", json=done, timeout=30)
+                )
+            ),  # fmt: skip
+        ]
+        for t in threads:
+            t.start()
+        _waited(gate.held)  # both generating, held
+        assert c.delete("/v1/adapters/eps").json() == {"deleted": "eps"}
+        r = c.post("/v1/completions", json=done)
+        assert r.status_code == 404 and "eps" not in _err(r)["known_adapters"]
+        r = c.post("/v1/classify", json={"adapter": "alpha", "inputs": TEXTS})
+        assert r.status_code == 200
+        gate.release.set()
+        for t in threads:
+            t.join(30)
+    pieces = box["pieces"]
     assert not any("error" in p for p in pieces)
     assert "".join(p["choices"][0]["delta"].get("content") or "" for p in pieces if p["choices"]) == want_chat  # fmt: skip
     assert box["r"].status_code == 200 and box["r"].json()["choices"][0]["text"] == want_done
@@ -975,31 +1008,33 @@ def slow_server(model, tokenizer, adapters_dir):
         model, tokenizer, adapters_dir, max_wait_ms=300, max_batch_size=64, allow_adapter_admin=True
     )
     with running(app) as url:
-        yield url
+        yield SimpleNamespace(url=url, state=app.state.softprompt)
 
 
-def test_concurrent_requests_share_a_batch_and_match_alone(
-    slow_server, model, tokenizer, adapters_dir
-):
+def test_concurrent_requests_share_a_batch_and_match_alone(model, tokenizer, adapters_dir):
+    """Requests sent together share one batch: it holds exactly their 6 rows (--max-batch-size
+    6), and waits for them as long as it takes (--max-wait-ms of a minute)."""
     jobs = [("alpha", TEXTS[:2]), ("gamma", TEXTS[2:]), ("beta", [TEXTS[1]]), ("alpha", [LONG])]
+    app = _app(model, tokenizer, adapters_dir, max_wait_ms=60_000, max_batch_size=6)
 
-    async def go():
-        async with httpx.AsyncClient(base_url=slow_server, timeout=30) as c:
+    async def go(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
             return await asyncio.gather(
                 *(c.post("/v1/classify", json={"adapter": a, "inputs": x}) for a, x in jobs)
             )
 
-    before = httpx.get(f"{slow_server}/metrics").text
-    replies = asyncio.run(go())
+    with running(app) as url:
+        replies = asyncio.run(go(url))
+        metrics = httpx.get(f"{url}/metrics").text
     for (name, texts), r in zip(jobs, replies, strict=True):
         assert r.status_code == 200, r.text
         for got, want in zip(r.json()["results"], _alone(model, tokenizer, adapters_dir, name, texts), strict=True):  # fmt: skip
             assert got["label"] == want["label"]
             for k, p in want["probabilities"].items():
                 assert abs(got["probabilities"][k] - p) < 1e-5
-    after = httpx.get(f"{slow_server}/metrics").text
-    assert _metric(after, "softprompt_batch_adapters_sum") - _metric(before, "softprompt_batch_adapters_sum") >= 3  # fmt: skip
-    assert _metric(after, "softprompt_batch_adapters_count") - _metric(before, "softprompt_batch_adapters_count") == 1  # fmt: skip
+    assert _metric(metrics, "softprompt_batch_adapters_count") == 1
+    assert _metric(metrics, "softprompt_batch_adapters_sum") == 3
+    assert _metric(metrics, "softprompt_batch_rows_sum") == 6
 
 
 def _metric(text: str, name: str, **labels) -> float:
@@ -1016,7 +1051,7 @@ def _metric(text: str, name: str, **labels) -> float:
 
 def test_openai_client_completions(slow_server, model, tokenizer, adapters_dir):
     openai = pytest.importorskip("openai")
-    c = openai.OpenAI(base_url=f"{slow_server}/v1", api_key="unused", timeout=30, max_retries=0)
+    c = openai.OpenAI(base_url=f"{slow_server.url}/v1", api_key="unused", timeout=30, max_retries=0)
     assert {m.id for m in c.models.list()} == {"tiny", "alpha", "beta", "gamma", "delta"}
     out = c.completions.create(model="gamma", prompt=TEXTS[0], max_tokens=5, temperature=0)
     prompt = SoftPrompt.load(str(adapters_dir / "gamma"), model, tokenizer).prompt
@@ -1042,40 +1077,67 @@ def test_openai_client_completions(slow_server, model, tokenizer, adapters_dir):
         c.completions.create(model="nope", prompt="hi")
 
 
+def _on_submit(state, adapter: str) -> threading.Event:
+    """An event set once a request for `adapter` is queued in the batcher."""
+    queued, real = threading.Event(), state.batcher.submit
+
+    def submit(rows):
+        job = real(rows)
+        if rows[0].predictor.name == adapter:
+            queued.set()
+        return job
+
+    state.batcher.submit = submit
+    return queued
+
+
 def test_unload_while_requests_are_queued(slow_server):
-    with httpx.Client(base_url=slow_server, timeout=30) as c:
+    queued = _on_submit(slow_server.state, "eps")
+    with httpx.Client(base_url=slow_server.url, timeout=30) as c:
         assert c.post("/v1/adapters", json={"path": "more/eps"}).status_code == 201
         box = {}
         t = threading.Thread(target=lambda: box.setdefault("r", c.post("/v1/classify", json={"adapter": "eps", "inputs": TEXTS})))  # fmt: skip
         t.start()
-        time.sleep(0.1)  # queued, waiting for its batch
+        _waited(queued)
         assert c.delete("/v1/adapters/eps").status_code == 200
         t.join(30)
         assert box["r"].status_code == 200  # queued before the unload: it finishes
         assert c.post("/v1/classify", json={"adapter": "eps", "inputs": ["x"]}).status_code == 404
         assert c.get("/health").json()["kv_cache"]["entries"] <= 4
+    del slow_server.state.batcher.submit
 
 
 def test_client_disconnect_does_not_hurt_others(slow_server):
-    before = _metric(
-        httpx.get(f"{slow_server}/metrics").text, "softprompt_client_disconnects_total"
-    )
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(
-            f"{slow_server}/v1/classify", json={"adapter": "beta", "inputs": TEXTS}, timeout=0.05
-        )
-    r = httpx.post(
-        f"{slow_server}/v1/classify", json={"adapter": "beta", "inputs": TEXTS}, timeout=30
-    )
+    """A client leaves while its rows are in the model (held there until the server has seen it
+    leave): its request is counted as 499 and a disconnect; the next request is answered."""
+    url, state = slow_server.url, slow_server.state
+    entered, release, real = threading.Event(), threading.Event(), state.engine.run
+
+    def run(rows):
+        if rows[0].predictor.name == "beta" and not release.is_set():
+            entered.set()
+            release.wait(60)
+        return real(rows)
+
+    state.engine.run = run
+    metrics = lambda: httpx.get(f"{url}/metrics").text  # noqa: E731
+    before = _metric(metrics(), "softprompt_client_disconnects_total")
+
+    async def leave():
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            r = asyncio.ensure_future(c.post("/v1/classify", json={"adapter": "beta", "inputs": TEXTS}))  # fmt: skip
+            await asyncio.to_thread(_waited, entered)
+            r.cancel()  # the client goes away
+
+    try:
+        asyncio.run(leave())
+        _until(lambda: _metric(metrics(), "softprompt_client_disconnects_total") == before + 1, "the disconnect")  # fmt: skip
+    finally:
+        release.set()
+        del state.engine.run
+    r = httpx.post(f"{url}/v1/classify", json={"adapter": "beta", "inputs": TEXTS}, timeout=30)
     assert r.status_code == 200
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        text = httpx.get(f"{slow_server}/metrics").text
-        if _metric(text, "softprompt_client_disconnects_total") > before:
-            break
-        time.sleep(0.05)
-    assert _metric(text, "softprompt_client_disconnects_total") == before + 1
-    assert _metric(text, "softprompt_requests_total", adapter="beta", status="499") >= 1
+    assert _metric(metrics(), "softprompt_requests_total", adapter="beta", status="499") >= 1
 
 
 def _wait_ready(proc, url: str, log: Path) -> None:
@@ -1090,26 +1152,60 @@ def _wait_ready(proc, url: str, log: Path) -> None:
         time.sleep(0.1)
 
 
-def test_cli_serve_sigint_finishes_in_flight_requests(tiny_model_dir, adapters_dir, tmp_path):
+def _half_sent(port: int, path: str, body: dict, headers: dict) -> tuple[socket.socket, bytes]:
+    """A request sent but for the last byte of its body: in flight until the rest is sent."""
+    data = json.dumps(body).encode()
+    head = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json",
+            f"Content-Length: {len(data)}", *(f"{k}: {v}" for k, v in headers.items())]  # fmt: skip
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data[:-1])
+    return sock, data[-1:]
+
+
+def _refused(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/health", timeout=5)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("sig, key", [(signal.SIGINT, None), (signal.SIGTERM, "k3y")])
+def test_cli_serve_drains_on_a_signal_then_exits(sig, key, tiny_model_dir, adapters_dir, tmp_path):
+    """SIGINT or SIGTERM: uvicorn's graceful shutdown stops taking connections, the request in
+    flight still gets its answer, then the process exits 0. (With SIGTERM the key comes from
+    SOFTPROMPT_API_KEY.) The request is held in flight by the last byte of its body."""
+    import http.client
+
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    env.pop("SOFTPROMPT_API_KEY", None)
+    auth = {}
+    if key:
+        env["SOFTPROMPT_API_KEY"] = key
+        auth = {"Authorization": f"Bearer {key}"}
     cmd = [sys.executable, "-m", "softprompt.cli", "serve", "--model", str(tiny_model_dir),
-           "--adapters", str(adapters_dir), "--port", str(port), "--max-wait-ms", "700",
-           "--log-level", "warning"]  # fmt: skip
+           "--adapters", str(adapters_dir), "--port", str(port), "--log-level", "warning"]  # fmt: skip
     log = tmp_path / "serve.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(proc, url, log)
-        box = {}
-        t = threading.Thread(target=lambda: box.setdefault("r", httpx.post(f"{url}/v1/classify", json={"adapter": "alpha", "inputs": TEXTS}, timeout=30)))  # fmt: skip
-        t.start()
-        time.sleep(0.2)  # the request waits in the batcher
-        proc.send_signal(signal.SIGINT)
-        t.join(30)
-        assert box["r"].status_code == 200, box["r"].text
-        assert len(box["r"].json()["results"]) == 4
+        if key:
+            assert httpx.get(f"{url}/v1/models", timeout=5).status_code == 401
+        body = {"adapter": "alpha", "inputs": TEXTS}
+        sock, rest = _half_sent(port, "/v1/classify", body, auth)
+        _until(lambda: httpx.get(f"{url}/health", timeout=5).json()["in_flight"] == 1, "the request")  # fmt: skip
+        proc.send_signal(sig)
+        _until(lambda: _refused(url), "the server to stop taking connections")
+        assert proc.poll() is None  # draining: the request is in flight
+        sock.sendall(rest)
+        reply = http.client.HTTPResponse(sock)
+        reply.begin()
+        assert reply.status == 200
+        assert len(json.loads(reply.read())["results"]) == 4
+        sock.close()
         assert proc.wait(30) == 0, log.read_text()
         assert "refused adapter wide" in log.read_text()
     finally:
@@ -1125,44 +1221,6 @@ def test_health_is_503_while_loading(model, tokenizer, adapters_dir):
     with TestClient(app) as c:
         r = c.get("/health")
         assert r.status_code == 200 and r.json()["status"] == "ok"
-
-
-def test_cli_serve_sigterm_drains_then_exits(tiny_model_dir, adapters_dir, tmp_path):
-    """SIGTERM: /health turns 503 and new requests get 503 at once, the request in flight still
-    gets its answer, then the process exits 0. The key comes from SOFTPROMPT_API_KEY."""
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
-           "OMP_NUM_THREADS": "1", "SOFTPROMPT_API_KEY": "k3y"}  # fmt: skip
-    cmd = [sys.executable, "-m", "softprompt.cli", "serve", "--model", str(tiny_model_dir),
-           "--adapters", str(adapters_dir), "--port", str(port), "--max-wait-ms", "2500",
-           "--log-level", "warning"]  # fmt: skip
-    log = tmp_path / "serve.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    auth = {"Authorization": "Bearer k3y"}
-    try:
-        _wait_ready(proc, url, log)
-        assert httpx.get(f"{url}/v1/models", timeout=5).status_code == 401
-        box = {}
-        t = threading.Thread(target=lambda: box.setdefault("r", httpx.post(f"{url}/v1/classify", json={"adapter": "alpha", "inputs": TEXTS}, headers=auth, timeout=30)))  # fmt: skip
-        t.start()
-        time.sleep(0.3)  # the request waits in the batcher (2.5 s)
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        health = httpx.get(f"{url}/health", timeout=5)
-        assert health.status_code == 503 and health.json()["status"] == "draining"
-        late = httpx.post(f"{url}/v1/classify", json={"adapter": "alpha", "inputs": ["x"]}, headers=auth, timeout=5)  # fmt: skip
-        assert late.status_code == 503 and "shutting down" in _err(late)["message"]
-        assert proc.poll() is None  # still draining
-        t.join(30)
-        assert box["r"].status_code == 200, box["r"].text
-        assert len(box["r"].json()["results"]) == 4
-        assert proc.wait(30) == 0, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_cli_serve_without_extra_names_the_extra(monkeypatch, capsys, tmp_path):
@@ -1194,7 +1252,23 @@ def _chrome():
     return webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver))
 
 
+def _shown(browser) -> dict[str, tuple[float, float]]:
+    """The page's classification: label -> (the probability it prints, its bar's width as a
+    share of the bar's track)."""
+    from selenium.webdriver.common.by import By
+
+    shown = {}
+    for row in browser.find_elements(By.CSS_SELECTOR, "#probabilities tr[data-label]"):
+        bar, track = (row.find_element(By.CSS_SELECTOR, c) for c in (".bar", ".track"))
+        assert track.is_displayed() and track.size["height"] > 0
+        share = bar.size["width"] / track.size["width"]
+        shown[row.get_attribute("data-label")] = (float(row.find_element(By.CSS_SELECTOR, ".prob").text), share)  # fmt: skip
+    return shown
+
+
 def test_playground_in_a_headless_browser(model, tokenizer, adapters_dir):
+    """The page opens on the first adapter that can classify (not the base model, listed first)
+    in classify mode, and shows each label's probability as a number and as a bar."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -1207,23 +1281,26 @@ def test_playground_in_a_headless_browser(model, tokenizer, adapters_dir):
             wait.until(
                 lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1"
             )
-            Select(browser.find_element(By.ID, "adapter")).select_by_value("gamma")
+            picker = Select(browser.find_element(By.ID, "adapter"))
+            assert picker.options[0].get_attribute("value") == "tiny"  # the base model: no labels
+            assert picker.first_selected_option.get_attribute("value") == "alpha"
+            assert browser.find_element(By.ID, "mode-classify").is_selected()
             browser.find_element(By.ID, "text").send_keys(TEXTS[0])
-            browser.find_element(By.ID, "run").click()
-            wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#probabilities td.prob"))
-            shown = {
-                row.get_attribute("data-label"): float(
-                    row.find_element(By.CSS_SELECTOR, ".prob").text
-                )
-                for row in browser.find_elements(By.CSS_SELECTOR, "#probabilities tr[data-label]")
-            }
-            want = _alone(model, tokenizer, adapters_dir, "gamma", [TEXTS[0]])[0]
-            assert set(shown) == {"yes", "no", "maybe so"}
-            for k, p in want["probabilities"].items():
-                assert abs(shown[k] - p) < 1e-4
-            assert browser.find_element(By.ID, "label").text == want["label"]
-            # completion mode
-            browser.find_element(By.ID, "mode-complete").click()
+            for name, labels in (("alpha", {"complaint", "no complaint"}), ("gamma", {"yes", "no", "maybe so"})):  # fmt: skip
+                picker.select_by_value(name)
+                browser.find_element(By.ID, "run").click()
+                n = len(labels)
+                wait.until(lambda b, n=n: len(b.find_elements(By.CSS_SELECTOR, "#probabilities td.prob")) == n)  # fmt: skip
+                shown = _shown(browser)
+                want = _alone(model, tokenizer, adapters_dir, name, [TEXTS[0]])[0]
+                assert set(shown) == labels
+                for k, p in want["probabilities"].items():
+                    assert abs(shown[k][0] - p) < 1e-4
+                    assert abs(shown[k][1] - p) < 0.02, (k, shown[k], p)  # the bar's length
+                assert browser.find_element(By.ID, "label").text == want["label"]
+            # the base model cannot classify: picking it switches to completion mode
+            picker.select_by_value("tiny")
+            assert browser.find_element(By.ID, "mode-complete").is_selected()
             browser.find_element(By.ID, "run").click()
             wait.until(lambda b: b.find_elements(By.ID, "completion"))
     finally:
@@ -1246,14 +1323,12 @@ def test_playground_chat_streams_the_answer(model, chat_tok, chat_dir, tmp_path)
 
     pytest.importorskip("PIL")
     app = _app(model, chat_tok, chat_dir, max_wait_ms=0, api_key="s3cret")
-    state = app.state.softprompt
-    real = state.engine.step
 
-    def slow_step(batch):  # 20 ms a token: the page sees the answer grow
-        time.sleep(0.02)
-        return real(batch)
+    def some_text(batch) -> bool:  # hold the answer once some of it was sent to the page
+        return any(r.on_token.__self__.sent > 0 for r in batch.rows)  # (its TextStream)
 
-    state.engine.step = slow_step
+    gate = StepGate(app.state.softprompt, some_text)
+    gate.release.set()  # not for the reference answer
     message = TEXTS[2]
     browser = _chrome()
     try:
@@ -1286,21 +1361,21 @@ def test_playground_chat_streams_the_answer(model, chat_tok, chat_dir, tmp_path)
             before = conversation.screenshot_as_png
             (tmp_path / "chat-before.png").write_bytes(before)
             browser.find_element(By.ID, "text").send_keys(message)
+            gate.release.clear()
             browser.find_element(By.ID, "run").click()
             js = "const a = document.getElementById('answer'); return a ? a.textContent : null;"
             text = lambda b: b.execute_script(js)  # noqa: E731
-            seen = set()
-
-            def finished(b):
-                seen.add(text(b))
-                return b.find_elements(By.CSS_SELECTOR, "#answer[data-answer-done]")
-
-            WebDriverWait(browser, 60, poll_frequency=0.01).until(finished)
+            _waited(gate.held)
+            wait.until(lambda b: text(b))  # the answer so far, while the model is held
+            partial = text(browser)
+            assert partial != want and want.startswith(partial), partial
+            assert not browser.find_elements(By.CSS_SELECTOR, "#answer[data-answer-done]")
+            gate.release.set()
+            WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#answer[data-answer-done]"))  # fmt: skip
             assert not browser.find_elements(By.ID, "error")
             assert text(browser) == want
             answer = browser.find_element(By.ID, "answer")
             assert int(answer.get_attribute("data-pieces")) > 1  # token by token, not at once
-            assert len(seen - {None, "", want}) >= 1, seen  # the page showed a partial answer
             assert browser.find_element(By.CSS_SELECTOR, ".msg.user .content").text == message
             shot = answer.screenshot_as_png
             (tmp_path / "chat-answer.png").write_bytes(shot)
@@ -1329,3 +1404,96 @@ def test_bad_settings_are_reported_together(model, tokenizer, tmp_path):
         _app(model, tokenizer, tmp_path, max_batch_size=0, kv_cache_mb=-1)
     with pytest.raises(SoftpromptError, match="no such folder"):
         _app(model, tokenizer, tmp_path / "missing")
+
+
+def test_a_request_the_engine_refuses_is_a_400_with_its_message(model, chat_tok, chat_dir):
+    """When the engine raises SoftpromptError for a request (here: beta, as an adapter that
+    cannot generate text would), that request gets 400 with the one-line message, streamed or
+    not; a request batched with it is answered as usual."""
+    from softprompt.errors import SoftpromptError
+
+    app = _app(model, chat_tok, chat_dir, max_wait_ms=0)
+    engine = app.state.softprompt.engine
+    why = "beta cannot generate text: it is a classification head; use /v1/classify"
+    real_begin, real_run = engine.begin, engine.run
+
+    def begin(rows):
+        if any(r.predictor.name == "beta" for r in rows):
+            raise SoftpromptError(why)
+        return real_begin(rows)
+
+    def run(rows):
+        if any(r.predictor.name == "gamma" for r in rows):
+            raise SoftpromptError("gamma: " + why)
+        return real_run(rows)
+
+    engine.begin, engine.run = begin, run
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    with TestClient(app) as c:
+        for path, body in (
+            ("/v1/completions", {"model": "beta", "prompt": "hi", "max_tokens": 3}),
+            ("/v1/completions", {"model": "beta", "prompt": "hi", "max_tokens": 3, "stream": True}),
+            ("/v1/chat/completions", {"model": "beta", **chat}),
+            ("/v1/chat/completions", {"model": "beta", **chat, "stream": True}),
+            ("/v1/classify", {"adapter": "gamma", "inputs": TEXTS}),
+        ):
+            r = c.post(path, json=body)
+            assert r.status_code == 400, (path, body, r.text)
+            assert why in _err(r)["message"] and "\n" not in _err(r)["message"]
+            assert _err(r)["type"] == "invalid_request_error"
+        assert c.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "max_tokens": 3}).status_code == 200  # fmt: skip
+        assert c.post("/v1/classify", json={"adapter": "alpha", "inputs": TEXTS}).status_code == 200  # fmt: skip
+
+    # in one batch with a request the engine takes, only the refused one fails
+    from softprompt.serve.batcher import Batcher
+
+    batcher = Batcher(engine, max_wait_ms=0)
+    state = app.state.softprompt
+    rows = {n: state.engine.encode(state.entries[n], TEXTS[0])[0] for n in ("alpha", "gamma")}
+    from softprompt.engine import ClassifyRow
+
+    async def both():
+        jobs = [batcher.submit([ClassifyRow(state.entries[n], ids)]) for n, ids in rows.items()]
+        batcher.start()
+        return await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+
+    ok, refused = asyncio.run(both())
+    batcher.close()
+    assert isinstance(refused, SoftpromptError) and why in str(refused)
+    assert len(ok[0]) == 2
+
+
+def test_docs_describe_every_request_response_and_stream_chunk(client):
+    schema = client.get("/openapi.json").json()
+    names = set(schema["components"]["schemas"])
+    for model in ("ClassifyRequest", "ClassifyResponse", "CompletionRequest", "CompletionResponse",
+                  "CompletionStreamResponse", "ChatRequest", "ChatCompletionResponse",
+                  "ChatCompletionStreamResponse", "ModelList", "ModelCard", "LoadRequest",
+                  "LoadResponse", "DeleteResponse", "Health", "ErrorResponse"):  # fmt: skip
+        assert model in names, model
+    ok = schema["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    assert ok["application/json"]["schema"]["$ref"].endswith("/ChatCompletionResponse")
+    assert ok["text/event-stream"]["schema"]["$ref"].endswith("/ChatCompletionStreamResponse")
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_settings_come_from_flags_then_environment_variables(monkeypatch, tmp_path):
+    from softprompt.cli import parse_command
+    from softprompt.errors import SoftpromptError
+    from softprompt.serve.settings import ServeConfig
+
+    monkeypatch.setenv("SOFTPROMPT_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("SOFTPROMPT_API_KEY", "from-env")
+    monkeypatch.setenv("SOFTPROMPT_PORT", "")  # empty: unset
+    cfg = parse_command("serve", ["--adapters", str(tmp_path), "--api-key", "from-flag"])
+    assert isinstance(cfg, ServeConfig)
+    assert (cfg.max_batch_size, cfg.api_key, cfg.port) == (7, "from-flag", 8000)
+    assert parse_command("serve", ["--adapters", str(tmp_path)]).api_key == "from-env"
+    monkeypatch.setenv("SOFTPROMPT_MAX_WAIT_MS", "soon")
+    with pytest.raises(SoftpromptError) as e:
+        parse_command("serve", ["--adapters", str(tmp_path), "--max-batch-size", "0"])
+    assert "--max-batch-size (or SOFTPROMPT_MAX_BATCH_SIZE) must be at least 1 (got 0)" in str(e.value)  # fmt: skip
+    assert "--max-wait-ms (or SOFTPROMPT_MAX_WAIT_MS): expected a number, got soon" in str(e.value)
+    with pytest.raises(SoftpromptError, match="invalid choice: 'loud'"):
+        parse_command("serve", ["--adapters", str(tmp_path), "--log-level", "loud"])

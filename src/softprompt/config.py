@@ -6,27 +6,35 @@ No torch here: the command line parses settings before anything heavy is importe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields
+from functools import cache
+from typing import Literal, get_args, get_origin
 
 from .errors import SoftpromptError
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 """`--dtype` choices for the frozen base model (auto: bfloat16 where the hardware has it)."""
+DTYPE_CHOICES = get_args(Dtype)
 
-METHODS = ("prompt", "prefix")
+Method = Literal["prompt", "prefix"]
 """`--method` choices: prompt tuning, or deep prompts (prefix tuning)."""
+METHODS = get_args(Method)
 
-INIT_METHODS = ("text", "labels", "vocab", "random")
+Init = Literal["text", "labels", "vocab", "random"]
 """`--init` choices: text (the guide's default), labels (Lester et al.'s class-label init),
 vocab (embeddings of sampled vocabulary tokens), random (normal, scaled like the embeddings)."""
+INIT_METHODS = get_args(Init)
 
-REPARAM_METHODS = ("none", "mlp")
+Reparam = Literal["none", "mlp"]
 """`--reparam` choices: the prompt itself, or P-tuning's residual MLP over it."""
+REPARAM_METHODS = get_args(Reparam)
 
-HEADS = ("none", "linear", "pooled")
+Head = Literal["none", "linear", "pooled"]
 """`--head` choices: none (label words: the LM head's logits for each label's tokens), linear
 (a trained `score` layer on the final layer's state at the last token: PEFT's SEQ_CLS), pooled
 (a trained layer on mean-pooled middle layers; softprompt's own)."""
+HEADS = get_args(Head)
 
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 """`--report-to` choices (comma-separated for several)."""
@@ -69,7 +77,7 @@ class TrainConfig:
     """Maximum tokens of input + label; the text is cut to fit, never the label (--max-length)."""
     num_virtual_tokens: int = 8
     """Length of the soft prompt (--num-virtual-tokens)."""
-    method: str = "prompt"
+    method: Method = "prompt"
     """prompt: input embeddings in front of the text (prompt tuning, hidden-size numbers per
     virtual token: 576 on the built-in model); prefix: keys and values in every layer (prefix
     tuning / P-tuning v2, PEFT's PREFIX_TUNING), layers x 2 x key/value width numbers per virtual
@@ -84,7 +92,7 @@ class TrainConfig:
     """More soft tokens, placed right after the text instead of before it (--suffix-tokens). They
     see the whole text, so they can gather it for the label (docs/accuracy.md). Such adapters
     load in softprompt only (PEFT refuses them); 0 gives a plain PEFT prompt-tuning adapter."""
-    head: str = "none"
+    head: Head = "none"
     """How the label is read: none (label words, scored through the LM head), linear (a
     classification head on the final layer's state at the last token, started from the label
     words' rows of the LM head: PEFT's SEQ_CLS form), or pooled (a head on the mean of the text's
@@ -92,12 +100,12 @@ class TrainConfig:
     (--head)."""
     head_lr: float = 1e-3
     """AdamW learning rate of the classification head (--head-lr)."""
-    init: str = "text"
+    init: Init = "text"
     """Prompt init: text, labels, vocab or random (--init)."""
     init_text: str | None = None
     """Text for --init text (--init-text); default: "Classify the text as A or B:" from the
     task's own labels."""
-    reparam: str = "none"
+    reparam: Reparam = "none"
     """Train the prompt through an encoder: none, or mlp (P-tuning's residual MLP); the saved
     adapter is always the plain prompt (--reparam)."""
     lr: float = 3e-2
@@ -119,7 +127,7 @@ class TrainConfig:
     """Seed for prompt init, hold-out split and data order (--seed)."""
     eval_batch_size: int = 32
     """Rows per batch when evaluating (--eval-batch-size)."""
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     """dtype of the frozen base model: auto (bfloat16 where the CPU or GPU has bfloat16
     hardware, else float32), float32, bfloat16 or float16; the prompt stays float32 (--dtype).
     train_config.json records the resolved type, and "auto" as dtype_requested."""
@@ -171,12 +179,11 @@ class TrainConfig:
             p.append(f"--suffix-tokens must be 0 or more (got {self.suffix_tokens})")
         if self.max_length < 4:
             p.append(f"--max-length must be at least 4 (got {self.max_length})")
-        if self.reparam not in REPARAM_METHODS:
-            p.append(
-                f"--reparam must be one of {', '.join(REPARAM_METHODS)} (got {self.reparam!r})"
-            )
-        if self.method not in METHODS:
-            p.append(f"--method must be one of {', '.join(METHODS)} (got {self.method!r})")
+        for name, choices in choice_fields(type(self)).items():
+            value = getattr(self, name)
+            if value not in choices:
+                flag = "--" + name.replace("_", "-")
+                p.append(f"{flag} must be one of {', '.join(choices)} (got {value!r})")
         if self.method == "prefix":
             if self.suffix_tokens:
                 p.append(
@@ -197,18 +204,12 @@ class TrainConfig:
                 p.append("--init-from is for --method prefix")
             if self.prefix_projection:
                 p.append("--prefix-projection is for --method prefix")
-        if self.head not in HEADS:
-            p.append(f"--head must be one of {', '.join(HEADS)} (got {self.head!r})")
         if not (self.head_lr > 0 and math.isfinite(self.head_lr)):
             p.append(f"--head-lr must be a positive number (got {self.head_lr})")
-        if self.init not in INIT_METHODS:
-            p.append(f"--init must be one of {', '.join(INIT_METHODS)} (got {self.init!r})")
         if self.save_steps < 0:
             p.append(f"--save-steps must be 0 or more (got {self.save_steps})")
         if not self.data and not self.resume:
             p.append("--data is required (or --resume RUN to continue a run)")
-        if self.dtype not in DTYPE_CHOICES:
-            p.append(f"--dtype must be one of {', '.join(DTYPE_CHOICES)} (got {self.dtype!r})")
         if any(n not in TRACKERS for n in tracker_names(self.report_to)):
             p.append(
                 f"--report-to must name trackers from {', '.join(TRACKERS)} (got {self.report_to!r})"
@@ -252,6 +253,16 @@ def preset_config(name: str, **given) -> TrainConfig:
     cfg = TrainConfig(**{"data": None, **PRESETS[name], **given})
     cfg.extra = {**cfg.extra, "preset": name}
     return cfg
+
+
+@cache
+def choice_fields(cls) -> dict[str, tuple]:
+    """{field: its choices} for a dataclass's Literal fields (the parser checks flags against
+    them; `problems` checks a config built in Python)."""
+    hints = typing.get_type_hints(cls)
+    return {
+        f.name: get_args(hints[f.name]) for f in fields(cls) if get_origin(hints[f.name]) is Literal
+    }
 
 
 def template_problems(template: str) -> list[str]:

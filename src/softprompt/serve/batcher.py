@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from ..engine import ClassifyRow, Decoding, Engine, GenerateRow, PromptLogprobRow, merge_decoding
+from ..errors import SoftpromptError
 
 log = logging.getLogger("softprompt.serve")
 
@@ -110,6 +111,10 @@ class Batcher:
         """Rows waiting for the worker."""
         return self._q.qsize() + len(self._pending)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="softprompt-batcher", daemon=True)
         self._thread.start()
@@ -182,10 +187,12 @@ class Batcher:
             room = self.max_batch_size - (len(running.rows) if busy else 0)
             self._pending.extendleft(reversed(gen[room:]))
             if gen[:room]:
-                new = self._begin(gen[:room])
+                new = self._timed(gen[:room], self._begin, gen[:room])
                 if new is not None:
+                    began = {id(r) for r in new.rows}  # not the rows of requests that failed
                     for job, i in gen[:room]:
-                        owner[id(job.rows[i])] = (job, i)
+                        if id(job.rows[i]) in began:
+                            owner[id(job.rows[i])] = (job, i)
                     running = merge_decoding(running, new) if busy else new
             if running is not None and running.rows:
                 running = self._step(running, owner)
@@ -202,14 +209,23 @@ class Batcher:
         return out
 
     def _begin(self, batch: list[tuple[Job, int]]) -> Decoding | None:
-        """New generate rows, run after their prompts; a failure fails their requests only."""
+        """New generate rows, run after their prompts; a failure fails their requests only
+        (each request's rows tried alone, to find the one at fault)."""
         try:
-            return self._timed(batch, self.engine.begin, [j.rows[i] for j, i in batch])
-        except Exception:  # noqa: BLE001
-            log.exception("generation failed to start")
-            for job in {id(j): j for j, _ in batch}.values():
-                job.fail(RuntimeError("the model failed on this request"))
-            return None
+            return self.engine.begin([j.rows[i] for j, i in batch])
+        except Exception as e:  # noqa: BLE001
+            parts = _by_job(batch)
+            if len(parts) == 1:
+                if not isinstance(e, SoftpromptError):
+                    log.exception("generation failed to start")
+                batch[0][0].fail(_refusal(e))
+                return None
+        running = None
+        for part in parts:
+            new = self._begin(part)
+            if new is not None:
+                running = new if running is None else merge_decoding(running, new)
+        return running
 
     def _step(self, running: Decoding, owner: dict) -> Decoding | None:
         """One decoding step; answers the rows that ended. Rows of requests that were
@@ -239,17 +255,31 @@ class Batcher:
     def _run(self, batch: list[tuple[Job, int]]) -> None:
         try:
             results = self.engine.run([job.rows[i] for job, i in batch])
-        except Exception:  # noqa: BLE001 - find the request at fault; the others still get answers
-            if len({id(job) for job, _ in batch}) == 1:
-                log.exception("batch failed")
-                batch[0][0].fail(RuntimeError("the model failed on this request"))
+        except Exception as e:  # noqa: BLE001 - find the request at fault; the others still get answers
+            parts = _by_job(batch)
+            if len(parts) == 1:
+                if not isinstance(e, SoftpromptError):
+                    log.exception("batch failed")
+                batch[0][0].fail(_refusal(e))
                 return
-            by_job: dict[int, list[tuple[Job, int]]] = {}
-            for item in batch:
-                by_job.setdefault(id(item[0]), []).append(item)
-            for part in by_job.values():
+            for part in parts:
                 self._run(part)
             return
         for (job, i), value in zip(batch, results, strict=True):
             if job.remaining > 0:
                 job.row_done(i, value)
+
+
+def _by_job(batch: list[tuple[Job, int]]) -> list[list[tuple[Job, int]]]:
+    """A batch's rows grouped by request, in order."""
+    by_job: dict[int, list[tuple[Job, int]]] = {}
+    for item in batch:
+        by_job.setdefault(id(item[0]), []).append(item)
+    return list(by_job.values())
+
+
+def _refusal(e: Exception) -> Exception:
+    """What a request's failure tells its client: the engine's refusal (SoftpromptError: a
+    request the model cannot answer, e.g. generation from an ensemble) as it is; any other
+    failure without its details."""
+    return e if isinstance(e, SoftpromptError) else RuntimeError("the model failed on this request")
