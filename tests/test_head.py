@@ -415,3 +415,47 @@ def test_cv_and_seed_ensembles_run_head_adapters(tmp_path, tiny_model_dir, demo_
     mean = torch.stack([torch.tensor([list(r["probabilities"].values()) for r in sp.classify(texts)]) for sp in each]).mean(0)  # fmt: skip
     got = torch.tensor([list(r["probabilities"].values()) for r in both.classify(texts)])
     assert torch.allclose(got, mean, atol=1e-5)
+
+
+def test_the_server_classifies_head_adapters_mixed_with_label_words_and_refuses_text(
+    tiny, tmp_path
+):
+    """/v1/classify answers each head adapter as the Python door does, in batches shared with a
+    label-word adapter; completions and chat refuse a head adapter in one line (400)."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from softprompt.pipeline import SoftPrompt
+    from softprompt.serve.app import ServeConfig, create_app
+
+    model, tok = tiny
+    model = model.float()
+    pooled, linear = _heads(model.get_input_embeddings().weight.shape[1])
+    for name, head in (("words", None), ("pooled", pooled), ("linear", linear)):
+        _save(tmp_path / "adapters", model, tok, "prompt", head, suffix=2, name=name)
+    app = create_app(model, tok, ServeConfig(adapters=tmp_path / "adapters", max_wait_ms=50), model_name="tiny")  # fmt: skip
+    with TestClient(app) as client:
+        models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+        about = {k: v["softprompt"] for k, v in models.items()}
+        assert about["pooled"]["head"] == "pooled" and about["words"]["head"] == "none"
+        assert not about["linear"]["can_generate"] and about["words"]["can_generate"]
+        import concurrent.futures as cf
+
+        with cf.ThreadPoolExecutor(3) as pool:  # concurrent requests: batched together
+            answers = dict(zip(("words", "pooled", "linear"), pool.map(
+                lambda n: client.post("/v1/classify", json={"adapter": n, "inputs": TEXTS}),
+                ("words", "pooled", "linear"),
+            ), strict=True))  # fmt: skip
+        for name, r in answers.items():
+            assert r.status_code == 200, r.text
+            alone = SoftPrompt.load(str(tmp_path / "adapters" / name), model, tok).classify(TEXTS)
+            for got, want in zip(r.json()["results"], alone, strict=True):
+                assert got["label"] == want["label"]
+                for k, p in want["probabilities"].items():
+                    assert abs(got["probabilities"][k] - p) < 1e-5
+        r = client.post(
+            "/v1/completions", json={"model": "pooled", "prompt": "hi", "max_tokens": 2}
+        )
+        assert r.status_code == 400 and "classification head" in r.json()["error"]["message"]
+        r = client.post("/v1/chat/completions", json={"model": "linear", "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+        assert r.status_code == 400 and "classification head" in r.json()["error"]["message"]

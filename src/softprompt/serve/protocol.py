@@ -213,6 +213,11 @@ class AdapterInfo(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     labels: list[str]
+    head: str | list[str]
+    """How it reads the label: none (label words), linear or pooled (a classification head);
+    an ensemble whose members differ lists theirs."""
+    can_generate: bool
+    """False with a classification head: it answers /v1/classify only."""
     num_virtual_tokens: int
     suffix_tokens: int
     method: str
