@@ -73,7 +73,8 @@ def main() -> None:
         elif kind == "pooled":
             g = torch.Generator().manual_seed(args.seed)
             x = torch.randn(20, model.config.hidden_size, generator=g)
-            head = fit_pooled_head(x, [i % 2 for i in range(20)], 2, pooled_layers(model))
+            layers = pooled_layers(model)
+            head = fit_pooled_head({i: x for i in layers}, [i % 2 for i in range(20)], 2, layers)
             adapters = [replace(a, head=head) for a in adapters]
         kinds[kind] = [engine.predictor([a]) for a in adapters]
 

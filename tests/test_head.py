@@ -57,8 +57,8 @@ def _heads(H: int, seed: int = 0) -> tuple[ClassifierHead, ClassifierHead]:
         "pooled",
         torch.randn(2, H, generator=g),
         torch.randn(2, generator=g),
-        torch.randn(H, generator=g),
-        torch.rand(H, generator=g) + 0.5,
+        torch.randn(1, H, generator=g),
+        torch.rand(1, H, generator=g) + 0.5,
         (LAYER,),
     )
     return pooled, ClassifierHead("linear", torch.randn(2, H, generator=g))
@@ -193,12 +193,16 @@ def test_the_pooled_head_starts_as_a_logistic_regression_probe():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 6, generator=g) * torch.tensor([1, 10, 100, 1, 1, 1.0]) + 3
     y = (x[:, 0] + x[:, 1] / 10 > 3).long().tolist()
-    head = fit_pooled_head(x, y, 2, (1,))
-    z = ((x - x.mean(0)) / x.std(0, unbiased=False)).numpy()
+    x2 = 50 * x.flip(-1) + 7  # a second layer, on another scale
+    feats = {1: x, 2: x2}
+    head = fit_pooled_head(feats, y, 2, (1, 2))
+    # each layer standardised on its own, then averaged: what the probe reads
+    z = ((x - x.mean(0)) / x.std(0, unbiased=False) + (x2 - x2.mean(0)) / x2.std(0, unbiased=False)) / 2  # fmt: skip
+    z = z.numpy()
     clf = LogisticRegression(C=0.1, max_iter=5000).fit(z, y)
-    ours = head(RowFeatures(None, {1: x})).argmax(-1)
+    ours = head(RowFeatures(None, feats)).argmax(-1)
     assert ours.tolist() == clf.predict(z).tolist()
-    logits = head(RowFeatures(None, {1: x}))
+    logits = head(RowFeatures(None, feats))
     odds = torch.tensor(clf.decision_function(z), dtype=torch.float32)
     assert torch.allclose(logits[:, 1] - logits[:, 0], odds, atol=1e-3)
 

@@ -5,9 +5,9 @@ Two kinds, both a linear layer [K labels, H] on one vector per row:
   (no bias): PEFT's SEQ_CLS form (transformers' `...ForSequenceClassification`). It starts from
   the LM head's rows of the label words' first tokens, so step 0 answers close to label scoring.
 - "pooled": the mean over the row's text positions (from the end of the template's head to the
-  end of the input) of the states of a band of middle layers (`pooled_layers`), averaged over
-  those layers, standardised with the training rows' mean and spread, through `weight` and
-  `bias`. It starts from a logistic regression on the training rows' features (a linear probe),
+  end of the input) of the states of each layer of a band of middle layers (`pooled_layers`),
+  standardised per layer with the training rows' mean and spread, averaged over the layers,
+  through `weight` and `bias`. It starts from a logistic regression on the training rows' features (a linear probe),
   then trains with the prompt. softprompt's own kind: PEFT has no such head.
 
 The features of a batch come from the rows' hidden states in whatever layout they ran (packed
@@ -85,8 +85,9 @@ class ClassifierHead(torch.nn.Module):
             self.bias = torch.nn.Parameter(
                 (bias if bias is not None else torch.zeros(K)).detach().float().clone()
             )
-            self.register_buffer("mean", mean.detach().float().clone().reshape(H))
-            self.register_buffer("std", std.detach().float().clone().reshape(H))
+            n = len(self.layers)  # one mean and spread [H] per layer pooled
+            self.register_buffer("mean", mean.detach().float().clone().reshape(n, H))
+            self.register_buffer("std", std.detach().float().clone().reshape(n, H))
 
     @property
     def num_labels(self) -> int:
@@ -104,9 +105,10 @@ class ClassifierHead(torch.nn.Module):
     def forward(self, features: RowFeatures) -> Tensor:
         if self.kind == "linear":
             return features.last.float() @ self.weight.T
-        pooled = torch.stack([features.pooled[i] for i in self.layers]).mean(0)
-        z = (pooled.float() - self.mean) / self.std
-        return z @ self.weight.T + self.bias
+        return (
+            standardise(features.pooled, self.layers, self.mean, self.std) @ self.weight.T
+            + self.bias
+        )
 
     def tensors(self) -> dict[str, Tensor]:
         """The head as named tensors (what an adapter file stores, see `adapters`)."""
@@ -141,6 +143,17 @@ class ClassifierHead(torch.nn.Module):
         return ClassifierHead.from_tensors(self.describe(), t).to(self.weight.device)
 
 
+def standardise(
+    pooled: dict[int, Tensor], layers: Sequence[int], mean: Tensor, std: Tensor
+) -> Tensor:
+    """The pooled head's feature [B, H]: each layer's pooled states {index: [B, H]} standardised
+    with its mean and spread ([len(layers), H] each), averaged over the layers. Per layer first:
+    layers' scales differ by orders of magnitude (by ~50x in Gemma 3 270M's band), and a plain
+    average would read the largest alone."""
+    x = torch.stack([pooled[i].float() for i in layers])  # [n, B, H]
+    return ((x - mean[:, None]) / std[:, None]).mean(0)
+
+
 def label_word_head(model, tokenizer, label_names: Sequence[str]) -> ClassifierHead:
     """A "linear" head whose rows are the LM head's rows for each label's first token (the mean
     of its tokens' rows where two labels share a first token): at step 0 it ranks labels as
@@ -162,7 +175,7 @@ def label_word_head(model, tokenizer, label_names: Sequence[str]) -> ClassifierH
 
 
 def fit_pooled_head(
-    pooled: Tensor,
+    pooled: dict[int, Tensor],
     classes: Sequence[int],
     num_labels: int,
     layers: Sequence[int],
@@ -170,17 +183,18 @@ def fit_pooled_head(
     weights: Sequence[float] | None = None,
     C: float = 0.1,
 ) -> ClassifierHead:
-    """A "pooled" head started as a linear probe: features [N, H] standardised by their own mean
-    and spread, then an L2-regularised logistic regression (scikit-learn, `C`; rows weighed by
-    `weights`, e.g. --balance) on the training rows. Deterministic."""
+    """A "pooled" head started as a linear probe: the training rows' pooled states {index:
+    [N, H]} standardised per layer by their own mean and spread (`standardise`), then an
+    L2-regularised logistic regression (scikit-learn, `C`; rows weighed by `weights`, e.g.
+    --balance). Deterministic."""
     from sklearn.linear_model import LogisticRegression  # lazily: slow to import
 
-    x = pooled.detach().float().cpu()
-    mean = x.mean(0)
-    std = x.std(0, unbiased=False).clamp_min(1e-6) + 1e-6
-    z = ((x - mean) / std).numpy()
+    x = torch.stack([pooled[i].detach().float().cpu() for i in layers])  # [n, N, H]
+    mean = x.mean(1)
+    std = x.std(1, unbiased=False).clamp_min(1e-6) + 1e-6
+    z = standardise({i: x[j] for j, i in enumerate(layers)}, layers, mean, std).numpy()
     y = list(classes)
-    W = torch.zeros(num_labels, x.shape[1])
+    W = torch.zeros(num_labels, x.shape[-1])
     b = torch.zeros(num_labels)
     present = sorted(set(y))
     if len(present) >= 2:

@@ -252,7 +252,8 @@ def make_head(cfg, model, tokenizer, task, prompt, rows, packed, say) -> Classif
     layers = pooled_layers(model)
     H = model.get_input_embeddings().weight.shape[1]
     K = len(task.label_names)
-    probe = ClassifierHead("pooled", torch.zeros(K, H), None, torch.zeros(H), torch.ones(H), layers)
+    n = len(layers)
+    probe = ClassifierHead("pooled", torch.zeros(K, H), None, torch.zeros(n, H), torch.ones(n, H), layers)  # fmt: skip
     head_ids = list(tokenizer(task.head())["input_ids"])
     kind = "prefix" if cfg.method == "prefix" else "prompt"
     feats = []
@@ -265,9 +266,10 @@ def make_head(cfg, model, tokenizer, task, prompt, rows, packed, say) -> Classif
                 model, prompt.to(device), batch["input_ids"].to(device),
                 batch["attention_mask"].to(device), starts, [probe], kind=kind, packed=packed,
             )  # fmt: skip
-            feats.append(torch.stack([f.pooled[i] for i in layers]).mean(0).cpu())
+            feats.append({i: f.pooled[i].cpu() for i in layers})
     weights = row_weights([task.label_names[r.label] for r in rows], cfg.balance)
-    head = fit_pooled_head(torch.cat(feats), [r.label for r in rows], K, layers, weights=weights)
+    pooled = {i: torch.cat([f[i] for f in feats]) for i in layers}
+    head = fit_pooled_head(pooled, [r.label for r in rows], K, layers, weights=weights)
     say(
         f"pooled head (--head pooled): layers {layers[0]}-{layers[-1]} of "
         f"{len(decoder_layers(model))}, started from a linear probe on the {len(rows)} training rows"
