@@ -130,8 +130,6 @@ def _train_config(args: argparse.Namespace):
     from .config import TrainConfig, preset_config
 
     given = args.given
-    if given.get("method") == "prefix" and "suffix_tokens" not in given:
-        given = {**given, "suffix_tokens": 0}  # deep prompts take no suffix tokens
     if args.preset:
         return preset_config(args.preset, **given)
     return TrainConfig(**{"data": None, **given})

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import cache
 from typing import Literal, get_args, get_origin
 
@@ -41,6 +41,9 @@ TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 
 GUIDE_INIT_TEXT = "Classify if the tweet is a complaint or not:"
 """The PEFT guide's init text, for its complaints task (`--preset guide`)."""
+
+SUFFIX_TOKENS_WITH_WORDS = 32
+"""--suffix-tokens when label words read the answer and none is given (docs/accuracy.md)."""
 
 DEFAULT_TEMPLATE = "{text_column} : {text} Label : "
 """The PEFT guide's input template."""
@@ -88,10 +91,12 @@ class TrainConfig:
     prefix_projection: bool = False
     """--method prefix: train the keys/values through a residual MLP (PEFT's prefix_projection
     is a plain one); the saved adapter is the keys/values (--prefix-projection)."""
-    suffix_tokens: int = 32
+    suffix_tokens: int | None = None
     """More soft tokens, placed right after the text instead of before it (--suffix-tokens). They
-    see the whole text, so they can gather it for the label (docs/accuracy.md). Such adapters
-    load in softprompt only (PEFT refuses them); 0 gives a plain PEFT prompt-tuning adapter."""
+    see the whole text, so they can gather it where label words read it (docs/accuracy.md).
+    Default: 32 with --head none and --method prompt, else 0 (a classification head reads the
+    text itself; a deep prompt takes none). Such adapters load in softprompt only (PEFT refuses
+    them); 0 gives a plain PEFT prompt-tuning adapter."""
     head: Head = "none"
     """How the label is read: none (label words, scored through the LM head), linear (a
     classification head on the final layer's state at the last token, started from the label
@@ -175,7 +180,7 @@ class TrainConfig:
             p.append(f"--eval-fraction must be in [0, 1) (got {self.eval_fraction})")
         if self.num_virtual_tokens < 1:
             p.append(f"--num-virtual-tokens must be at least 1 (got {self.num_virtual_tokens})")
-        if self.suffix_tokens < 0:
+        if self.suffix_tokens is not None and self.suffix_tokens < 0:
             p.append(f"--suffix-tokens must be 0 or more (got {self.suffix_tokens})")
         if self.max_length < 4:
             p.append(f"--max-length must be at least 4 (got {self.max_length})")
@@ -216,6 +221,14 @@ class TrainConfig:
             )
         p += template_problems(self.template)
         return p
+
+    def resolved(self) -> TrainConfig:
+        """These settings with the defaults that depend on others filled in (`suffix_tokens`);
+        what a run records in train_config.json."""
+        if self.suffix_tokens is not None:
+            return self
+        words = self.head == "none" and self.method == "prompt"
+        return replace(self, suffix_tokens=SUFFIX_TOKENS_WITH_WORDS if words else 0)
 
     def validate(self) -> None:
         p = self.problems()

@@ -59,6 +59,7 @@ def cross_validate(
     """Train `folds` runs as `cfg` says, each holding out one stratified fold; score every held-out
     row after every epoch; pick the epoch with the best pooled out-of-fold macro-F1, fit the bias
     on those predictions, then (retrain) train on all rows for that many epochs."""
+    cfg = cfg.resolved()
     cfg.validate()
     ensure_visible()
     if cfg.eval_data:

@@ -85,6 +85,7 @@ def train(
         cfg = replace(cfg, data=cfg.data or IN_MEMORY)
     if eval_data is not None:
         cfg = replace(cfg, eval_data=cfg.eval_data or IN_MEMORY)
+    cfg = cfg.resolved()
     cfg.validate()
     ensure_visible()
     procs = start_processes(cfg.device, cfg.fsdp)
