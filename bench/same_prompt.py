@@ -5,9 +5,11 @@
     python bench/same_prompt.py compare /tmp/before /tmp/after
 
 The recipes (tiny random Llama / GPT-2 from tests/conftest.py, the demo tweets, 2 epochs, one
-thread): the defaults (suffix tokens, balanced loss); the guide's settings with an eval file,
---grad-accum 2 and warm-up; a deep prompt (--method prefix); an MLP-reparameterised prompt. The
-same machine must run both sides: floats round differently on other CPUs.
+thread): label words with suffix tokens and a balanced loss; the guide's settings with an eval
+file, --grad-accum 2 and warm-up; a deep prompt (--method prefix); an MLP-reparameterised
+prompt; a pooled classification head (with an eval file); a linear head after a deep prompt.
+The prompt and any head are compared. The same machine must run both sides: floats round
+differently on other CPUs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "src"))
 
 RECIPES = {
-    "defaults_llama": ("llama", {}),
+    "words_llama": ("llama", dict(head="none", suffix_tokens=32)),
     "guide_gpt2": (
         "gpt2",
         dict(
@@ -36,6 +38,11 @@ RECIPES = {
     ),
     "prefix_llama": ("llama", dict(method="prefix", suffix_tokens=0, lr=1e-2)),
     "mlp_gpt2": ("gpt2", dict(reparam="mlp", num_virtual_tokens=4, suffix_tokens=4)),
+    "pooled_llama": (
+        "llama",
+        dict(head="pooled", suffix_tokens=0, eval_data="complaints_test.csv"),
+    ),  # fmt: skip
+    "linear_prefix_gpt2": ("gpt2", dict(head="linear", method="prefix", suffix_tokens=0, lr=1e-2)),
 }
 
 
@@ -58,16 +65,23 @@ def save(out: Path) -> None:
             **kw,
         )
         result = train(cfg, make_model(arch, len(tok)), tok)
-        torch.save(result.prompt, out / f"{name}.pt")
+        head = {} if result.head is None else result.head.tensors()
+        torch.save({"prompt": result.prompt, **head}, out / f"{name}.pt")
 
 
 def compare(a: Path, b: Path) -> int:
     same = True
     for name in RECIPES:
         x, y = torch.load(a / f"{name}.pt"), torch.load(b / f"{name}.pt")
-        equal = torch.equal(x, y)
-        same &= equal
-        print(f"{name}: {'bit-identical' if equal else f'DIFFERENT (max |d| {(x - y).abs().max():.3g})'}")  # fmt: skip
+        for part in sorted(set(x) | set(y)):
+            if part not in x or part not in y:
+                print(f"{name} {part}: only on one side")
+                same = False
+                continue
+            equal = torch.equal(x[part], y[part])
+            same &= equal
+            d = (x[part] - y[part]).abs().max() if x[part].shape == y[part].shape else "shape"
+            print(f"{name} {part}: {'bit-identical' if equal else f'DIFFERENT (max |d| {d})'}")
     return 0 if same else 1
 
 
