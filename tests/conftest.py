@@ -1,4 +1,12 @@
-"""Shared fixtures: tiny models and a tiny tokenizer built in the test session (no network)."""
+"""Shared fixtures: tiny models and a tiny tokenizer built in the test session (no network);
+the dtype that `--dtype auto` resolves to in this run.
+
+dtype: `--auto-dtype bfloat16` (or float32) sets SOFTPROMPT_AUTO_DTYPE for this run and its
+subprocesses, so every `--dtype auto` (CLI, API, server) resolves to that type, whatever the
+CPU has; without it, the machine decides (bfloat16 where the CPU has AVX512-BF16 or AMX).
+Tests that compare two doors load both sides in that type (`auto_dtype`) and use the bound of
+tests/bounds.py for it; parity tests against PEFT and the reference pin float32.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +20,28 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--auto-dtype",
+        choices=("float32", "bfloat16"),
+        help="what --dtype auto resolves to in this run (sets SOFTPROMPT_AUTO_DTYPE, which "
+        "subprocesses inherit); default: the machine's pick",
+    )
+
+
+def pytest_configure(config):
+    forced = config.getoption("--auto-dtype")
+    if forced:
+        os.environ["SOFTPROMPT_AUTO_DTYPE"] = forced
+
+
+def pytest_report_header(config):
+    from softprompt.modeling.load import dtype_line
+
+    return f"softprompt --dtype auto: {dtype_line('auto')}"
+
 
 DEMO = Path(__file__).resolve().parents[1] / "src" / "softprompt" / "demo"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "raft_twitter_complaints"
@@ -99,6 +129,15 @@ def demo_train() -> Path:
 @pytest.fixture(scope="session")
 def demo_test() -> Path:
     return DEMO / "complaints_test.csv"
+
+
+@pytest.fixture(scope="session")
+def auto_dtype() -> torch.dtype:
+    """What `--dtype auto` resolves to in this run (the CLI, `SoftPrompt.load`, `serve`): a
+    test that compares a door with an in-process model loads that model in this type."""
+    from softprompt.modeling.load import DTYPES, resolve_dtype
+
+    return DTYPES[resolve_dtype("auto")]
 
 
 @pytest.fixture(scope="module")

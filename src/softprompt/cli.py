@@ -25,7 +25,8 @@ from .config import DTYPE_CHOICES
 from .errors import SoftpromptError
 
 DTYPE_HELP = (
-    "base model dtype: auto (bfloat16 where the CPU or GPU has bfloat16 hardware, else float32), "
+    "base model dtype: auto (bfloat16 where the CPU or GPU has bfloat16 hardware, else float32; "
+    "the environment variable SOFTPROMPT_AUTO_DTYPE=float32|bfloat16 overrides what auto picks), "
     "float32, bfloat16 or float16; the prompt stays float32 [default: auto]"
 )
 
