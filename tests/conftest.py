@@ -1,5 +1,10 @@
 """Shared fixtures: tiny models and a tiny tokenizer built in the test session (no network);
-the dtype that `--dtype auto` resolves to in this run.
+the test tiers (markers) and the dtype that `--dtype auto` resolves to in this run.
+
+Tiers: every test lands in exactly one of TIERS, each runnable alone (`pytest -m parity`). A
+test's own marker (`@pytest.mark.server`, or a module's `pytestmark`) decides; otherwise its
+file's entry in FILE_TIERS; otherwise DEFAULT_TIER, so a new test file runs with the unit tier
+until it says otherwise. `.ci/run` runs every tier and prints each one's time.
 
 dtype: `--auto-dtype bfloat16` (or float32) sets SOFTPROMPT_AUTO_DTYPE for this run and its
 subprocesses, so every `--dtype auto` (CLI, API, server) resolves to that type, whatever the
@@ -21,6 +26,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+TIERS = ("unit", "parity", "server", "browser", "slow")
+"""unit: fast tests of one piece (data, CLI, training loop, metrics, ...); parity: our fast
+paths against PEFT and the reference forward, and every door against every other (tiny models,
+float32 parity pinned); server: `softprompt serve` over HTTP (TestClient, uvicorn subprocesses);
+browser: the playground page in headless Chromium; slow: the real built-in model."""
+
+FILE_TIERS = {
+    "test_adapters.py": "parity",
+    "test_doors.py": "parity",
+    "test_dtype.py": "parity",
+    "test_families.py": "parity",
+    "test_model.py": "parity",
+    "test_prefix.py": "parity",
+    "test_suffix.py": "parity",
+    "test_serve.py": "server",
+    "test_real_model.py": "slow",
+}
+"""The tier of a file's tests that carry no tier marker of their own."""
+
+DEFAULT_TIER = "unit"
+
 
 def pytest_addoption(parser):
     parser.addoption(
@@ -41,6 +67,16 @@ def pytest_report_header(config):
     from softprompt.modeling.load import dtype_line
 
     return f"softprompt --dtype auto: {dtype_line('auto')}"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        own = {m.name for m in item.iter_markers() if m.name in TIERS}
+        if len(own) > 1:
+            raise pytest.UsageError(f"{item.nodeid} is in {len(own)} tiers {sorted(own)}: mark one")
+        if not own:
+            item.add_marker(FILE_TIERS.get(item.path.name, DEFAULT_TIER))
 
 
 DEMO = Path(__file__).resolve().parents[1] / "src" / "softprompt" / "demo"

@@ -1194,6 +1194,7 @@ def _chrome():
     return webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver))
 
 
+@pytest.mark.browser
 def test_playground_in_a_headless_browser(model, tokenizer, adapters_dir):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -1238,6 +1239,7 @@ def _png(data: bytes):
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
+@pytest.mark.browser
 def test_playground_chat_streams_the_answer(model, chat_tok, chat_dir, tmp_path):
     """Chat mode: the answer arrives piece by piece from a streamed /v1/chat/completions and
     ends equal to the non-streamed answer; the page (with an API key) shows it."""
