@@ -14,7 +14,10 @@ from softprompt.kernels.reference import concat_forward
 from softprompt.modeling.load import load_base
 from softprompt.prompt import init_prompt
 
-pytestmark = pytest.mark.slow
+# One torch thread: on a machine whose cores other work shares (CI, developers' machines), two
+# threads trained the same epoch 2.4x slower than one (both dtypes: the threads wait for each
+# other), which took this file from about 6 to 16 minutes in bfloat16.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

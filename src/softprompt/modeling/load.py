@@ -18,7 +18,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 AUTO_DTYPE_ENV = "SOFTPROMPT_AUTO_DTYPE"
 """Set to float32, bfloat16 or float16, it is what --dtype auto resolves to on any machine (the
-test suite forces bfloat16 with it on CPUs without bfloat16 hardware); an explicit --dtype wins."""
+test suite runs its fast tiers again with it set to the type the machine would not pick); an
+explicit --dtype wins."""
 
 
 def _forced_auto() -> str | None:
