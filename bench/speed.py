@@ -3,6 +3,7 @@
     python bench/speed.py                             # P = 8 32 100, 3 timed epochs, 2 rounds
     python bench/speed.py --quick                     # smoke run: 16 train rows, 32 dev tweets
     python bench/speed.py --dtypes float32,bfloat16   # everything once per base-model dtype
+    python bench/speed.py --dtypes float32,bfloat16 --softprompt-only --threads 1  # dtype gain
 
 On the RAFT twitter_complaints data (train.csv, dev.csv), for each base-model dtype:
 
@@ -18,6 +19,18 @@ On the RAFT twitter_complaints data (train.csv, dev.csv), for each base-model dt
    `generate` (6 new tokens, exact match) against `softprompt.evaluate.classify` (rank
    classification) and `generate_texts` (the guide's method in softprompt's engine).
 
+3. The raw forward: a no-grad forward of the frozen model over RAW_BATCH x RAW_TOKENS random
+   tokens (the median of RAW_REPEATS after a warm-up), in its own process per dtype: what the
+   dtype alone gives this machine; and the same forward with a backward to the input embeddings
+   (what training asks of the frozen model: the dtype's gain there is what its backward
+   kernels allow). With several dtypes the side-by-side table puts softprompt's
+   speed-up of each measure next to the raw forward's, as a share of it ("share of raw gain":
+   softprompt's speed-up / the raw forward's; 1.0 = softprompt gains all the dtype gives), by
+   the wall clock and by the process's CPU time (steadier where other work shares the cores).
+
+`--softprompt-only` skips PEFT (training and `generate`) and softprompt's `generate`: softprompt's
+training, its label scoring and the raw forward, for the dtype comparison.
+
 That the two systems compute the same thing (init, loss, gradient, greedy generation) is
 tested in tests/test_model.py, not measured here. Tables go to stdout, progress to stderr.
 """
@@ -26,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -50,12 +64,14 @@ from transformers import default_data_collator, get_linear_schedule_with_warmup
 from softprompt import TrainConfig, load_base, train
 from softprompt.evaluate import classify, generate_texts, metrics
 from softprompt.modeling.builtin import default_model_dir
+from softprompt.training import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "raft_twitter_complaints"
 INIT_TEXT = "Classify if the tweet is a complaint or not:"
 MAX_LENGTH, BATCH_SIZE, LR = 64, 8, 3e-2
 GEN_BATCH_SIZE, GEN_MAX_NEW_TOKENS, CLASSIFY_BATCH_SIZE = 16, 6, 32
+RAW_BATCH, RAW_TOKENS, RAW_REPEATS = 32, 72, 3
 SYSTEMS = ("peft", "softprompt")
 
 
@@ -126,8 +142,9 @@ def _guide_rows(tokenizer, texts, labels) -> list[dict]:
     return rows
 
 
-def _train_peft(job, model, tokenizer, device) -> tuple[list[float], float, None]:
-    """The guide's training loop; returns (seconds of each epoch, last epoch's loss, None)."""
+def _train_peft(job, model, tokenizer, device):
+    """The guide's training loop; returns (seconds of each epoch, CPU seconds of each, last
+    epoch's loss, None)."""
     model = get_peft_model(model, _peft_config(job["P"]))
     loader = DataLoader(
         _guide_rows(tokenizer, *read_csv(job["train_csv"])),
@@ -141,12 +158,12 @@ def _train_peft(job, model, tokenizer, device) -> tuple[list[float], float, None
     lr_scheduler = get_linear_schedule_with_warmup(
         optimizer=optimizer, num_warmup_steps=0, num_training_steps=len(loader) * epochs
     )
-    seconds = []
+    seconds, cpu = [], []
     for _ in range(epochs):
         model.train()
         total = 0.0
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = model(**batch).loss
@@ -157,11 +174,23 @@ def _train_peft(job, model, tokenizer, device) -> tuple[list[float], float, None
             optimizer.zero_grad()
         _sync(device)
         seconds.append(time.perf_counter() - t0)
-    return seconds, float(total) / len(loader), None
+        cpu.append(time.process_time() - c0)
+    return seconds, cpu, float(total) / len(loader), None
 
 
-def _train_softprompt(job, model, tokenizer, device) -> tuple[list[float], float, list]:
-    """The library's `train()`; returns (seconds of each epoch, last epoch's loss, prompt)."""
+class _CpuClock(Callback):
+    """The process's CPU seconds at the end of each epoch (after its files: a few ms)."""
+
+    def __init__(self):
+        self.marks = [time.process_time()]
+
+    def on_epoch(self, run, state, record) -> None:
+        self.marks.append(time.process_time())
+
+
+def _train_softprompt(job, model, tokenizer, device):
+    """The library's `train()`; returns (seconds of each epoch, CPU seconds of each, last
+    epoch's loss, prompt)."""
     cfg = TrainConfig(
         data=job["train_csv"],
         text_column=TEXT_COLUMN,
@@ -182,9 +211,12 @@ def _train_softprompt(job, model, tokenizer, device) -> tuple[list[float], float
         progress=False,
         seed=job["seed"],
     )
-    result = train(cfg, model, tokenizer)
+    clock = _CpuClock()
+    result = train(cfg, model, tokenizer, callbacks=[clock])
     seconds = [r["epoch_seconds"] for r in result.history]
-    return seconds, result.history[-1]["train_loss"], result.prompt.float().cpu().tolist()
+    cpu = [b - a for a, b in itertools.pairwise(clock.marks)]
+    prompt = result.prompt.float().cpu().tolist()
+    return seconds, cpu, result.history[-1]["train_loss"], prompt
 
 
 def train_job(job: dict) -> dict:
@@ -193,13 +225,14 @@ def train_job(job: dict) -> dict:
         model, tokenizer, device, dtype = _setup(job)
         before = _peak_mb(device)
         run = _train_softprompt if job["system"] == "softprompt" else _train_peft
-        seconds, loss, prompt = run(job, model, tokenizer, device)
+        seconds, cpu, loss, prompt = run(job, model, tokenizer, device)
         peak = _peak_mb(device)
     log(f"  epochs {', '.join(f'{s:.2f}s' for s in seconds)} (first: warm-up); peak {peak:.0f} MB")
     return {
         "dtype": dtype,
         "epoch_seconds": seconds[1:],
         "seconds_per_epoch": statistics.median(seconds[1:]),
+        "cpu_seconds_per_epoch": statistics.median(cpu[1:]),
         "final_loss": loss,
         "peak_mb": peak,
         "training_mb": peak - before,
@@ -238,19 +271,22 @@ def classify_job(job: dict) -> dict:
         log(f"classification: {name}, {len(texts)} tweets")
         predict(texts[:GEN_BATCH_SIZE])  # warm-up
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         pred = predict(texts)
         _sync(device)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         m = metrics(gold, pred, LABEL_NAMES)
         keep = ("accuracy", "macro_f1", "invalid")
         out[name] = {"seconds": seconds, "tweets_per_second": len(texts) / seconds}
+        out[name]["tweets_per_cpu_second"] = len(texts) / cpu
         out[name].update({k: m[k] for k in keep})
 
     timed(
         "softprompt classify",
         lambda t: classify(model, tokenizer, prompt, task, t, batch_size=CLASSIFY_BATCH_SIZE)[0],
     )
+    if job.get("softprompt_only"):
+        return out
     gen = {"max_new_tokens": GEN_MAX_NEW_TOKENS, "batch_size": GEN_BATCH_SIZE}
     timed("softprompt generate", lambda t: generate_texts(model, tokenizer, prompt, task, t, **gen))
     peft_model = get_peft_model(model, _peft_config(job["P"]))
@@ -260,6 +296,45 @@ def classify_job(job: dict) -> dict:
     tokenizer.padding_side = "left"
     timed("PEFT generate", lambda t: _guide_generate(peft_model, tokenizer, t, device))
     return out
+
+
+def raw_forward_job(job: dict) -> dict:
+    """Seconds of one no-grad forward of the frozen model over RAW_BATCH x RAW_TOKENS tokens."""
+    with contextlib.redirect_stdout(sys.stderr):
+        model, tokenizer, device, dtype = _setup(job)
+    g = torch.Generator().manual_seed(job["seed"])
+    ids = torch.randint(0, len(tokenizer), (RAW_BATCH, RAW_TOKENS), generator=g).to(device)
+    seconds, cpu = [], []
+    with torch.no_grad():
+        for _ in range(1 + RAW_REPEATS):
+            _sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            model(input_ids=ids, use_cache=False)
+            _sync(device)
+            seconds.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    log(f"raw forward {dtype}: {', '.join(f'{s:.3f}s' for s in seconds)} (first: warm-up)")
+    # forward + backward to the input embeddings (what training needs of the frozen model)
+    embeds = model.get_input_embeddings()(ids).detach()
+    back, back_cpu = [], []
+    for _ in range(1 + RAW_REPEATS):
+        x = embeds.clone().requires_grad_(True)
+        _sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        hidden = model.get_decoder()(inputs_embeds=x, use_cache=False).last_hidden_state
+        hidden.float().square().mean().backward()
+        _sync(device)
+        back.append(time.perf_counter() - t0)
+        back_cpu.append(time.process_time() - c0)
+    log(f"raw forward+backward {dtype}: {', '.join(f'{s:.3f}s' for s in back)} (first: warm-up)")
+    return {
+        "dtype": dtype,
+        "seconds": statistics.median(seconds[1:]),
+        "cpu_seconds": statistics.median(cpu[1:]),
+        "runs": seconds[1:],
+        "backward_seconds": statistics.median(back[1:]),
+        "backward_cpu_seconds": statistics.median(back_cpu[1:]),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,9 +350,10 @@ def isolated(fn, job: dict) -> dict:
 def measure(base: dict, args: argparse.Namespace) -> dict:
     """All training runs and the classification run for base["dtype"]."""
     runs: dict[tuple[str, int], list[dict]] = {}
+    systems = ("softprompt",) if args.softprompt_only else SYSTEMS
     for P in args.tokens:
         for rnd in range(args.rounds):
-            for system in SYSTEMS if rnd % 2 == 0 else SYSTEMS[::-1]:
+            for system in systems if rnd % 2 == 0 else systems[::-1]:
                 log(f"training: {system}, P={P}, {base['dtype']}, round {rnd + 1}/{args.rounds}")
                 job = {**base, "system": system, "P": P}
                 runs.setdefault((system, P), []).append(isolated(train_job, job))
@@ -287,7 +363,10 @@ def measure(base: dict, args: argparse.Namespace) -> dict:
             "system": system,
             "P": P,
             "dtype": rs[0]["dtype"],
-            **{k: statistics.median(r[k] for r in rs) for k in ("seconds_per_epoch", "final_loss")},
+            **{
+                k: statistics.median(r[k] for r in rs)
+                for k in ("seconds_per_epoch", "cpu_seconds_per_epoch", "final_loss")
+            },
             **{k: max(r[k] for r in rs) for k in ("peak_mb", "training_mb")},
             "runs": [{k: v for k, v in r.items() if k != "prompt"} for r in rs],
         }
@@ -295,11 +374,27 @@ def measure(base: dict, args: argparse.Namespace) -> dict:
     if not args.skip_classify:
         P = args.tokens[0]
         prompt = runs[("softprompt", P)][0]["prompt"]
-        classification = isolated(classify_job, {**base, "P": P, "prompt": prompt})
-    return {"training": training, "classification": classification}
+        job = {**base, "P": P, "prompt": prompt, "softprompt_only": args.softprompt_only}
+        classification = isolated(classify_job, job)
+    log(f"raw forward: {base['dtype']}")
+    raw = isolated(raw_forward_job, base)
+    return {"training": training, "classification": classification, "raw_forward": raw}
 
 
 def training_table(training: dict, tokens: list[int]) -> str:
+    if not any(k.startswith("peft") for k in training):
+        return markdown_table(
+            ["P", "softprompt s/epoch", "softprompt peak MB (+training)", "final loss"],
+            [
+                [
+                    P,
+                    (sp := training[f"softprompt P={P}"])["seconds_per_epoch"],
+                    f"{sp['peak_mb']:.0f} (+{sp['training_mb']:.0f})",
+                    f"{sp['final_loss']:.4f}",
+                ]
+                for P in tokens
+            ],
+        )
     rows = []
     for P in tokens:
         pe, sp = training[f"peft P={P}"], training[f"softprompt P={P}"]
@@ -324,6 +419,13 @@ def training_table(training: dict, tokens: list[int]) -> str:
 
 def classification_table(c: dict) -> str:
     names = ("PEFT generate", "softprompt generate", "softprompt classify")
+    if "PEFT generate" not in c:
+        r = c["softprompt classify"]
+        keys = ("tweets_per_second", "accuracy", "macro_f1", "invalid", "seconds")
+        return markdown_table(
+            ["system", "tweets/s", "accuracy", "macro-F1", "invalid", "seconds"],
+            [["softprompt classify", *(r[k] for k in keys)]],
+        )
     rows = [
         [n] + [c[n][k] for k in ("tweets_per_second", "accuracy", "macro_f1", "invalid", "seconds")]
         for n in names
@@ -340,24 +442,84 @@ def classification_table(c: dict) -> str:
 
 
 def dtype_table(by_dtype: dict[str, dict]) -> str:
-    """Seconds per epoch and tweets per second of each dtype, with the speed-up over the first."""
+    """Each measure per dtype, with the speed-up over the first dtype and that speed-up as a share
+    of the raw forward's (see the module's docstring), by the wall clock and by the process's
+    CPU time (the steadier of the two on a machine shared with other work, at --threads 1)."""
     names = list(by_dtype)
     first = by_dtype[names[0]]
     measures = [
-        (f"train {k} s/epoch", "training", k, "seconds_per_epoch", False) for k in first["training"]
+        ("raw forward", "raw_forward", None, ("seconds", "cpu_seconds"), False),
+        (
+            "raw forward+backward",
+            "raw_forward",
+            None,
+            ("backward_seconds", "backward_cpu_seconds"),
+            False,
+        ),  # fmt: skip
+    ]
+    measures += [
+        (f"train {k} s/epoch", "training", k, ("seconds_per_epoch", "cpu_seconds_per_epoch"), False)
+        for k in first["training"]
     ]
     if first["classification"]:
         measures += [
-            (f"{n} tweets/s", "classification", n, "tweets_per_second", True)
+            (
+                f"{n} tweets/s",
+                "classification",
+                n,
+                ("tweets_per_second", "tweets_per_cpu_second"),
+                True,
+            )  # fmt: skip
             for n in ("PEFT generate", "softprompt generate", "softprompt classify")
+            if n in first["classification"]
         ]
+
+    def value(d: str, part: str, key, field: str) -> float:
+        at = by_dtype[d][part]
+        return (at if key is None else at[key])[field]
+
+    raw_gain = {}
     rows = []
-    for label, part, key, field, higher_is_faster in measures:
-        v = [by_dtype[d][part][key][field] for d in names]
-        rows.append(
-            [label, *v, *(f"{(x / v[0] if higher_is_faster else v[0] / x):.2f}x" for x in v[1:])]
-        )
-    return markdown_table(["measure", *names, *(f"{d} speed-up" for d in names[1:])], rows)
+    for clock, i in (("wall", 0), ("CPU", 1)):
+        for label, part, key, fields, higher_is_faster in measures:
+            v = [value(d, part, key, fields[i]) for d in names]
+            gain = [(x / v[0] if higher_is_faster else v[0] / x) for x in v]
+            if label == "raw forward":
+                raw_gain[clock] = gain
+            share = [g / r for g, r in zip(gain, raw_gain[clock], strict=True)]
+            rows.append(
+                [f"{label} ({clock})", *v, *(f"{g:.2f}x" for g in gain[1:])]
+                + [f"{x:.2f}" for x in share[1:]]
+            )
+    head = ["measure", *names, *(f"{d} speed-up" for d in names[1:])]
+    head += [f"{d}: share of raw gain" for d in names[1:]]
+    return markdown_table(head, rows)
+
+
+def machine(device: str | None) -> str:
+    """The CPU (model name and the flags that decide bfloat16 speed), or the GPU."""
+    from softprompt.modeling.load import _cpu_flags, bf16_hardware, pick_device
+
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)} ({bf16_hardware(dev) or 'no bfloat16'})"
+    name = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "bf16")
+    flags = [f for f in wanted if f in _cpu_flags()]
+    return f"{name}, {len(os.sched_getaffinity(0))} CPUs, flags: {' '.join(flags) or 'none of ' + '/'.join(wanted)}"  # fmt: skip
+
+
+def commit() -> str:
+    import subprocess
+
+    out = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                         capture_output=True, text=True)  # fmt: skip
+    return out.stdout.strip() or "unknown"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -372,6 +534,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", help="cpu, cuda, ... [softprompt's pick]")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--skip-classify", action="store_true", help="training only")
+    ap.add_argument(
+        "--softprompt-only",
+        action="store_true",
+        help="no PEFT, no generation: softprompt's training and classify, and the raw forward",
+    )
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="train.csv, dev.csv")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "speed.json")
     ap.add_argument("--seed", type=int, default=42)
@@ -414,6 +581,7 @@ def main(argv=None) -> int:
         f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "
         f"threads: {args.threads}; load average {load[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end"
     )
+    print(f"machine: {machine(args.device)}; softprompt at {commit()}")
     print(
         f"train rows: {args.train_rows or 'all'}, batch {BATCH_SIZE}, 1 warm-up + {args.epochs} timed epochs, "
         f"{args.rounds} round(s), medians{'; QUICK smoke run' if args.quick else ''}"

@@ -4,7 +4,10 @@ Kinds: a plain prompt, one with suffix tokens, a calibrated one (the bias `softp
 saves), and an ensemble folder (ensemble.json) of suffix-token members with a bias of its own.
 Doors: the Python API (`SoftPrompt`, the reference), `softprompt predict`, `softprompt eval`,
 `/v1/classify` alone, the server's engine with every kind mixed in one batch, and `/v1/classify`
-under concurrent requests. Labels must equal and probabilities agree within 1e-5.
+under concurrent requests. Every door runs the model in the type `--dtype auto` resolves to
+(`auto_dtype`: bfloat16 on a CPU with bfloat16 hardware or under `--auto-dtype bfloat16`).
+Labels must equal and probabilities agree within `bounds.door_tolerance` of that type: 1e-5 in
+float32; in bfloat16 a batch of another make-up rounds differently (tests/bounds.py).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bounds import door_tolerance
 from softprompt.adapters import peft_config, save_adapter, write_ensemble
 from softprompt.cli import main
 from softprompt.cv import set_calibration
@@ -54,13 +58,11 @@ def _adapter(folder: Path, model, tok, *, seed: int, suffix: int = 0, labels=LAB
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model_dir):
-    """(model, tokenizer, adapters folder, the model folder, a labeled CSV)."""
-    from transformers import AutoTokenizer
+    """(model, tokenizer, adapters folder, the model folder, a labeled CSV). The model is loaded
+    as the CLI doors load it (`--dtype auto`), so every door runs the same type."""
+    from softprompt.modeling.load import load_base
 
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval().requires_grad_(False)
+    model, tok, _ = load_base(str(tiny_model_dir), dtype="auto")
     root = tmp_path_factory.mktemp("doors")
     _adapter(root / "plain", model, tok, seed=1)
     _adapter(root / "suffix", model, tok, seed=2, suffix=3)
@@ -84,12 +86,16 @@ def _api(world, kind: str) -> list[dict]:
     return SoftPrompt.load(str(root / kind), model, tok).classify(TEXTS)
 
 
-def _same(got: list[dict], want: list[dict], where: str) -> None:
+def _tol(world) -> float:
+    return door_tolerance(world[0].get_input_embeddings().weight.dtype)
+
+
+def _same(got: list[dict], want: list[dict], where: str, tol: float) -> None:
     assert len(got) == len(want), where
     for g, w in zip(got, want, strict=True):
         assert g["label"] == w["label"], (where, g, w)
         for name, p in w["probabilities"].items():
-            assert abs(g["probabilities"][name] - p) < 1e-5, (where, name, g, w)
+            assert abs(g["probabilities"][name] - p) < tol, (where, name, g, w)
 
 
 def _cli(*argv: str) -> str:
@@ -124,7 +130,7 @@ def test_cli_predict_equals_the_api(world, kind):
     out = _cli("predict", str(root / kind), *TEXTS, "--model", str(model_dir), "--no-progress")
     rows = [json.loads(line) for line in out.splitlines()]
     got = [{"label": r["label"], "probabilities": {n: r[f"p({n})"] for n in LABELS}} for r in rows]
-    _same(got, _api(world, kind), f"predict/{kind}")
+    _same(got, _api(world, kind), f"predict/{kind}", _tol(world))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -161,7 +167,7 @@ def test_server_classify_equals_the_api(world, client, kind):
     body = r.json()
     assert body["calibrated"] == (kind in ("calibrated", "ensemble"))
     assert body["results"][-1]["truncated"] is True
-    _same(_served(body), _api(world, kind), f"serve/{kind}")
+    _same(_served(body), _api(world, kind), f"serve/{kind}", _tol(world))
 
 
 def test_every_kind_mixed_in_one_server_batch_equals_the_api(world, client):
@@ -179,7 +185,7 @@ def test_every_kind_mixed_in_one_server_batch_equals_the_api(world, client):
     for k, t, p in zip(order, texts, got, strict=True):
         w = want[k][t]
         assert LABELS[max(range(2), key=p.__getitem__)] == w["label"], (k, t)
-        assert torch.allclose(torch.tensor(p), torch.tensor(list(w["probabilities"].values())), atol=1e-5)  # fmt: skip
+        assert torch.allclose(torch.tensor(p), torch.tensor(list(w["probabilities"].values())), atol=_tol(world), rtol=0)  # fmt: skip
     # and over HTTP, all kinds at once from concurrent clients (they share batches)
     results: dict[str, dict] = {}
 
@@ -192,7 +198,7 @@ def test_every_kind_mixed_in_one_server_batch_equals_the_api(world, client):
     for t in threads:
         t.join()
     for k in KINDS:
-        _same(_served(results[k]), _api(world, k), f"concurrent/{k}")
+        _same(_served(results[k]), _api(world, k), f"concurrent/{k}", _tol(world))
 
 
 def test_models_list_says_what_each_kind_is(client):

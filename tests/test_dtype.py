@@ -25,7 +25,7 @@ from softprompt.kernels.generate import generate
 from softprompt.kernels.kv import prefix_kv
 from softprompt.kernels.loss import label_loss
 from softprompt.kernels.reference import concat_forward, reference_loss
-from softprompt.modeling.load import dtype_line, resolve_dtype
+from softprompt.modeling.load import AUTO_DTYPE_ENV, dtype_line, resolve_dtype
 from softprompt.prompt import init_prompt
 from test_cli import train_args
 
@@ -152,7 +152,14 @@ def test_bf16_logits_and_greedy_generation_match_float32(pair):
 
 
 @pytest.fixture
-def no_torch_probes(monkeypatch):
+def hardware_decides(monkeypatch):
+    """For tests of the hardware probe: SOFTPROMPT_AUTO_DTYPE (which `pytest --auto-dtype`
+    sets) is unset."""
+    monkeypatch.delenv(AUTO_DTYPE_ENV, raising=False)
+
+
+@pytest.fixture
+def no_torch_probes(monkeypatch, hardware_decides):
     """Hide torch's own CPU probes (present in some releases) so /proc/cpuinfo decides."""
     for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         monkeypatch.setattr(torch._C._cpu, name, lambda: False, raising=False)
@@ -180,7 +187,7 @@ def test_auto_dtype_on_cpu_follows_the_cpu_flags(monkeypatch, no_torch_probes, f
         assert dtype_line(explicit, cpu) == f"dtype: {explicit} (--dtype {explicit})"
 
 
-def test_auto_dtype_asks_torch_first_on_cpu(monkeypatch):
+def test_auto_dtype_asks_torch_first_on_cpu(monkeypatch, hardware_decides):
     import softprompt.modeling.load as sm
 
     monkeypatch.setattr(sm, "_cpu_flags", lambda: set())
@@ -190,7 +197,7 @@ def test_auto_dtype_asks_torch_first_on_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("bf16", [True, False])
-def test_auto_dtype_on_cuda_and_mps(monkeypatch, bf16):
+def test_auto_dtype_on_cuda_and_mps(monkeypatch, hardware_decides, bf16):
     asked = {}
 
     def supported(including_emulation=True):
@@ -209,6 +216,41 @@ def test_auto_dtype_on_cuda_and_mps(monkeypatch, bf16):
         else "dtype: float32 (auto: no bfloat16 hardware found on cuda)"
     )
     assert resolve_dtype("auto", torch.device("mps")) == "float32"
+
+
+@pytest.mark.parametrize("flags", [{"avx2", "fma"}, {"avx512f", "avx512_bf16"}])
+@pytest.mark.parametrize("forced", ["float32", "bfloat16"])
+def test_the_environment_forces_what_auto_resolves_to(monkeypatch, no_torch_probes, flags, forced):
+    """SOFTPROMPT_AUTO_DTYPE decides `auto` whatever the CPU has (the suite's bfloat16 pass on
+    AVX2 machines, its float32 pass on bfloat16 ones); an explicit --dtype still wins."""
+    import softprompt.modeling.load as sm
+
+    monkeypatch.setattr(sm, "_cpu_flags", lambda: flags)
+    monkeypatch.setenv(AUTO_DTYPE_ENV, forced)
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == forced
+    assert dtype_line("auto", cpu) == f"dtype: {forced} (auto: {AUTO_DTYPE_ENV}={forced})"
+    assert resolve_dtype("float16", cpu) == "float16"
+    assert dtype_line("float32", cpu) == "dtype: float32 (--dtype float32)"
+    monkeypatch.setenv(AUTO_DTYPE_ENV, "")  # empty: the hardware decides
+    want = "bfloat16" if "avx512_bf16" in flags else "float32"
+    assert resolve_dtype("auto", cpu) == want
+    monkeypatch.setenv(AUTO_DTYPE_ENV, "fp8")
+    with pytest.raises(SoftpromptError, match=rf"{AUTO_DTYPE_ENV}='fp8' is not one of float32"):
+        resolve_dtype("auto", cpu)
+    assert resolve_dtype("float32", cpu) == "float32"  # not read when auto is not asked for
+
+
+def test_the_suite_runs_in_the_auto_dtype_it_reports(auto_dtype):
+    """`pytest --auto-dtype X` (or SOFTPROMPT_AUTO_DTYPE) is what every door resolves auto to."""
+    import os
+
+    from softprompt.modeling.load import DTYPES
+
+    forced = os.environ.get(AUTO_DTYPE_ENV)
+    if forced:
+        assert auto_dtype == DTYPES[forced]
+    assert DTYPES[resolve_dtype("auto")] == auto_dtype
 
 
 def test_unknown_dtype_names_the_flag():

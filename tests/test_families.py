@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bounds import door_tolerance
 from families import FAMILIES, family_model
 from softprompt.adapters import load_adapter, peft_config, save_adapter
 from softprompt.cli import main
@@ -157,12 +158,18 @@ def test_cached_generation_equals_full_forward_generation(fam):
         assert torch.all(chosen >= steps.max(-1).values - 1e-4), (name, picked, steps.max(-1))
 
 
-def test_server_answers_what_predict_answers(fam):
+def test_server_answers_what_predict_answers(fam, auto_dtype):
+    """Both doors run the type `--dtype auto` resolves to: the server's model is loaded from the
+    folder `predict` loads, as `predict` loads it (a float32 server against a bfloat16 `predict`
+    differed by up to 1.2e-3 on a CPU with bfloat16 hardware)."""
     from fastapi.testclient import TestClient
 
     from softprompt.serve.app import ServeConfig, create_app
 
-    name, model, tok, model_dir, adapter_dir, _ = fam
+    name, _, tok, model_dir, adapter_dir, _ = fam
+    model, _, _ = load_base(str(model_dir), dtype="auto")
+    assert model.get_input_embeddings().weight.dtype == auto_dtype
+    tol = door_tolerance(auto_dtype)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert main(["predict", str(adapter_dir), *TEXTS, "--model", str(model_dir), "--no-progress"]) == 0  # fmt: skip
@@ -181,7 +188,7 @@ def test_server_answers_what_predict_answers(fam):
     for s, p in zip(served, predicted, strict=True):
         assert s["label"] == p["label"], (name, s, p)
         for label in LABELS:
-            assert abs(s["probabilities"][label] - p[f"p({label})"]) < 1e-5, (name, s, p)
+            assert abs(s["probabilities"][label] - p[f"p({label})"]) < tol, (name, s, p)
 
 
 # ---------------------------------------------------------------- the padded path, and refusals

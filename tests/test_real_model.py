@@ -14,7 +14,10 @@ from softprompt.kernels.reference import concat_forward
 from softprompt.modeling.load import load_base
 from softprompt.prompt import init_prompt
 
-pytestmark = pytest.mark.slow
+# One torch thread: on a machine whose cores other work shares (CI, developers' machines), two
+# threads trained the same epoch 2.4x slower than one (both dtypes: the threads wait for each
+# other), which took this file from about 6 to 16 minutes in bfloat16.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -51,21 +54,21 @@ def test_fast_loss_equals_reference_on_the_real_model(base):
 
 # The README's main job (scripts/demo.sh) trains the recommended recipe (the defaults, 5 epochs on
 # the 160 demo tweets) as a 3-seed ensemble; this test trains one of its prompts and scores it on
-# the 80 held-out tweets. Measured with `python bench/demo_seeds.py` (docs/accuracy.md, "The
-# demo"): over seeds 1-5, each under an AVX2 CPU's kernels and under torch's plain ones
-# (ATEN_CPU_CAPABILITY=default, another float rounding), one prompt scored macro-F1 0.695 to
-# 0.787 (10 runs). The bound sits about 0.1 under the lowest run; always answering the majority label
-# scores 0.38. (One prompt is not enough to label both README examples right on every seed; the
-# ensemble is, which is why the demo trains one.) Trained in float32, as measured (--dtype auto
-# would pick bfloat16 on a CPU with bfloat16 hardware).
-DEMO_MIN_MACRO_F1 = 0.6
+# the 80 held-out tweets, in the type --dtype auto resolves to, as the demo does: float32 on an
+# AVX2 CPU, bfloat16 on one with AVX512-BF16 / AMX. Measured with `python bench/demo_seeds.py`
+# (docs/accuracy.md, "The demo"), one prompt over seeds 1-5: macro-F1 0.695 to 0.787 in float32
+# under an AVX2 CPU's kernels and under torch's plain ones (ATEN_CPU_CAPABILITY=default, another
+# float rounding), and 0.650 to 0.763 in bfloat16 on an AVX512-BF16 CPU (15 runs in all). The
+# bound sits about 0.1 under the lowest run; always answering the majority label scores 0.38.
+# (One prompt is not enough to label both README examples right on every seed; the ensemble is,
+# which is why the demo trains one.)
+DEMO_MIN_MACRO_F1 = 0.55
 
 
 def test_the_demo_recipe_learns_on_the_real_model(tmp_path, demo_train, demo_test, capsys):
     out = tmp_path / "run"
     argv = ["train", "--data", str(demo_train), "--text-column", "Tweet text", "--label-column",
-            "Label", "--out", str(out), "--epochs", "5", "--no-progress", "--dtype",
-            "float32"]  # fmt: skip
+            "Label", "--out", str(out), "--epochs", "5", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert history[-1]["train_loss"] < history[0]["train_loss"]

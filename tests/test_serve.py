@@ -1266,6 +1266,7 @@ def _shown(browser) -> dict[str, tuple[float, float]]:
     return shown
 
 
+@pytest.mark.browser
 def test_playground_in_a_headless_browser(model, tokenizer, adapters_dir):
     """The page opens on the first adapter that can classify (not the base model, listed first)
     in classify mode, and shows each label's probability as a number and as a bar."""
@@ -1315,6 +1316,7 @@ def _png(data: bytes):
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
+@pytest.mark.browser
 def test_playground_chat_streams_the_answer(model, chat_tok, chat_dir, tmp_path):
     """Chat mode: the answer arrives piece by piece from a streamed /v1/chat/completions and
     ends equal to the non-streamed answer; the page (with an API key) shows it."""

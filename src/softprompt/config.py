@@ -134,7 +134,8 @@ class TrainConfig:
     """Rows per batch when evaluating (--eval-batch-size)."""
     dtype: Dtype = "auto"
     """dtype of the frozen base model: auto (bfloat16 where the CPU or GPU has bfloat16
-    hardware, else float32), float32, bfloat16 or float16; the prompt stays float32 (--dtype).
+    hardware, else float32; SOFTPROMPT_AUTO_DTYPE=float32|bfloat16 overrides what auto picks),
+    float32, bfloat16 or float16; the prompt stays float32 (--dtype).
     train_config.json records the resolved type, and "auto" as dtype_requested."""
     device: str | None = None
     """cuda, mps or cpu; default: the first available (--device)."""

@@ -28,7 +28,7 @@ class AdapterConfig:
     """Column with the text (default: the one used in training) (--text-column)."""
     dtype: Dtype = "auto"
     """Base model dtype: auto (bfloat16 where the CPU or GPU has bfloat16 hardware, else
-    float32), float32, bfloat16 or float16; the prompt stays float32 (--dtype)."""
+    float32; SOFTPROMPT_AUTO_DTYPE=float32|bfloat16 overrides what auto picks), float32, bfloat16 or float16; the prompt stays float32 (--dtype)."""
     device: str | None = None
     """cuda, mps or cpu; default: the first available (--device)."""
     batch_size: int = 32

@@ -5,6 +5,7 @@ decoder layers, parameter counts)."""
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -14,6 +15,22 @@ from ..errors import SoftpromptError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """What --dtype takes: "auto" (see `resolve_dtype`) or one of DTYPES."""
+
+AUTO_DTYPE_ENV = "SOFTPROMPT_AUTO_DTYPE"
+"""Set to float32, bfloat16 or float16, it is what --dtype auto resolves to on any machine (the
+test suite runs its fast tiers again with it set to the type the machine would not pick); an
+explicit --dtype wins."""
+
+
+def _forced_auto() -> str | None:
+    """The type SOFTPROMPT_AUTO_DTYPE names, or None where it is unset or empty."""
+    value = os.environ.get(AUTO_DTYPE_ENV, "").strip()
+    if value and value not in DTYPES:
+        raise SoftpromptError(
+            f"{AUTO_DTYPE_ENV}={value!r} is not one of {', '.join(DTYPES)}; unset it to let "
+            "--dtype auto probe the hardware"
+        )
+    return value or None
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -82,11 +99,14 @@ def bf16_hardware(device: torch.device) -> str | None:
 def resolve_dtype(dtype: str, device: torch.device | str | None = None) -> str:
     """The dtype to load the base model in: `dtype` itself, or for "auto" bfloat16 where
     `device` (default: `pick_device()`) has bfloat16 hardware (`bf16_hardware`) and float32
-    elsewhere. The prompt and its optimiser state stay float32 either way."""
+    elsewhere, unless SOFTPROMPT_AUTO_DTYPE names the type. The prompt and its optimiser state
+    stay float32 either way."""
     if dtype not in DTYPE_CHOICES:
         raise SoftpromptError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
     if dtype != "auto":
         return dtype
+    if forced := _forced_auto():
+        return forced
     dev = device if isinstance(device, torch.device) else pick_device(device)
     return "bfloat16" if bf16_hardware(dev) else "float32"
 
@@ -103,7 +123,9 @@ def dtype_line(dtype: str, device: torch.device | str | None = None) -> str:
     resolved = resolve_dtype(dtype, dev)
     if dtype != "auto":
         return f"dtype: {resolved} (--dtype {dtype})"
-    why = bf16_hardware(dev) or f"no bfloat16 hardware found on {dev.type}"
+    forced = _forced_auto()
+    why = f"{AUTO_DTYPE_ENV}={forced}" if forced else bf16_hardware(dev)
+    why = why or f"no bfloat16 hardware found on {dev.type}"
     return f"dtype: {resolved} (auto: {why})"
 
 

@@ -32,7 +32,7 @@ class ServeConfig(BaseSettings):
     """Port to listen on (--port)."""
     dtype: Dtype = "auto"
     """Base model dtype: auto (bfloat16 where the CPU or GPU has bfloat16 hardware, else
-    float32), float32, bfloat16 or float16 (--dtype)."""
+    float32; SOFTPROMPT_AUTO_DTYPE=float32|bfloat16 overrides what auto picks), float32, bfloat16 or float16 (--dtype)."""
     device: str | None = None
     """cuda, mps or cpu; default: the first available (--device)."""
     trust_remote_code: bool = False
