@@ -37,6 +37,7 @@ FILE_TIERS = {
     "test_doors.py": "parity",
     "test_dtype.py": "parity",
     "test_families.py": "parity",
+    "test_head.py": "parity",
     "test_model.py": "parity",
     "test_prefix.py": "parity",
     "test_suffix.py": "parity",

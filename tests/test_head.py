@@ -421,6 +421,7 @@ def test_cv_and_seed_ensembles_run_head_adapters(tmp_path, tiny_model_dir, demo_
     assert torch.allclose(got, mean, atol=1e-5)
 
 
+@pytest.mark.server
 def test_the_server_classifies_head_adapters_mixed_with_label_words_and_refuses_text(
     tiny, tmp_path
 ):
