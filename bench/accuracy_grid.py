@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from softprompt import SoftPrompt, TrainConfig, load_base, load_table, train  # noqa: E402
 from softprompt.config import GUIDE_INIT_TEXT  # noqa: E402
-from softprompt.evaluate import metrics  # noqa: E402
+from softprompt.metrics import metrics  # noqa: E402
 
 # the base the grid's recipes change: the recommended recipe without suffix tokens, with the guide's
 # init text (what docs/accuracy.md's grid measured around)

@@ -63,8 +63,8 @@ def _task(suffix: int):
 def _predictors(model, tok, seed: int) -> dict:
     """The four kinds of tests/test_doors.py: plain, suffix, calibrated, ensemble (3 suffix
     members and a bias); and a deep prompt."""
-    from softprompt.engine import predictor_for_prompt
-    from softprompt.kernels.kv import kv_to_prefix, prefix_kv
+    from softprompt.forward.kv import kv_to_prefix, prompt_kv
+    from softprompt.predictors import predictor_for_prompt
     from softprompt.prompt import init_prompt
 
     def prompt(s: int, n: int) -> torch.Tensor:
@@ -86,7 +86,7 @@ def _predictors(model, tok, seed: int) -> dict:
         ),
     }
     with torch.no_grad():
-        deep = kv_to_prefix(prefix_kv(model, prompt(7, 4)))[0]
+        deep = kv_to_prefix(prompt_kv(model, prompt(7, 4)))[0]
     out["prefix"] = predictor_for_prompt(model, tok, deep, _task(0), name="prefix", kind="prefix")
     return out
 
@@ -131,20 +131,17 @@ def doors(seeds: int) -> dict:
     torch.set_num_threads(1)
     tok = make_tokenizer()
     out: dict = {}
-    alive = []  # kernels.kv.prefix_dims caches by id(model): keep every model alive
     for dtype in (torch.bfloat16, torch.float32):
         name = str(dtype).removeprefix("torch.")
         got: dict = {}
         for seed in range(seeds):
             for arch in ("llama", "gpt2"):
                 model = make_model(arch, len(tok), seed=seed).to(dtype)
-                alive.append(model)
                 gaps = _door_gaps(model, tok, _predictors(model, tok, seed), TEXTS, mixed=True)
                 for kind, g in gaps.items():
                     got.setdefault(f"{arch}/{kind}", []).append(g)
             for fam in FAMILIES:
                 model = family_model(fam, len(tok), seed=seed).to(dtype)
-                alive.append(model)
                 preds = _predictors(model, tok, seed)
                 gaps = _door_gaps(model, tok, {"suffix": preds["suffix"]}, TEXTS[:3], mixed=False)
                 got.setdefault(f"family {fam}", []).append(gaps["suffix"])

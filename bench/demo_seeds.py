@@ -59,7 +59,7 @@ def test_table() -> tuple[list[str], list[str]]:
 
 def scored(p_test: list[float], p_examples: list[float]) -> dict:
     """macro-F1 and accuracy of P(complaint) on the demo test set; the examples' verdict."""
-    from softprompt.evaluate import metrics
+    from softprompt.metrics import metrics
 
     def label(p: float) -> str:
         return LABELS[0] if p > 0.5 else LABELS[1]

@@ -33,10 +33,10 @@ from common import TEXT_COLUMN, tweet_task  # noqa: E402
 from conftest import DEMO, make_tokenizer  # noqa: E402
 from families import FAMILIES, family_model  # noqa: E402
 from softprompt.data import collate_train, encode_rows  # noqa: E402
-from softprompt.kernels.loss import label_loss, prefix_label_loss  # noqa: E402
-from softprompt.kernels.packed import packed_problem  # noqa: E402
+from softprompt.forward.layout import packed_problem  # noqa: E402
 from softprompt.modeling.load import load_base  # noqa: E402
 from softprompt.prompt import init_prefix  # noqa: E402
+from softprompt.readouts.words import label_loss  # noqa: E402
 
 
 def _batches(tok, batch_size: int) -> list[dict]:
@@ -79,7 +79,11 @@ def bench_family(name: str, tok, batches, *, P: int, epochs: int, method: str, *
         model = family_model(name, len(tok), **size)
     if method == "prefix":
         start = init_prefix(model, tok, P, "vocab")
-        loss, fast, slow = prefix_label_loss, {}, {"packed": False}
+        loss, fast, slow = (
+            label_loss,
+            {"kind": "prefix"},
+            {"kind": "prefix", "shared_prefix": False},
+        )
         conf = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P)
     else:
         start = torch.randn(P, model.config.hidden_size) * 0.02

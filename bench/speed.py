@@ -16,7 +16,7 @@ On the RAFT twitter_complaints data (train.csv, dev.csv), for each base-model dt
      and checkpoint it writes after each epoch).
    - PEFT: the guide "Prompt tuning for causal language modeling" as written.
 2. Classification of the dev tweets with softprompt's trained prompt of the first P: the guide's
-   `generate` (6 new tokens, exact match) against `softprompt.evaluate.classify` (rank
+   `generate` (6 new tokens, exact match) against softprompt's engine (rank
    classification) and `generate_texts` (the guide's method in softprompt's engine).
 
 3. The raw forward: a no-grad forward of the frozen model over RAW_BATCH x RAW_TOKENS random
@@ -62,7 +62,7 @@ from torch.utils.data import DataLoader
 from transformers import default_data_collator, get_linear_schedule_with_warmup
 
 from softprompt import TrainConfig, load_base, train
-from softprompt.evaluate import classify, generate_texts, metrics
+from softprompt.metrics import metrics
 from softprompt.modeling.builtin import default_model_dir
 from softprompt.training import Callback
 
@@ -73,6 +73,25 @@ MAX_LENGTH, BATCH_SIZE, LR = 64, 8, 3e-2
 GEN_BATCH_SIZE, GEN_MAX_NEW_TOKENS, CLASSIFY_BATCH_SIZE = 16, 6, 32
 RAW_BATCH, RAW_TOKENS, RAW_REPEATS = 32, 72, 3
 SYSTEMS = ("peft", "softprompt")
+
+
+def _classify(model, tokenizer, prompt, task, texts) -> list[str]:
+    """softprompt's label scoring through its engine (what `softprompt eval` runs)."""
+    from softprompt.engine import Engine
+    from softprompt.predictors import predictor_for_prompt
+
+    predictor = predictor_for_prompt(model, tokenizer, prompt, task)
+    probs = Engine(model, tokenizer).classify(predictor, texts, batch_size=CLASSIFY_BATCH_SIZE)
+    return [task.label_names[i] for i in probs.argmax(-1).tolist()]
+
+
+def _generate(model, tokenizer, prompt, task, texts, **kw) -> list[str]:
+    """softprompt's free generation through its engine (`softprompt eval --generate`)."""
+    from softprompt.engine import Engine
+    from softprompt.predictors import predictor_for_prompt
+
+    predictor = predictor_for_prompt(model, tokenizer, prompt, task)
+    return Engine(model, tokenizer).generate(predictor, texts, **kw)
 
 
 def log(msg: str) -> None:
@@ -283,12 +302,12 @@ def classify_job(job: dict) -> dict:
 
     timed(
         "softprompt classify",
-        lambda t: classify(model, tokenizer, prompt, task, t, batch_size=CLASSIFY_BATCH_SIZE)[0],
+        lambda t: _classify(model, tokenizer, prompt, task, t),
     )
     if job.get("softprompt_only"):
         return out
     gen = {"max_new_tokens": GEN_MAX_NEW_TOKENS, "batch_size": GEN_BATCH_SIZE}
-    timed("softprompt generate", lambda t: generate_texts(model, tokenizer, prompt, task, t, **gen))
+    timed("softprompt generate", lambda t: _generate(model, tokenizer, prompt, task, t, **gen))
     peft_model = get_peft_model(model, _peft_config(job["P"]))
     with torch.no_grad():
         peft_model.prompt_encoder["default"].embedding.weight.copy_(prompt)

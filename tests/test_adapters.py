@@ -11,7 +11,7 @@ import torch
 from softprompt.adapters import check_fits, load_adapter, peft_config, save_adapter
 from softprompt.data import Task
 from softprompt.errors import SoftpromptError
-from softprompt.kernels.reference import concat_forward
+from softprompt.forward.reference import concat_forward
 from softprompt.prompt import init_prompt
 
 

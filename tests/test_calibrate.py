@@ -7,9 +7,10 @@ import random
 import pytest
 import torch
 
+from fast import label_probabilities
 from softprompt.calibrate import _macro_f1, apply_bias, content_free_bias, fit_bias
 from softprompt.data import Task
-from softprompt.evaluate import label_probabilities, metrics
+from softprompt.metrics import metrics
 from softprompt.prompt import init_prompt
 
 

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from fast import label_probabilities
 from softprompt.adapters import load_adapter
 from softprompt.calibrate import apply_bias
 from softprompt.cli import main
 from softprompt.data import stratified_folds
 from softprompt.errors import SoftpromptError
-from softprompt.evaluate import label_probabilities, metrics
+from softprompt.metrics import metrics
 from softprompt.pipeline import SoftPrompt
 
 LABELS = ["complaint", "no complaint"]

@@ -28,7 +28,7 @@ from softprompt.cli import main
 from softprompt.cv import set_calibration
 from softprompt.data import Task
 from softprompt.errors import SoftpromptError
-from softprompt.evaluate import metrics
+from softprompt.metrics import metrics
 from softprompt.pipeline import SoftPrompt
 from softprompt.prompt import init_prompt
 
@@ -221,7 +221,8 @@ def test_served_ensemble_refuses_completions_as_predict_refuses_generation(world
 
 def test_suffix_adapter_completions_equal_predict_generate(world, client):
     model, tok, root, _, _ = world
-    from softprompt.engine import GenerateRow, raw_task
+    from softprompt.engine import GenerateRow
+    from softprompt.predictors import raw_task
 
     state = client.app.state.softprompt
     entry = state.entries["suffix"]
@@ -229,7 +230,7 @@ def test_suffix_adapter_completions_equal_predict_generate(world, client):
     assert r.status_code == 200, r.text
     raw = state.encode(raw_task(entry.task), TEXTS[0], 200, False, "p")[0]
     assert raw[-3:] == [-3, -2, -1]  # the suffix tokens follow the raw text
-    ((toks, _),) = state.engine.generate([GenerateRow(entry, raw, 4)])
+    ((toks, _),) = state.engine.complete([GenerateRow(entry, raw, 4)])
     assert r.json()["choices"][0]["text"] == tok.decode(toks, skip_special_tokens=True)
 
 

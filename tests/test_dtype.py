@@ -17,16 +17,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fast import generate
 from softprompt.cli import main
 from softprompt.data import Task, collate_left, collate_train, encode_rows
-from softprompt.engine import ClassifyRow, Engine, predictor_for_prompt
+from softprompt.engine import ClassifyRow, Engine
 from softprompt.errors import SoftpromptError
-from softprompt.kernels.generate import generate
-from softprompt.kernels.kv import prefix_kv
-from softprompt.kernels.loss import label_loss
-from softprompt.kernels.reference import concat_forward, reference_loss
+from softprompt.forward.kv import prompt_kv
+from softprompt.forward.reference import concat_forward, reference_loss
 from softprompt.modeling.load import AUTO_DTYPE_ENV, dtype_line, resolve_dtype
+from softprompt.predictors import predictor_for_prompt
 from softprompt.prompt import init_prompt
+from softprompt.readouts.words import label_loss
 from test_cli import train_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,7 +127,7 @@ def test_bf16_logits_and_greedy_generation_match_float32(pair):
     seqs = [tok(f"Tweet text : {t} Label : ")["input_ids"] for t in TEXTS]
     ids, mask = collate_left(seqs, tok.pad_token_id)
     new = {
-        key: generate(m, prefix_kv(m, prompt), ids, mask, max_new_tokens=6, eos_token_id=None)
+        key: generate(m, prompt_kv(m, prompt), ids, mask, max_new_tokens=6, eos_token_id=None)
         for key, m in (("f32", f32), ("bf16", bf16))
     }
     compared = 0

@@ -10,7 +10,7 @@ import torch
 
 from softprompt.adapters import load_adapter, peft_config, save_adapter
 from softprompt.data import Task
-from softprompt.evaluate import metrics
+from softprompt.metrics import metrics
 from softprompt.pipeline import SoftPrompt
 from softprompt.prompt import init_prompt
 

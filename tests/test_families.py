@@ -24,18 +24,18 @@ import torch
 
 from bounds import door_tolerance
 from families import FAMILIES, family_model
+from fast import score_continuations
 from softprompt.adapters import load_adapter, peft_config, save_adapter
 from softprompt.cli import main
 from softprompt.data import Task
 from softprompt.engine import Engine, GenerateRow
 from softprompt.errors import SoftpromptError
-from softprompt.kernels.kv import prefix_kv
-from softprompt.kernels.loss import label_loss
-from softprompt.kernels.packed import packed_fits, packed_problem, sliding_window
-from softprompt.kernels.reference import concat_forward, prefix_length, reference_loss
-from softprompt.kernels.scoring import score_continuations
+from softprompt.forward.kv import prompt_kv
+from softprompt.forward.layout import packed_fits, packed_problem, sliding_window
+from softprompt.forward.reference import concat_forward, reference_inputs, reference_loss
 from softprompt.modeling.load import load_base
 from softprompt.prompt import init_prompt
+from softprompt.readouts.words import label_loss
 
 LABELS = ["complaint", "no complaint"]
 TEXTS = [
@@ -123,7 +123,7 @@ def _full_forward_scores(model, tok, prompt, ids_rows, label_ids) -> torch.Tenso
     for b, row in enumerate(ids_rows):
         for j, lab in enumerate(label_ids):
             seq = torch.tensor([row + list(lab)])
-            P = prefix_length(prompt, seq)
+            P = reference_inputs(model, prompt, seq, torch.ones_like(seq))[2]
             logits = concat_forward(model, prompt, seq, torch.ones_like(seq))[0, P:]
             logp = torch.log_softmax(logits.float(), -1)
             out[b, j] = sum(logp[len(row) - 1 + k, t] for k, t in enumerate(lab))
@@ -147,7 +147,7 @@ def test_cached_generation_equals_full_forward_generation(fam):
     engine = Engine(model, tok)
     pred = engine.predictor([load_adapter(adapter_dir)])
     rows = [GenerateRow(pred, engine.encode(pred, t)[0], 6) for t in TEXTS]
-    for r, (toks, ended) in zip(rows, engine.generate(rows), strict=True):
+    for r, (toks, ended) in zip(rows, engine.complete(rows), strict=True):
         picked = toks + ([tok.eos_token_id] if ended else [])
         assert picked, name
         x = torch.tensor([list(r.ids) + picked])
@@ -206,7 +206,7 @@ def test_padded_path_is_announced_once_and_exact(tokenizer, caplog):
     assert len(lines) == 1 and "FalconForCausalLM" in lines[0] and "ALiBi" in lines[0], lines
     assert abs(float(fast - reference_loss(model, prompt, ids, mask, lab))) < 1e-6
     with pytest.raises(SoftpromptError, match="padded path"):
-        kv = prefix_kv(model, prompt)
+        kv = prompt_kv(model, prompt)
         score_continuations(model, kv, ids, mask, [[5, 0]])
 
 

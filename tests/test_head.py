@@ -13,12 +13,12 @@ import torch
 
 from softprompt.adapters import load_adapter, peft_config, prefix_config, save_adapter
 from softprompt.cli import main
-from softprompt.data import Encoded, Task, collate_train, encode_rows
-from softprompt.engine import ClassifyRow, Engine, predictor_for_prompt
+from softprompt.data import Task, encode_rows
+from softprompt.engine import ClassifyRow, Engine
 from softprompt.errors import SoftpromptError
-from softprompt.kernels.features import head_features
-from softprompt.kernels.kv import prefix_to_kv
-from softprompt.kernels.reference import _concat_inputs
+from softprompt.forward.kv import prefix_to_kv
+from softprompt.forward.reference import reference_inputs
+from softprompt.predictors import predictor_for_prompt
 from softprompt.prompt import init_prefix, init_prompt
 from softprompt.readouts.head import (
     ClassifierHead,
@@ -27,6 +27,7 @@ from softprompt.readouts.head import (
     head_starts,
     label_word_head,
     pooled_layers,
+    rows_features,
 )
 from test_cli import train_args
 
@@ -87,8 +88,7 @@ def _reference(model, prompt, task, tok, kind="prompt") -> RowFeatures:
                 )
                 P = 0
             else:
-                e, m = _concat_inputs(model, prompt, ids, torch.ones_like(ids))
-                P = e.shape[1] - ids.shape[1]
+                e, m, P = reference_inputs(model, prompt, ids, torch.ones_like(ids))
                 out = model.get_decoder()(
                     inputs_embeds=e, attention_mask=m, output_hidden_states=True
                 )
@@ -112,15 +112,11 @@ def test_training_features_equal_a_plain_forward_packed_and_padded(tiny, kind, s
     task = _task(suffix)
     prompt = _prompt(model, tok, kind, suffix)
     rows = encode_rows(tok, task, TEXTS, LABELS)
-    b = collate_train([Encoded(r.input_ids, []) for r in rows], tok.pad_token_id)
-    starts = head_starts([r.input_ids for r in rows], tok(task.head())["input_ids"])
+    head_ids = tok(task.head())["input_ids"]
     ref = _reference(model, prompt, task, tok, kind)
     heads = _heads(model.get_input_embeddings().weight.shape[1])
     for packed in (True, False):
-        f = head_features(
-            model, prompt, b["input_ids"], b["attention_mask"], starts, heads, kind=kind,
-            packed=packed,
-        )  # fmt: skip
+        f = rows_features(model, prompt, rows, heads, head_ids, kind, packed)
         assert torch.allclose(f.last, ref.last, atol=1e-5), packed
         assert torch.allclose(f.pooled[LAYER], ref.pooled[LAYER], atol=1e-5), packed
 

@@ -7,15 +7,14 @@ import copy
 import pytest
 import torch
 
+from fast import generate, score_continuations
 from softprompt.config import GUIDE_INIT_TEXT
 from softprompt.data import Task, collate_left, collate_train, encode_rows, label_token_ids
-from softprompt.evaluate import full_label_scores
-from softprompt.kernels.generate import generate
-from softprompt.kernels.kv import prefix_kv
-from softprompt.kernels.loss import label_loss
-from softprompt.kernels.reference import concat_forward, reference_loss
-from softprompt.kernels.scoring import score_continuations
+from softprompt.engine import full_label_scores
+from softprompt.forward.kv import prompt_kv
+from softprompt.forward.reference import concat_forward, reference_loss
 from softprompt.prompt import init_prompt, text_token_ids
+from softprompt.readouts.words import label_loss
 
 TEXTS = [
     "@ZephyrMobile no signal for three days and nobody answers",
@@ -95,7 +94,7 @@ def test_generation_equals_peft_generate_without_cache(tiny, tmp_path):
     """Greedy generation after the guide's template, one tweet at a time (no padding): the same
     text as PEFT's `generate(use_cache=False)` (it recomputes the prompt at every step; PEFT's
     cached generate re-inserts the virtual tokens on transformers 5, so it is not the reference)."""
-    from softprompt.evaluate import generate_texts
+    from fast import generate_texts
 
     model, tok = tiny
     pm = _peft_model(model, tok, tmp_path)
@@ -146,8 +145,8 @@ def test_label_scores_equal_full_forward_per_label(tiny):
     seqs = [tok(f"Tweet text : {t} Label : ")["input_ids"] for t in TEXTS]
     conts = [label_token_ids(tok, n) for n in ("complaint", "no complaint", "maybe not")]
     ids, mask = collate_left(seqs, tok.pad_token_id)
-    scores = score_continuations(model, prefix_kv(model, prompt), ids, mask, conts)
-    batched = full_label_scores(model, prompt, seqs, conts, tok.pad_token_id)  # the FSDP path
+    scores = score_continuations(model, prompt_kv(model, prompt), ids, mask, conts)
+    batched = full_label_scores(model, prompt, seqs, conts)  # the FSDP path
     assert batched.shape == scores.shape == (len(seqs), len(conts))
     for i, s in enumerate(seqs):
         for j, c in enumerate(conts):
@@ -161,7 +160,7 @@ def test_label_scores_with_shared_and_nested_label_prefixes(tiny):
     """score_continuations runs the labels as a trie in the input's pass: labels that share
     leading tokens, one label that is a prefix of another, one-token labels, rows of different
     lengths under different prompts. Each score equals a full forward over input + label."""
-    from softprompt.kernels.scoring import _continuation_trie
+    from softprompt.readouts.words import label_trie as _continuation_trie
 
     model, tok = tiny
     a, b, c, d = (tok(w)["input_ids"][0] for w in (" no", " complaint", " late", " ok"))
@@ -174,7 +173,7 @@ def test_label_scores_with_shared_and_nested_label_prefixes(tiny):
     seqs = [tok(f"Tweet text : {t} Label : ")["input_ids"] for t in TEXTS]
     ids, mask = collate_left(seqs, tok.pad_token_id)
     rows = torch.tensor([1, 0, 0, 1])
-    scores = score_continuations(model, prefix_kv(model, prompts), ids, mask, conts, rows=rows)
+    scores = score_continuations(model, prompt_kv(model, prompts), ids, mask, conts, rows=rows)
     assert scores.shape == (len(seqs), len(conts))
     for i, s in enumerate(seqs):
         for j, cont in enumerate(conts):
@@ -188,7 +187,7 @@ def test_cached_generation_equals_uncached(tiny):
     prompt = init_prompt(model, tok, 4, "vocab", seed=2)
     seqs = [tok(t)["input_ids"] for t in TEXTS]
     ids, mask = collate_left(seqs, tok.pad_token_id)
-    got = generate(model, prefix_kv(model, prompt), ids, mask, max_new_tokens=8, eos_token_id=None)
+    got = generate(model, prompt_kv(model, prompt), ids, mask, max_new_tokens=8, eos_token_id=None)
     for s, g in zip(seqs, got, strict=True):
         cur = list(s)
         ref = []
@@ -208,10 +207,10 @@ def test_mixed_prompts_in_one_batch_equal_separate_runs(tiny):
     conts = [label_token_ids(tok, n) for n in ("complaint", "no complaint")]
     ids, mask = collate_left(seqs, tok.pad_token_id)
     rows = torch.tensor([2, 0, 1, 2])
-    mixed = score_continuations(model, prefix_kv(model, prompts), ids, mask, conts, rows=rows)
+    mixed = score_continuations(model, prompt_kv(model, prompts), ids, mask, conts, rows=rows)
     for i, k in enumerate(rows.tolist()):
         one_ids, one_mask = collate_left([seqs[i]], tok.pad_token_id)
-        alone = score_continuations(model, prefix_kv(model, prompts[k]), one_ids, one_mask, conts)
+        alone = score_continuations(model, prompt_kv(model, prompts[k]), one_ids, one_mask, conts)
         assert torch.allclose(mixed[i], alone[0], rtol=1e-5, atol=1e-5)
 
 
@@ -251,11 +250,11 @@ def test_base_model_weights_never_change(tiny):
 def test_stacked_kv_of_separate_prompts_equals_each_alone(tiny):
     """KV computed once per prompt (as a server caches it), stacked, scored in one mixed batch;
     generation too."""
-    from softprompt.kernels.kv import stack_kv
+    from softprompt.forward.kv import stack_kv
 
     model, tok = tiny
     prompts = [init_prompt(model, tok, 4, "vocab", seed=s) for s in (1, 2, 3)]
-    kvs = [prefix_kv(model, p) for p in prompts]
+    kvs = [prompt_kv(model, p) for p in prompts]
     seqs = [tok(f"Tweet text : {t} Label : ")["input_ids"] for t in TEXTS]
     conts = [label_token_ids(tok, n) for n in ("complaint", "no complaint", "maybe")]
     ids, mask = collate_left(seqs, tok.pad_token_id)
@@ -275,7 +274,7 @@ def test_packed_label_loss_equals_reference(tiny):
     """A batch whose rows differ a lot in length runs packed (several rows in one lane):
     loss, weighted loss, per-token losses (row-major) and the prompt gradient equal the plain
     concatenated forward."""
-    from softprompt.kernels.packed import pack_rows
+    from softprompt.forward.layout import pack_rows
 
     model, tok = tiny
     texts = TEXTS + ["a", "@ZephyrMobile " * 6, "hi there", "late " * 9]
@@ -301,7 +300,7 @@ def test_packed_label_loss_equals_reference(tiny):
 def test_label_loss_over_several_lanes_each_with_the_prompt_equals_reference(tiny):
     """A batch too long for one lane runs in several, each starting with its own run of the
     prompt and head: the prompt's gradient sums over the lanes and still equals the reference."""
-    from softprompt.kernels.packed import lane_width, pack_rows
+    from softprompt.forward.layout import lane_width, pack_rows
 
     model, tok = tiny
     texts = [(t + " ") * (1 + i % 4) for i, t in enumerate(TEXTS * 10)]
@@ -312,10 +311,9 @@ def test_label_loss_over_several_lanes_each_with_the_prompt_equals_reference(tin
     assert pack_rows(lengths, lane_width(lengths, 5))[0] > 1  # really several lanes
     prompt = init_prompt(model, tok, 5, "random", seed=8).requires_grad_(True)
     _assert_loss_and_gradient_equal_reference(model, prompt, b)
-    from softprompt.errors import SoftpromptError
-
-    with pytest.raises(SoftpromptError, match="shared_prefix=False"):
-        label_loss(model, prompt.detach()[None].expand(len(texts), -1, -1), **b)
+    # one prompt per row runs each row after its own (padded): the same loss
+    per_row = label_loss(model, prompt.detach()[None].expand(len(texts), -1, -1), **b)
+    assert abs(float(per_row - label_loss(model, prompt.detach(), **b))) < 1e-5
 
 
 def test_weighted_label_loss_is_the_weighted_mean_of_each_rows_tokens(tiny):
@@ -347,7 +345,7 @@ def test_weighted_label_loss_is_the_weighted_mean_of_each_rows_tokens(tiny):
 def test_shared_template_head_equals_plain_path(tiny):
     """The template's head run once with the prompt (and the last column skipped) gives the same
     loss and prompt gradient as running every row whole; so do label scores and generation."""
-    from softprompt.evaluate import generate_texts, label_probabilities
+    from fast import generate_texts, label_probabilities
 
     model, tok = tiny
     task, b = _batch(tok)
@@ -387,7 +385,7 @@ def test_shared_template_head_equals_plain_path(tiny):
 
 
 def test_common_prefix_length_checks_every_row():
-    from softprompt.kernels.kv import common_prefix_length
+    from softprompt.data import common_prefix_length
 
     head = [5, 6, 7, 8]
     assert common_prefix_length([[5, 6, 7, 9, 1], [5, 6, 7, 8, 2]], head) == 3

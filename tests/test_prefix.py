@@ -21,9 +21,11 @@ from softprompt.cli import main
 from softprompt.data import Task
 from softprompt.engine import ClassifyRow, Engine
 from softprompt.errors import SoftpromptError
-from softprompt.kernels.kv import kv_to_prefix, prefix_dims, prefix_to_kv, run_after_prefix
-from softprompt.kernels.loss import prefix_label_loss
+from softprompt.forward.batch import padded
+from softprompt.forward.kv import kv_to_prefix, prefix_dims, prefix_to_kv
+from softprompt.forward.run import run
 from softprompt.prompt import init_prefix, init_prompt
+from softprompt.readouts.words import label_loss
 
 LABELS = ["complaint", "no complaint"]
 TEXTS = ["@ZephyrMobile no signal for three days", "thanks, lovely service today", "ok"]
@@ -77,7 +79,7 @@ def test_fast_loss_and_gradient_equal_peft_packed_and_padded(arch):
     peft_loss.backward()
     for packed in (True, False):
         x = start.clone().requires_grad_(True)
-        loss = prefix_label_loss(model, x, ids, mask, labels, packed=packed)
+        loss = label_loss(model, x, ids, mask, labels, kind="prefix", shared_prefix=packed)
         loss.backward()
         assert abs(float(loss - peft_loss)) < 1e-5, packed
         assert torch.allclose(x.grad, w.grad, atol=1e-6, rtol=1e-4), packed
@@ -95,7 +97,8 @@ def test_our_prefix_adapter_loads_in_peft_with_equal_logits(arch, tmp_path):
     ids, mask, _ = _batch(tok)
     with torch.no_grad():
         theirs = pm(input_ids=ids, attention_mask=mask).logits
-        hidden, _ = run_after_prefix(model, prefix_to_kv(model, prefix), ids, mask)
+        rows = [r[: int(n)] for r, n in zip(ids.tolist(), mask.sum(-1).tolist(), strict=True)]
+        hidden = run(model, padded(rows, 0, ids.device), kv=prefix_to_kv(model, prefix)).final
         ours = model.get_output_embeddings()(hidden)
     real = mask.bool()
     assert torch.allclose(theirs[real], ours[real], atol=1e-5, rtol=1e-5)
@@ -140,7 +143,7 @@ def test_a_batch_mixing_prefix_and_prompt_adapters_equals_each_alone(tokenizer):
     model = make_model("llama", len(tokenizer))
     engine = Engine(model, tokenizer)
     P = 4
-    from softprompt.engine import predictor_for_prompt
+    from softprompt.predictors import predictor_for_prompt
 
     preds = [
         predictor_for_prompt(model, tokenizer, init_prefix(model, tokenizer, P, "vocab", seed=s), TASK, kind="prefix", name=f"prefix{s}")  # fmt: skip

@@ -9,10 +9,10 @@ import torch
 
 from softprompt.cli import main
 from softprompt.data import Task, collate_train, encode_rows
-from softprompt.kernels.loss import label_loss
-from softprompt.kernels.reference import concat_forward
+from softprompt.forward.reference import concat_forward
 from softprompt.modeling.load import load_base
 from softprompt.prompt import init_prompt
+from softprompt.readouts.words import label_loss
 
 # One torch thread: on a machine whose cores other work shares (CI, developers' machines), two
 # threads trained the same epoch 2.4x slower than one (both dtypes: the threads wait for each

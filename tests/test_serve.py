@@ -27,12 +27,13 @@ httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from conftest import make_model  # noqa: E402
+from fast import generate  # noqa: E402
 from softprompt.adapters import save_adapter  # noqa: E402
-from softprompt.data import Task, input_token_ids  # noqa: E402
-from softprompt.engine import ClassifyRow, Engine, GenerateRow, KVCache  # noqa: E402
-from softprompt.kernels.generate import generate  # noqa: E402
-from softprompt.kernels.kv import common_prefix_length, prefix_kv, slice_kv  # noqa: E402
-from softprompt.kernels.packed import lane_width, pack_rows  # noqa: E402
+from softprompt.data import Task, common_prefix_length, input_token_ids  # noqa: E402
+from softprompt.engine import ClassifyRow, Engine, GenerateRow  # noqa: E402
+from softprompt.forward.kv import prompt_kv, slice_kv  # noqa: E402
+from softprompt.forward.layout import lane_width, pack_rows  # noqa: E402
+from softprompt.kvcache import KVCache  # noqa: E402
 from softprompt.pipeline import SoftPrompt  # noqa: E402
 from softprompt.prompt import init_prompt  # noqa: E402
 from softprompt.serve.app import ServeConfig, create_app  # noqa: E402
@@ -133,7 +134,7 @@ def test_mixed_batch_equals_each_request_alone(model, tokenizer, adapters_dir):
     outs = engine.run(comp)
     for row, (toks, _) in zip(comp, outs, strict=True):
         x = torch.tensor([row.ids])
-        ref = generate(model, prefix_kv(model, row.predictor.members[0].prompt), x, torch.ones_like(x),
+        ref = generate(model, prompt_kv(model, row.predictor.members[0].prompt), x, torch.ones_like(x),
                        max_new_tokens=row.max_tokens, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
         assert toks == ref[0]
         assert engine.run([row])[0][0] == toks
@@ -144,7 +145,7 @@ def test_rows_joining_and_leaving_a_running_decode_equal_each_alone(model, chat_
     """Continuous batching: rows of other prompt lengths (base model P=0, alpha P=4, delta P=6,
     a suffix-token adapter) join a running decode between steps and leave when they end; each
     row's tokens equal its run alone."""
-    from softprompt.engine import merge_decoding
+    from softprompt.readouts.generation import merge_decoding
 
     engine = Engine(model, chat_tok)
     e = {n: load_predictor(chat_dir / n, n, engine) for n in ("alpha", "delta", "suf")}
@@ -157,7 +158,7 @@ def test_rows_joining_and_leaving_a_running_decode_equal_each_alone(model, chat_
         GenerateRow(e["suf"], ids[3] + [-2, -1], 7),
         GenerateRow(e["alpha"], ids[1], 5),
     ]
-    alone = [engine.generate([r])[0] for r in rows]
+    alone = [engine.complete([r])[0] for r in rows]
     got: dict[int, tuple] = {}
     batch = engine.begin(rows[:2])
     joins = {2: rows[2:4], 4: rows[4:]}  # rows that join after that many steps
@@ -170,7 +171,7 @@ def test_rows_joining_and_leaving_a_running_decode_equal_each_alone(model, chat_
         step += 1
     for r, want in zip(rows, alone, strict=True):
         assert got[id(r)] == want, r.predictor.name
-    assert engine.generate(rows) == alone  # and all at once
+    assert engine.complete(rows) == alone  # and all at once
 
 
 def test_pack_rows_places_every_row_once_without_overlap():
@@ -336,7 +337,7 @@ def _reference(model, tok, prompt, ids, max_tokens):
     x = torch.tensor([ids])
     front = prompt[: prompt.shape[0] - S]
     assert not S or ids[-S:] == suffix_placeholders(S)
-    kv = prefix_kv(model, front) if len(front) else slice_kv(prefix_kv(model, prompt.new_zeros(1, 32)), 0)  # fmt: skip
+    kv = prompt_kv(model, front) if len(front) else slice_kv(prompt_kv(model, prompt.new_zeros(1, 32)), 0)  # fmt: skip
     return generate(model, kv, x, torch.ones_like(x), max_new_tokens=max_tokens,
                     eos_token_id=tok.eos_token_id, prompts=prompt if S else None)[0]  # fmt: skip
 
@@ -588,7 +589,7 @@ def test_text_stream_holds_back_what_could_start_a_stop_string(tokenizer):
 def _forward_logprobs(model, prompt, ids):
     """log_softmax of the plain concatenated forward pass: [T, V] for positions after each
     token of ids (the prompt's front vectors, P, first)."""
-    from softprompt.kernels.reference import concat_forward
+    from softprompt.forward.reference import concat_forward
 
     x = torch.tensor([ids])
     with torch.no_grad():
@@ -1056,7 +1057,7 @@ def test_openai_client_completions(slow_server, model, tokenizer, adapters_dir):
     out = c.completions.create(model="gamma", prompt=TEXTS[0], max_tokens=5, temperature=0)
     prompt = SoftPrompt.load(str(adapters_dir / "gamma"), model, tokenizer).prompt
     x = torch.tensor([tokenizer(TEXTS[0])["input_ids"]])
-    ref = generate(model, prefix_kv(model, prompt), x, torch.ones_like(x), max_new_tokens=5,
+    ref = generate(model, prompt_kv(model, prompt), x, torch.ones_like(x), max_new_tokens=5,
                    eos_token_id=tokenizer.eos_token_id)[0]  # fmt: skip
     assert out.choices[0].text == tokenizer.decode(ref, skip_special_tokens=True)
     assert out.usage.completion_tokens == len(ref) and out.model == "gamma"

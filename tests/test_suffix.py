@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from fast import generate_texts, label_probabilities, score_continuations
 from softprompt.adapters import SUFFIX_NAME, load_adapter, save_adapter
 from softprompt.cli import main
 from softprompt.data import (
@@ -26,12 +27,10 @@ from softprompt.data import (
     suffix_placeholders,
 )
 from softprompt.errors import SoftpromptError
-from softprompt.evaluate import front, generate_texts, label_probabilities
-from softprompt.kernels.kv import prefix_kv
-from softprompt.kernels.loss import label_loss
-from softprompt.kernels.scoring import score_continuations
+from softprompt.forward.kv import prompt_kv
 from softprompt.pipeline import SoftPrompt
 from softprompt.prompt import init_prompt
+from softprompt.readouts.words import label_loss
 from test_cli import train_args
 from test_model import LABELS, TEXTS, _close
 
@@ -108,7 +107,7 @@ def test_label_scores_equal_the_hand_built_forward(tiny):
     conts = [label_token_ids(tok, n) for n in task.label_names]
     ids, mask = collate_left(seqs, tok.pad_token_id)
     scores = score_continuations(
-        model, prefix_kv(model, front(prompt, task)), ids, mask, conts, prompts=prompt
+        model, prompt_kv(model, prompt[:P]), ids, mask, conts, prompts=prompt
     )
     for i, s in enumerate(seqs):
         for j, c in enumerate(conts):

@@ -21,9 +21,9 @@ from bounds import train_bounds
 from softprompt.adapters import load_adapter
 from softprompt.cli import main
 from softprompt.errors import SoftpromptError
-from softprompt.kernels.loss import label_loss
 from softprompt.modeling.load import dtype_name, pick_device
 from softprompt.modeling.sharding import set_gradient_checkpointing
+from softprompt.readouts.words import label_loss
 from test_cli import cli_error, train_args
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -226,7 +226,7 @@ def test_nan_loss_later_keeps_best_and_last_good(
 ):
     train_mod = importlib.import_module("softprompt.training.step")
     calls = {"n": 0}
-    real = train_mod.label_loss
+    real = train_mod.rows_loss
 
     def flaky(*args, **kwargs):
         loss = real(*args, **kwargs)
@@ -236,7 +236,7 @@ def test_nan_loss_later_keeps_best_and_last_good(
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(train_mod, "label_loss", flaky)
+    monkeypatch.setattr(train_mod, "rows_loss", flaky)
     out = tmp_path / "run"
     line = cli_error(capsys, train_args(demo_train, tiny_model_dir, out), "loss became nan")
     assert "epoch 2, batch 4 (step 20)" in line

@@ -9,12 +9,12 @@ from .adapters import load_adapter, push_to_hub, save_adapter
 from .config import PRESETS, TrainConfig, preset_config
 from .data import DEFAULT_TEMPLATE, Task, load_table
 from .errors import SoftpromptError
-from .kernels.kv import prefix_kv
-from .kernels.loss import label_loss
-from .kernels.reference import concat_forward
+from .forward.kv import prompt_kv
+from .forward.reference import concat_forward
 from .modeling.load import load_base
 from .pipeline import SoftPrompt
 from .prompt import init_prompt
+from .readouts.words import label_loss
 from .training import TrainResult, train
 
 __all__ = [
@@ -31,7 +31,7 @@ __all__ = [
     "load_adapter",
     "load_base",
     "load_table",
-    "prefix_kv",
+    "prompt_kv",
     "preset_config",
     "push_to_hub",
     "save_adapter",

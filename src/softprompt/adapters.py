@@ -17,7 +17,7 @@ With a classification head (`--head`) the weights file holds the head too:
             loading the prompt without its head.
 A deep prompt (`--method prefix`) is PEFT's PREFIX_TUNING adapter: adapter_model.safetensors
 holds {"prompt_embeddings": [P, layers*2*kv_heads*head_dim]}, each position's keys and values
-in every layer (`kernels.kv.prefix_to_kv`). PEFT's P-tuning adapters (P_TUNING) load as plain
+in every layer (`forward.kv.prefix_to_kv`). PEFT's P-tuning adapters (P_TUNING) load as plain
 prompts: PEFT saves their encoder's output, [P, H].
     README.md                  a short model card
 An ensemble folder holds `ensemble.json` ({"members": [sub-folders], "calibration"?: {"bias"}})
@@ -439,7 +439,7 @@ def prefix_config(model, prefix: Tensor, *, base_model: str | None, projection: 
     """adapter_config.json contents with PEFT's PrefixTuningConfig fields, for a deep prompt
     [P, layers*2*heads*d]. Saved in PEFT's inference layout (the keys/values themselves), which
     PEFT loads with or without `prefix_projection`."""
-    from .kernels.kv import prefix_dims
+    from .forward.kv import prefix_dims
 
     L, heads, d = prefix_dims(model)
     conf = {
@@ -469,7 +469,7 @@ def prefix_config(model, prefix: Tensor, *, base_model: str | None, projection: 
 def check_fits(adapter: Adapter, model) -> None:
     """Refuse a prompt whose width is not the base model's hidden size, and a deep prompt whose
     layers, heads or head size are not the model's (one line naming both shapes)."""
-    from .kernels.kv import prefix_dims
+    from .forward.kv import prefix_dims
     from .modeling.load import hidden_size
 
     if adapter.kind == "prefix":

@@ -20,11 +20,12 @@ from .adapters import TASK_NAME, atomic_write_json
 from .calibrate import apply_bias, fit_bias
 from .config import TrainConfig
 from .data import Table, label_set, load_table, stratified_folds
-from .engine import Engine, predictor_for_prompt
+from .engine import Engine
 from .errors import SoftpromptError
-from .evaluate import metrics
 from .log import ensure_visible, logger
+from .metrics import metrics
 from .modeling.load import dtype_line, load_base
+from .predictors import predictor_for_prompt
 from .training import Callback, TrainResult, prepare_run_folder, train
 
 

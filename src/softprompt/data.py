@@ -81,7 +81,7 @@ class Task:
 def suffix_placeholders(n: int) -> list[int]:
     """Token ids standing for `n` suffix soft tokens in a row: -n .. -1. Id -k is the prompt's
     k-th vector from the end, so `prompt[id]` (Python's negative indexing) is its embedding
-    (see `kernels.reference.embed_ids`). They are never real vocabulary ids (those are >= 0)."""
+    (see `forward.batch`, which turns them into slots). They are never real vocabulary ids (those are >= 0)."""
     return list(range(-n, 0))
 
 
@@ -378,3 +378,19 @@ def batch_order(
     batches = [idx[s : s + batch_size] for s in range(0, len(idx), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]], head: Sequence[int], keep: int = 1) -> int:
+    """How many leading tokens of `head` every sequence starts with, leaving each sequence at
+    least `keep` tokens of its own. Checked per row, so a row whose tokenisation merged across
+    the template boundary (BPE) simply shortens the shared part."""
+    n = len(head)
+    for s in seqs:
+        n = min(n, len(s) - keep)
+        i = 0
+        while i < n and s[i] == head[i]:
+            i += 1
+        n = i
+        if n <= 0:
+            return 0
+    return max(n, 0)

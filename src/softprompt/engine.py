@@ -1,15 +1,15 @@
 """The one inference engine: (predictors, texts) -> label probabilities or generations.
 
 Every door calls it: `softprompt eval` / `predict`, the Python API (`SoftPrompt`), the
-evaluation inside `train`, `softprompt cv`, and both endpoints of `softprompt serve`. What makes
+evaluation inside `train`, `softprompt cv`, and every endpoint of `softprompt serve`. What makes
 an answer lives here and nowhere else:
 
-- a `Predictor` is what a door names: one adapter, or an ensemble of adapters for one task,
-  with its calibration bias (`softprompt cv`) and its labels, template and budget;
-- each member's prompt KV (with the template's head after it) is computed once and cached,
-  least recently used out first (`KVCache`);
-- a batch may mix predictors: every (row, member) runs in one packed pass per prompt length,
-  each after its own prompt, with its own suffix tokens after the text;
+- a `Predictor` (`predictors`) is what a door names: one adapter or an ensemble;
+- each member's prompt KV (with the template's head after it) is computed once and cached
+  (`KVCache`);
+- a batch may mix predictors: every (row, member) runs in one packed pass per prompt length
+  (`forward.run`), each after its own prompt, with its own suffix tokens after the text, read
+  through its label words or its classification head (`readouts/`);
 - a row's label probabilities are the mean of its members', then its predictor's bias.
 
 A row's answer never depends on the rows it is batched with (up to float rounding).
@@ -17,288 +17,27 @@ A row's answer never depends on the rows it is batched with (up to float roundin
 
 from __future__ import annotations
 
-import itertools
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .adapters import Adapter, check_fits, prefix_config
+from .adapters import Adapter
 from .calibrate import apply_bias
-from .data import (
-    Encoded,
-    Task,
-    collate_left,
-    collate_train,
-    encode_input,
-    input_budget,
-    input_token_ids,
-    label_token_ids,
-)
+from .data import common_prefix_length, encode_input, input_token_ids
 from .errors import SoftpromptError
-from .kernels.features import head_features
-from .kernels.generate import choose_tokens, decode_next
-from .kernels.kv import (
-    KV,
-    common_prefix_length,
-    extend_kv,
-    prefix_kv,
-    prefix_to_kv,
-    run_after_prefix,
-    slice_kv,
-    stack_kv,
-)
-from .kernels.loss import label_loss, prefix_label_loss
-from .kernels.packed import note_path, packed_fits
-from .kernels.scoring import score_rows
+from .forward.batch import after_kv, padded
+from .forward.kv import prefix_to_kv, slice_kv, stack_kv
+from .forward.layout import note_path, packed_fits
+from .forward.run import run
+from .kvcache import KVCache
 from .modeling.load import check_model
-from .readouts.head import ClassifierHead, RowFeatures, head_starts, needs
-
-_ids = itertools.count()
-
-
-@dataclass(eq=False)
-class Member:
-    """One prompt of a predictor: [P+S, H] float32 on the model's device; its last S vectors
-    run after the text (suffix tokens). With kind "prefix" a deep prompt [P, layers*2*heads*d]
-    (its keys/values in every layer, `kernels.kv.prefix_to_kv`)."""
-
-    prompt: Tensor
-    suffix_tokens: int = 0
-    path: str | None = None
-    kind: str = "prompt"
-    head: ClassifierHead | None = None
-    """Its classification head (`--head`): it answers through it instead of the label words."""
-    uid: int = field(default_factory=lambda: next(_ids))
-    """Unique per load: the KV cache's key (a prompt loaded again is a new member)."""
-
-    @property
-    def front_length(self) -> int:
-        """Vectors in front of the input (P)."""
-        return int(self.prompt.shape[0]) - self.suffix_tokens
-
-    @property
-    def front(self) -> Tensor:
-        return self.prompt[: self.front_length]
-
-    @property
-    def suffix(self) -> Tensor:
-        return self.prompt[self.front_length :]
-
-
-@dataclass(eq=False)
-class Predictor:
-    """What a request or command names: one adapter or an ensemble of them, for one task."""
-
-    name: str
-    task: Task
-    members: list[Member]
-    bias: list[float] | None
-    """Added to the log-probabilities of the (mean) label probabilities; None: raw."""
-    label_ids: list[list[int]]
-    """Each label's tokens plus the end token (what label scoring scores)."""
-    budget: int
-    """Input tokens allowed for classification (max_length minus the longest label)."""
-    template_head: list[int]
-    """The template's tokens before the text (e.g. `Tweet text :`), cached with each prompt."""
-    base_model: str | None = None
-    unloaded: bool = False
-    """Set when a server unloads it: queued rows still finish, its KV is no longer cached."""
-
-    @property
-    def is_ensemble(self) -> bool:
-        return len(self.members) > 1
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        return self.members[0].front_length
-
-    @property
-    def prompt_bytes(self) -> int:
-        return sum(m.prompt.numel() * m.prompt.element_size() for m in self.members)
-
-    @property
-    def can_generate(self) -> bool:
-        """Whether it can write text: not with a classification head (its prompt was trained
-        for the head, not for the LM head's next token)."""
-        return all(m.head is None for m in self.members)
-
-    def describe(self) -> dict:
-        """What /v1/models and the CLI say about it."""
-        heads = {m.head.kind if m.head is not None else "none" for m in self.members}
-        return {
-            "labels": list(self.task.label_names),
-            "head": heads.pop() if len(heads) == 1 else sorted(heads),
-            "can_generate": self.can_generate,
-            "num_virtual_tokens": self.num_virtual_tokens,
-            "suffix_tokens": self.task.suffix_tokens,
-            "method": self.members[0].kind,
-            "template": self.task.template,
-            "max_length": self.task.max_length,
-            "base_model": self.base_model,
-            "calibration_bias": self.bias,
-            "ensemble": [m.path for m in self.members] if self.is_ensemble else None,
-        }
-
-
-def need_generation(predictor: Predictor) -> None:
-    """A predictor with a classification head answers labels only."""
-    if not predictor.can_generate:
-        raise SoftpromptError(
-            f"{predictor.name} has a classification head (--head): it answers with label "
-            "probabilities only, not text; classify instead (predict/eval without --generate, "
-            "or /v1/classify)"
-        )
-
-
-def need_labels(predictor: Predictor) -> None:
-    """Label scoring needs label names; a plain PEFT adapter has none of its own."""
-    if not predictor.task.label_names:
-        raise SoftpromptError(
-            f"{predictor.name} has no label names (a plain PEFT adapter); pass them with "
-            "--labels (e.g. --labels 'complaint,no complaint') or use --generate"
-        )
-
-
-def _saved_bias(adapter: Adapter) -> list[float] | None:
-    task = adapter.task
-    cal = (task.extra.get("calibration") or {}) if task is not None else {}
-    return cal.get("bias")
-
-
-def _difference(first: Adapter, other: Adapter) -> list[str]:
-    """How ensemble member `other` differs from `first` in what must be the same."""
-    what = []
-    if other.kind != first.kind:
-        what.append(f"a {other.kind} adapter (not a {first.kind} one)")
-    if other.base_model != first.base_model:
-        what.append(f"base model {other.base_model!r} (not {first.base_model!r})")
-    if other.prompt.shape[1] != first.prompt.shape[1]:
-        what.append(f"prompt width {other.prompt.shape[1]} (not {first.prompt.shape[1]})")
-    a, b = first.task, other.task
-    if (a is None) != (b is None):
-        what.append("no softprompt.json" if b is None else "a softprompt.json the first lacks")
-    elif a is not None and b is not None:
-        for name, said in (
-            ("label_names", "labels"),
-            ("template", "template"),
-            ("text_column", "text column"),
-            ("max_length", "max_length"),
-            ("suffix_tokens", "suffix tokens"),
-        ):
-            x, y = getattr(a, name), getattr(b, name)
-            if x != y:
-                what.append(f"{said} {y!r} (not {x!r})")
-    return what
-
-
-def make_predictor(
-    model,
-    tokenizer,
-    adapters: Sequence[Adapter],
-    *,
-    name: str | None = None,
-    bias: Sequence[float] | None | str = "saved",
-) -> Predictor:
-    """A predictor of one adapter, or an ensemble of several for the same task.
-
-    Refuses (SoftpromptError, one line naming the member and the difference) an adapter for
-    another model, members that disagree on base model, labels, template, text column,
-    max_length or suffix tokens, and a calibration bias whose length is not the labels'.
-    `bias`: "saved" (the first adapter's, from `softprompt cv`), None, or the values.
-    """
-    if not adapters:
-        raise SoftpromptError("a predictor needs at least one adapter")
-    first = adapters[0]
-    for a in adapters:
-        check_fits(a, model)
-    for other in adapters[1:]:
-        what = _difference(first, other)
-        if what:
-            raise SoftpromptError(
-                f"ensemble member {other.path} cannot join {first.path}: it has " + "; ".join(what)
-            )
-    task = first.task or Task(text_column="text", label_names=[])
-    values = _saved_bias(first) if bias == "saved" else bias
-    if values is not None:
-        values = [float(x) for x in values]
-        if len(values) != len(task.label_names):
-            raise SoftpromptError(
-                f"{first.path}: the calibration bias has {len(values)} entries for "
-                f"{len(task.label_names)} labels {task.label_names}; remove 'calibration' from "
-                "softprompt.json (or run `softprompt cv` again)"
-            )
-    for a in adapters:
-        if a.head is not None and a.head.num_labels != len(task.label_names):
-            raise SoftpromptError(
-                f"{a.path}: its classification head scores {a.head.num_labels} labels, but "
-                f"{len(task.label_names)} are given {task.label_names}; pass its labels, in "
-                "training order, with --labels"
-            )
-    device = model.get_input_embeddings().weight.device
-    return Predictor(
-        name=name or str(first.path),
-        task=task,
-        members=[
-            Member(
-                a.prompt.to(device),
-                task.suffix_tokens,
-                path=str(a.path),
-                kind=a.kind,
-                head=None if a.head is None else a.head.to(device),
-            )
-            for a in adapters
-        ],
-        bias=values,
-        label_ids=[label_token_ids(tokenizer, n) for n in task.label_names],
-        budget=input_budget(tokenizer, task),
-        template_head=list(tokenizer(task.head())["input_ids"]),
-        base_model=first.base_model,
-    )
-
-
-def predictor_for_prompt(
-    model,
-    tokenizer,
-    prompt: Tensor,
-    task: Task,
-    *,
-    bias: Sequence[float] | None = None,
-    name: str = "prompt",
-    kind: str = "prompt",
-    head: ClassifierHead | None = None,
-) -> Predictor:
-    """A predictor of prompt [P+S, H] (or an ensemble [K, P+S, H]) for `task`, not read from disk
-    (training's per-epoch evaluation, `evaluate.label_probabilities`); raw unless `bias` is given.
-    kind "prefix": deep prompts [P, layers*2*heads*d], with the config the model gives them.
-    `head`: the (one) prompt's classification head."""
-    prompts = [prompt] if prompt.dim() == 2 else list(prompt)
-    base = task.extra.get("base_model") if task.extra else None
-    adapters = [
-        Adapter(
-            prompt=p.detach().float(),
-            config=prefix_config(model, p, base_model=base, projection=False)
-            if kind == "prefix"
-            else {},
-            task=task,
-            path=f"{name} {i}",
-            base_model=base,
-            kind=kind,
-            head=head,
-        )
-        for i, p in enumerate(prompts)
-    ]
-    return make_predictor(model, tokenizer, adapters, name=name, bias=bias)
-
-
-def raw_task(task: Task) -> Task:
-    """Completions: the client's text goes right after the soft prompt, no template (suffix
-    tokens, if the adapter has them, still follow the text)."""
-    return replace(task, template="{text}", label_names=[])
+from .predictors import Member, Predictor, make_predictor, need_generation, need_labels
+from .readouts.generation import Decoding, choose_tokens, decode_next, merge_decoding, prefill
+from .readouts.head import ClassifierHead, RowFeatures, head_starts, needs, row_features
+from .readouts.words import label_trie, token_logprobs, token_loss, trie_scores
 
 
 @dataclass(eq=False)
@@ -333,61 +72,6 @@ class PromptLogprobRow:
     """How many most likely tokens to give at each position."""
 
 
-def kv_bytes(kv: KV) -> int:
-    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
-
-
-class KVCache:
-    """Each member's prompt KV with its predictor's template head after it, computed once and
-    kept, least recently used first out, within `max_bytes` (None: no bound; the member in use is
-    always kept, even alone over the budget). `get` runs on the model's thread; `discard` may
-    come from another."""
-
-    def __init__(self, model, max_bytes: int | None = None):
-        self.model = model
-        self.max_bytes = max_bytes
-        self._kv: OrderedDict[int, KV] = OrderedDict()
-        self._lock = threading.Lock()
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, member: Member, head: Sequence[int] = (), keep: bool = True) -> KV:
-        with self._lock:
-            kv = self._kv.get(member.uid)
-            if kv is not None:
-                self._kv.move_to_end(member.uid)
-                self.hits += 1
-                return kv
-        with torch.no_grad():
-            ids = torch.tensor(list(head), dtype=torch.long) if len(head) else None
-            if member.kind == "prefix":  # a deep prompt is a KV already; the head runs after it
-                kv = extend_kv(self.model, prefix_to_kv(self.model, member.prompt), head)
-            elif member.front_length == 0 and ids is None:  # the base model: an empty KV
-                kv = slice_kv(prefix_kv(self.model, member.prompt.new_zeros(1, member.prompt.shape[1])), 0)  # fmt: skip
-            else:
-                kv = prefix_kv(self.model, member.front, ids)
-        with self._lock:
-            self.misses += 1
-            if not keep:
-                return kv
-            self._kv[member.uid] = kv
-            self.bytes += kv_bytes(kv)
-            while self.max_bytes is not None and self.bytes > self.max_bytes and len(self._kv) > 1:
-                _, old = self._kv.popitem(last=False)
-                self.bytes -= kv_bytes(old)
-        return kv
-
-    def discard(self, member: Member) -> None:
-        with self._lock:
-            kv = self._kv.pop(member.uid, None)
-            if kv is not None:
-                self.bytes -= kv_bytes(kv)
-
-    def __len__(self) -> int:
-        return len(self._kv)
-
-
 def _is_sharded(model) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule
@@ -401,8 +85,8 @@ class Engine:
 
     `share_head=False` runs the template's head with every row instead of caching it with the
     prompt (the same numbers up to rounding; for tests). On an FSDP-sharded model no KV can be
-    kept, and a model that cannot run packed rows (`kernels.packed.packed_problem`) cannot take them:
-    there every (row, label) pair runs as one plain forward pass (the padded path).
+    kept, and a model that cannot run packed rows (`forward.layout.packed_problem`) cannot take
+    them: there every (row, label) pair runs after its own prompt, padded.
     """
 
     def __init__(
@@ -448,7 +132,7 @@ class Engine:
         applied unless `calibrated` is False."""
         need_labels(predictor)
         rows = [ClassifyRow(predictor, self.encode(predictor, t)[0]) for t in texts]
-        out = torch.empty(len(rows), len(predictor.label_ids))
+        out = torch.empty(len(rows), len(predictor.task.label_names))
         per_batch = max(1, batch_size // len(predictor.members))
         batches = _length_sorted_batches([len(r.ids) for r in rows], per_batch)
         for idx in tqdm(batches, desc="classify", disable=not progress, unit="batch"):
@@ -456,7 +140,7 @@ class Engine:
             out[idx] = torch.stack(probs)
         return out
 
-    def generate_texts(
+    def generate(
         self,
         predictor: Predictor,
         texts: Sequence[str],
@@ -476,7 +160,7 @@ class Engine:
         out = [""] * len(rows)
         batches = _length_sorted_batches([len(r.ids) for r in rows], batch_size)
         for idx in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
-            for i, (toks, _) in zip(idx, self.generate([rows[i] for i in idx]), strict=True):
+            for i, (toks, _) in zip(idx, self.complete([rows[i] for i in idx]), strict=True):
                 out[i] = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
         return out
 
@@ -494,7 +178,7 @@ class Engine:
             for i, p in zip(cls, self.label_probabilities([rows[i] for i in cls]), strict=True):
                 out[i] = p.tolist()
         if gen:
-            for i, g in zip(gen, self.generate([rows[i] for i in gen]), strict=True):
+            for i, g in zip(gen, self.complete([rows[i] for i in gen]), strict=True):
                 out[i] = g
         return out
 
@@ -510,12 +194,10 @@ class Engine:
         m = p.members[0]
         kv = slice_kv(self.kv_cache.get(m, p.template_head, keep=not p.unloaded), m.front_length)
         ids = [i for i in row.ids if i >= 0]
-        x = torch.tensor([ids], device=self.device)
-        hidden, _ = run_after_prefix(self.model, kv, x, torch.ones_like(x))
-        logp = torch.log_softmax(self.model.get_output_embeddings()(hidden[0, :-1]).float(), -1)
-        picked = logp.gather(1, x[0, 1:, None])[:, 0]
-        top = logp.topk(min(row.top, logp.shape[-1]), -1)
-        return picked.cpu(), top.indices.cpu(), top.values.cpu()
+        batch = after_kv([ids], [0], m.front_length, 0, self.device)
+        hidden = run(self.model, batch, kv=kv)
+        picked, top_ids, top_logp = token_logprobs(self.model, hidden, batch, 0, row.top)
+        return picked.cpu(), top_ids.cpu(), top_logp.cpu()
 
     # ------------------------------------------------------------------ one batch
 
@@ -557,66 +239,63 @@ class Engine:
         span = max(m.prompt.shape[0] + len(r.ids) for r, m in zip(rows, members, strict=True))
         span += max((len(c) for c in conts), default=0)
         if _is_sharded(self.model) or not packed_fits(self.model, span):  # says why once
-            return self._score_full(rows, members, list(conts))
+            return self._score_padded(rows, members, list(conts))
         kv, index, bank, h = self._prompts(rows, members)
-        ids, mask = collate_left([r.ids[h:] for r in rows], self.tokenizer.pad_token_id)
-        layers, last = needs([m.head for m in members])
-        starts = torch.stack([self._starts([r])[0] for r in rows]) - h if layers else None
-        scores, feats = score_rows(
-            self.model,
-            kv,
-            ids.to(self.device),
-            mask.to(self.device),
-            list(conts),
-            rows=index,
-            prompts=bank,
-            trie=[m.head is None for m in members],
-            layers=layers,
-            starts=starts,
-            last=last,
+        tokens, parents, depths, reads = label_trie(list(conts)) if conts else ([], [], [], [])
+        scored = [b for b, m in enumerate(members) if m.head is None]
+        batch = after_kv(
+            [r.ids[h:] for r in rows],
+            index,
+            kv[0][0].shape[2],
+            0 if bank is None else bank.shape[1],
+            self.device,
+            trie=(tokens, parents, depths),
+            scored=[m.head is None for m in members],
         )
-        return [
-            _row_logits(m.head, feats, b)
-            if m.head is not None
-            else scores[b, [conts[tuple(c)] for c in r.predictor.label_ids]]
-            for b, (r, m) in enumerate(zip(rows, members, strict=True))
-        ]
+        layers, last = needs([m.head for m in members])
+        hidden = run(self.model, batch, kv=kv, suffix=bank, layers=layers, stop=not (scored or last))  # fmt: skip
+        words = trie_scores(self.model, hidden, batch, reads, scored) if scored else None
+        feats = row_features(hidden, batch, [m.head for m in members], self._starts(rows) - h)
+        out = []
+        for b, (r, m) in enumerate(zip(rows, members, strict=True)):
+            if m.head is not None:
+                out.append(_row_logits(m.head, feats, b))
+            else:
+                out.append(words[scored.index(b), [conts[tuple(c)] for c in r.predictor.label_ids]])  # fmt: skip
+        return out
 
     def _starts(self, rows: Sequence[ClassifyRow]) -> Tensor:
         """Where each row's text begins in its ids [B] (after its template's head)."""
         return torch.cat([head_starts([r.ids], r.predictor.template_head) for r in rows])
 
-    def _score_full(self, rows, members, conts) -> list[Tensor]:
-        """`_score` without a KV cache or packing (`full_label_scores`, `head_features` on padded
-        rows): for a sharded model, and for one that cannot run packed rows
-        (`kernels.packed.packed_problem`)."""
-        pad = self.tokenizer.pad_token_id
+    def _score_padded(self, rows, members, conts) -> list[Tensor]:
+        """`_score` without a KV cache or packing: each row (and, with label words, each
+        (row, label) pair) after its own copy of its prompt, padded. For a sharded model, and
+        for one that cannot run packed rows (`forward.layout.packed_problem`)."""
         index = {tuple(c): i for i, c in enumerate(conts)}
         out: list = [None] * len(rows)
         for kind, headed in {(m.kind, m.head is not None) for m in members}:
-            part = [
-                b for b, m in enumerate(members) if (m.kind, m.head is not None) == (kind, headed)
-            ]
+            part = [b for b, m in enumerate(members) if (m.kind, m.head is not None) == (kind, headed)]  # fmt: skip
             prompts = torch.stack([members[b].prompt for b in part])
             seqs = [rows[b].ids for b in part]
             if headed:
-                batch = collate_train([Encoded(list(q), []) for q in seqs], pad)
-                feats = head_features(
-                    self.model, prompts, batch["input_ids"].to(self.device),
-                    batch["attention_mask"].to(self.device), self._starts([rows[b] for b in part]),
-                    [members[b].head for b in part], kind=kind, packed=False,
-                )  # fmt: skip
+                heads = [members[b].head for b in part]
+                S = members[part[0]].suffix_tokens if kind == "prompt" else 0
+                batch = padded(seqs, S, self.device)
+                layers, last = needs(heads)
+                hidden = run(self.model, batch, **_padded_prompts(self.model, prompts, kind, S), layers=layers, stop=not last)  # fmt: skip
+                feats = row_features(hidden, batch, heads, self._starts([rows[b] for b in part]))
                 for j, b in enumerate(part):
                     out[b] = _row_logits(members[b].head, feats, j)
                 continue
-            logp = full_label_scores(self.model, prompts, seqs, conts, pad, kind=kind)
+            logp = full_label_scores(self.model, prompts, seqs, conts, kind=kind)
             for j, b in enumerate(part):
                 out[b] = logp[j, [index[tuple(c)] for c in rows[b].predictor.label_ids]]
         return out
 
     def _prompts(self, rows, members: Sequence[Member]):
         """(stacked KV of the distinct members over their prompt and the first h tokens of their
-        template head [N, heads, P+h, d], each row's index into it [B], their suffix vectors
+        template head [N, heads, P+h, d], each row's prompt index [B], their suffix vectors
         right-aligned [N, S, H] or None, h)."""
         h = 0
         if self.share_head:  # rows start after the part of their head that all of them have
@@ -636,7 +315,7 @@ class Engine:
             )
             for m, p in distinct
         ]
-        index = torch.tensor([slot[m.uid] for m in members], device=self.device)
+        index = [slot[m.uid] for m in members]
         S = max(m.suffix_tokens for m, _ in distinct)
         bank = None
         if S:
@@ -647,8 +326,10 @@ class Engine:
                     bank[i, S - m.suffix_tokens :] = m.suffix
         return stack_kv(kvs), index, bank, h
 
+    # ------------------------------------------------------------------ generation
+
     @torch.no_grad()
-    def generate(self, rows: Sequence[GenerateRow]) -> list[tuple[list[int], bool]]:
+    def complete(self, rows: Sequence[GenerateRow]) -> list[tuple[list[int], bool]]:
         """Each row's new tokens (up to its max_tokens, without the end token) and whether it
         ended by the end token: `begin` the rows, then `step` until every row has ended (a row
         leaves at its end token, its max_tokens, or when its `on_token` says so)."""
@@ -673,24 +354,10 @@ class Engine:
                 )
             groups.setdefault(r.predictor.num_virtual_tokens, []).append(r)
         batch = Decoding([], (), torch.zeros(0, 0, device=self.device), torch.zeros(0, 0), [])
-        head = self.model.get_output_embeddings()
         for part in groups.values():
-            members = [r.predictor.members[0] for r in part]
-            kv, index, bank, h = self._prompts(part, members)
-            ids, mask = collate_left([r.ids[h:] for r in part], self.tokenizer.pad_token_id)
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            hidden, cache = run_after_prefix(
-                self.model, kv, ids, mask, index, use_cache=True, prompts=bank
-            )
-            P = kv[0][0].shape[2]
-            full = torch.cat([mask.new_ones(len(part), P), mask], 1)
-            new = Decoding(
-                list(part),
-                tuple((layer.keys, layer.values) for layer in cache.layers),
-                full,
-                head(hidden[:, -1]).float(),
-                [[] for _ in part],
-            )
+            kv, index, bank, h = self._prompts(part, [r.predictor.members[0] for r in part])
+            logits, cache, mask = prefill(self.model, kv, [r.ids[h:] for r in part], index, bank)
+            new = Decoding(list(part), cache, mask, logits, [[] for _ in part])
             batch = merge_decoding(batch, new)
         return batch
 
@@ -736,65 +403,14 @@ class Engine:
         batch.keep([j for j, r in enumerate(batch.rows) if id(r) not in gone])
 
 
-@dataclass(eq=False)
-class Decoding:
-    """Generate rows decoding together, each after its own prompt: per layer keys/values
-    [B, heads, L, d] left-padded to one length L, which positions are valid [B, L], each row's
-    next-token logits [B, V] and its new tokens so far. Rows join (`merge_decoding`) and leave
-    (`keep`) between steps."""
-
-    rows: list[GenerateRow]
-    kv: KV
-    mask: Tensor
-    logits: Tensor
-    toks: list[list[int]]
-
-    def keep(self, idx: list[int]) -> None:
-        """Keep only the rows at these positions."""
-        if len(idx) == len(self.rows):
-            return
-        self.rows = [self.rows[j] for j in idx]
-        self.toks = [self.toks[j] for j in idx]
-        if not idx:
-            self.kv, self.mask, self.logits = (), self.mask[:0], self.logits[:0]
-            return
-        at = torch.tensor(idx, device=self.mask.device)
-        self.kv = tuple((k[at], v[at]) for k, v in self.kv)
-        self.mask, self.logits = self.mask[at], self.logits[at]
-        lead = int((self.mask.cumsum(-1) == 0).sum(-1).min())  # padding no row needs now
-        if lead:
-            self.kv = tuple((k[:, :, lead:], v[:, :, lead:]) for k, v in self.kv)
-            self.mask = self.mask[:, lead:]
-
-
-def merge_decoding(a: Decoding, b: Decoding) -> Decoding:
-    """One batch of both: the shorter side's keys/values and mask padded on the left."""
-    if not a.rows:
-        return b
-    if not b.rows:
-        return a
-    L = max(a.mask.shape[1], b.mask.shape[1])
-
-    def pad(t: Tensor, n: int) -> Tensor:  # n zeros in front along the sequence axis
-        if n == 0:
-            return t
-        shape = list(t.shape)
-        axis = 2 if t.dim() == 4 else 1
-        shape[axis] = n
-        return torch.cat([t.new_zeros(shape), t], axis)
-
-    na, nb = L - a.mask.shape[1], L - b.mask.shape[1]
-    kv = tuple(
-        (torch.cat([pad(ka, na), pad(kb, nb)]), torch.cat([pad(va, na), pad(vb, nb)]))
-        for (ka, va), (kb, vb) in zip(a.kv, b.kv, strict=True)
-    )
-    return Decoding(
-        a.rows + b.rows,
-        kv,
-        torch.cat([pad(a.mask, na), pad(b.mask, nb)]),
-        torch.cat([a.logits, b.logits]),
-        a.toks + b.toks,
-    )
+def _padded_prompts(model, prompts: Tensor, kind: str, S: int) -> dict:
+    """What `run` takes for padded rows each after its own prompt: a deep prompt's keys/values
+    (kind "prefix", prompts [B, P, layers*2*heads*d]), or the front vectors [B, P, H] and suffix
+    vectors [B, S, H] of soft prompts [B, P+S, H]."""
+    if kind == "prefix":
+        return {"kv": prefix_to_kv(model, prompts)}
+    P = prompts.shape[1] - S
+    return {"front": prompts[:, :P], "suffix": prompts[:, P:] if S else None}
 
 
 def full_label_scores(
@@ -802,24 +418,28 @@ def full_label_scores(
     prompt: Tensor,
     seqs: Sequence[Sequence[int]],
     continuations: Sequence[Sequence[int]],
-    pad_id: int,
     *,
     kind: str = "prompt",
 ) -> Tensor:
-    """Log-probability of each continuation after prompt + each input: [B, L], as
-    `score_continuations` gives, by one plain forward over every (input, continuation) pair (no
-    KV cache): L times the compute, for sharded (FSDP) models, where a cache cannot be kept.
-    `prompt` is one prompt [P+S, H] or one per input [B, P+S, H]; with kind "prefix" deep
-    prompts [(B,) P, layers*2*heads*d]."""
-    pairs = [Encoded(list(s), list(c)) for s in seqs for c in continuations]
-    batch = {k: v.to(prompt.device) for k, v in collate_train(pairs, pad_id).items()}
-    if prompt.dim() == 3:
-        prompt = prompt.repeat_interleave(len(continuations), 0)
-    if kind == "prefix":
-        tok = prefix_label_loss(model, prompt, **batch, reduction="none", packed=False)
-    else:
-        tok = label_loss(model, prompt, **batch, reduction="none", shared_prefix=False)
-    keep = batch["labels"][:, 1:] != -100  # the tokens label_loss scores, in its order
+    """Log-probability of each continuation after prompt + each input: [B, L], as the packed
+    label scoring gives, by running every (input, continuation) pair after its own copy of the
+    prompt, padded (no KV cache, L times the compute): for sharded (FSDP) models, where a cache
+    cannot be kept, and models that cannot run packed rows. `prompt` is one prompt [P+S, H] or
+    one per input [B, P+S, H]; with kind "prefix" deep prompts [(B,) P, layers*2*heads*d]."""
+    pairs = [(list(s), list(c)) for s in seqs for c in continuations]
+    prompts = prompt if prompt.dim() == 3 else prompt.expand(len(seqs), -1, -1)
+    prompts = prompts.repeat_interleave(len(continuations), 0)
+    S = 0
+    if kind == "prompt":  # the rows' placeholders: -S .. -1
+        S = -min((t for s in seqs for t in s), default=0)
+        S = max(S, 0)
+    batch = padded(
+        [s + c for s, c in pairs], S, prompt.device,
+        targets=[[-100] * len(s) + c for s, c in pairs],
+    )  # fmt: skip
+    hidden = run(model, batch, **_padded_prompts(model, prompts, kind, S))
+    tok = token_loss(model, hidden, batch, None, "none")
+    keep = batch.target != -100  # the tokens scored, in row-major order
     row = torch.arange(len(pairs), device=tok.device)[:, None].expand_as(keep)[keep]
     logp = torch.zeros(len(pairs), device=tok.device).index_add_(0, row, -tok)
     return logp.view(len(seqs), len(continuations))

@@ -10,10 +10,11 @@ import torch
 
 from .adapters import Adapter, load_members
 from .data import Task
-from .engine import Engine, Predictor, make_predictor, need_labels
+from .engine import Engine
 from .errors import SoftpromptError
-from .evaluate import metrics
+from .metrics import metrics
 from .modeling.load import load_base
+from .predictors import Predictor, make_predictor, need_labels
 
 
 class SoftPrompt:
@@ -144,7 +145,7 @@ class SoftPrompt:
             raise SoftpromptError(
                 "generation uses one prompt; drop --ensemble (ensembles work with label scoring)"
             )
-        return self.engine.generate_texts(
+        return self.engine.generate(
             self.predictor,
             texts,
             max_new_tokens=max_new_tokens,

@@ -1,5 +1,5 @@
 """Soft-prompt parameters and their initialisations. (Combining a prompt with the input is
-the job of `kernels`.)"""
+the job of `forward`.)"""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def init_prefix(
     """A new deep prompt [P, layers*2*heads*d] in float32: the real keys/values, in every layer,
     of a prompt from `init_prompt` (the init text, labels, vocabulary or random vectors run
     through the model), or of `start` [P, H], a trained prompt (`--init-from`)."""
-    from .kernels.kv import kv_to_prefix, prefix_kv
+    from .forward.kv import kv_to_prefix, prompt_kv
 
     if start is None:
         start = init_prompt(
@@ -112,7 +112,7 @@ def init_prefix(
             label_names=label_names,
             seed=seed,
         )
-    return kv_to_prefix(prefix_kv(model, start))[0]
+    return kv_to_prefix(prompt_kv(model, start))[0]
 
 
 """`--reparam` choices: none (train the embeddings directly) or mlp (P-tuning's encoder)."""

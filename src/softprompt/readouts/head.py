@@ -11,7 +11,7 @@ Two kinds, both a linear layer [K labels, H] on one vector per row:
   then trains with the prompt. softprompt's own kind: PEFT has no such head.
 
 The features of a batch come from the rows' hidden states in whatever layout they ran (packed
-lanes or padded rows): `kernels.capture` records the band's layer outputs during the forward
+lanes or padded rows): `forward.capture` records the band's layer outputs during the forward
 pass and `pool_rows` averages them per row.
 """
 
@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 
 from ..errors import SoftpromptError
+from ..forward.batch import PromptBatch
+from ..forward.run import Hidden
 
 POOLED_BAND = (0.4, 0.7)
 """The layers a pooled head reads, as fractions of the model's depth: hidden-state indices
@@ -234,6 +236,39 @@ def head_starts(seqs: Sequence[Sequence[int]], head_ids: Sequence[int]) -> Tenso
     """Where each row's pooled part begins [B]: after the template's head (`Task.head`) as it
     tokenised in that row (a row whose text merged with the head's last token starts earlier),
     leaving at least its last token."""
-    from ..kernels.kv import common_prefix_length
+    from ..data import common_prefix_length
 
     return torch.tensor([common_prefix_length([s], head_ids, keep=1) for s in seqs])
+
+
+def row_features(
+    hidden: Hidden, batch: PromptBatch, heads: Sequence[ClassifierHead | None], starts: Tensor
+) -> RowFeatures:
+    """What `heads` read of the batch's rows (`needs`): the final state at each row's last input
+    position, each needed layer's states pooled over each row's positions from starts[b] (in
+    the row's tokens as the batch holds them)."""
+    layers, last = needs(heads)
+    B = len(batch.places)
+    out = RowFeatures()
+    if layers:
+        out.pooled = pool_rows(hidden.layers, batch.row, batch.index, starts, B)
+    if last:
+        W = batch.ids.shape[1]
+        at = [lane * W + off + n - 1 for (lane, off), n in zip(batch.places, batch.lengths, strict=True)]  # fmt: skip
+        flat = hidden.final.reshape(-1, hidden.final.shape[-1])
+        out.last = flat[torch.tensor(at, device=flat.device)].float()
+    return out
+
+
+def rows_features(model, prompt, rows, heads, head_ids, kind: str, packed: bool) -> RowFeatures:
+    """What `heads` read of training rows' inputs after `prompt`: one forward (`forward_rows`),
+    the pooled part of each row starting after its template's head (`head_ids`)."""
+    from .words import forward_rows
+
+    starts = head_starts([r.input_ids for r in rows], head_ids)
+    layers, last = needs(heads)
+    hidden, batch = forward_rows(
+        model, prompt, rows, kind=kind, packed=packed, labels=False, starts=starts.tolist(),
+        layers=layers, stop=not last,
+    )  # fmt: skip
+    return row_features(hidden, batch, heads, starts - batch.skipped)

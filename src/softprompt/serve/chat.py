@@ -8,7 +8,7 @@ from fastapi import Request
 from sse_starlette import EventSourceResponse
 
 from ..data import suffix_placeholders
-from ..engine import Predictor
+from ..predictors import Predictor
 from .errors import ApiError
 from .protocol import (
     AssistantMessage,

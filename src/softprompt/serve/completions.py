@@ -9,7 +9,8 @@ import functools
 from fastapi import Request
 from sse_starlette import EventSourceResponse
 
-from ..engine import Predictor, PromptLogprobRow, raw_task
+from ..engine import PromptLogprobRow
+from ..predictors import Predictor, raw_task
 from .errors import ApiError
 from .protocol import (
     CompletionChoice,

@@ -11,8 +11,9 @@ import re
 from pathlib import Path
 
 from ..adapters import CONFIG_NAME, ENSEMBLE_NAME, load_members
-from ..engine import Engine, Predictor
+from ..engine import Engine
 from ..errors import SoftpromptError
+from ..predictors import Predictor
 
 log = logging.getLogger("softprompt.serve")
 

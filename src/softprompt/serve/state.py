@@ -14,8 +14,9 @@ from pathlib import Path
 from fastapi import Request
 
 from ..data import Task, encode_input
-from ..engine import Engine, Predictor
+from ..engine import Engine
 from ..errors import SoftpromptError
+from ..predictors import Predictor
 from .batcher import Batcher, Closed
 from .errors import ApiError
 from .metrics import Metrics

@@ -7,11 +7,12 @@ import math
 
 import torch
 
-from ..engine import ClassifyRow, Engine, predictor_for_prompt
-from ..evaluate import metrics
+from ..engine import ClassifyRow, Engine
+from ..metrics import metrics
 from ..modeling.sharding import gather_root
+from ..predictors import predictor_for_prompt
 from .setup import Run
-from .step import batch_loss, collate_rows, loss_units
+from .step import batch_loss, loss_units
 
 
 def evaluate(run: Run, prompt: torch.Tensor, head=None) -> dict:
@@ -36,7 +37,7 @@ def evaluate(run: Run, prompt: torch.Tensor, head=None) -> dict:
         for s in range(0, steps, size):
             idx = mine[s : s + size] or [0]
             rows = [run.eval_rows[j] for j in idx]
-            loss = batch_loss(run, prompt, collate_rows(run, rows), head=head)
+            loss = batch_loss(run, prompt, rows, head=head)
             probs = engine.label_probabilities(
                 [
                     ClassifyRow(predictor, engine.encode(predictor, run.eval_texts[j])[0])

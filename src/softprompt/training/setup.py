@@ -17,25 +17,23 @@ from ..data import (
     Table,
     Task,
     check_labels,
-    collate_train,
     encode_rows,
     label_set,
     load_table,
     stratified_split,
 )
 from ..errors import SoftpromptError
-from ..kernels.features import head_features
-from ..kernels.kv import prefix_dims
-from ..kernels.packed import note_path
+from ..forward.kv import prefix_dims
+from ..forward.layout import note_path
 from ..modeling.load import count_parameters, decoder_layers, format_trainable
 from ..modeling.sharding import set_gradient_checkpointing, shard_model
 from ..prompt import PromptEncoder, init_prefix, init_prompt, task_init_text
 from ..readouts.head import (
     ClassifierHead,
     fit_pooled_head,
-    head_starts,
     label_word_head,
     pooled_layers,
+    rows_features,
 )
 from .checkpoint import config_record
 from .distributed import Processes
@@ -260,12 +258,7 @@ def make_head(cfg, model, tokenizer, task, prompt, rows, packed, say) -> Classif
     with torch.no_grad():
         for s in range(0, len(rows), cfg.eval_batch_size):
             part = rows[s : s + cfg.eval_batch_size]
-            batch = collate_train([Encoded(r.input_ids, []) for r in part], tokenizer.pad_token_id)
-            starts = head_starts([r.input_ids for r in part], head_ids)
-            f = head_features(
-                model, prompt.to(device), batch["input_ids"].to(device),
-                batch["attention_mask"].to(device), starts, [probe], kind=kind, packed=packed,
-            )  # fmt: skip
+            f = rows_features(model, prompt.to(device), part, [probe], head_ids, kind, packed)
             feats.append({i: f.pooled[i].cpu() for i in layers})
     weights = row_weights([task.label_names[r.label] for r in rows], cfg.balance)
     pooled = {i: torch.cat([f[i] for f in feats]) for i in layers}

@@ -7,59 +7,34 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..data import Encoded, collate_train
-from ..kernels.features import head_features
-from ..kernels.loss import label_loss, prefix_label_loss
 from ..modeling.sharding import gather_root
-from ..readouts.head import RowFeatures, head_starts
+from ..readouts.head import ClassifierHead, rows_features
+from ..readouts.words import rows_loss
 from .checkpoint import TrainState
 from .setup import Run
 
 
-def batch_loss(
-    run: Run, prompt: torch.Tensor, batch: dict, weights=None, head="training"
-) -> torch.Tensor:
-    """The summed loss of a collated batch (`collate_rows`), for the run's method and readout:
-    over label tokens, or with a classification head over rows (cross-entropy of its logits;
-    `head`: the one training, or a copy of it)."""
+def batch_loss(run: Run, prompt: torch.Tensor, rows, weights=None, head="training") -> torch.Tensor:
+    """The summed loss of training rows (`Encoded`) for the run's method and readout: over label
+    tokens, or with a classification head over rows (cross-entropy of its logits; `head`: the
+    one training, or a copy of it)."""
     if head == "training":
         head = run.encoder.head
     if head is not None:
-        logits = head(head_batch_features(run, prompt, batch, head))
-        loss = F.cross_entropy(logits, batch["classes"], reduction="none")
+        classes = torch.tensor([r.label for r in rows], device=prompt.device)
+        loss = F.cross_entropy(head_logits(run, prompt, rows, head), classes, reduction="none")
         if weights is not None:
             loss = loss * weights.to(loss.device, torch.float32)
         return loss.sum()
-    if run.kind == "prefix":
-        return prefix_label_loss(
-            run.model, prompt, **batch, reduction="sum", packed=run.packed, weights=weights
-        )
-    return label_loss(
-        run.model, prompt, **batch, reduction="sum", shared_prefix=run.packed, weights=weights
+    return rows_loss(
+        run.model, prompt, rows, kind=run.kind, packed=run.packed, reduction="sum", weights=weights
     )
 
 
-def head_batch_features(run: Run, prompt: torch.Tensor, batch: dict, head) -> RowFeatures:
-    """What the head reads of a collated batch (`collate_rows`)."""
-    return head_features(
-        run.model, prompt, batch["input_ids"], batch["attention_mask"], batch["starts"], [head],
-        kind=run.kind, packed=run.packed,
-    )  # fmt: skip
-
-
-def collate_rows(run: Run, rows) -> dict:
-    """Rows as the loss takes them, on the run's device: right-padded input + label tokens
-    (`collate_train`); with a classification head the inputs alone, each row's class and where
-    its pooled part begins."""
-    pad = run.tokenizer.pad_token_id
-    if run.encoder.head is None:
-        return {k: v.to(run.device) for k, v in collate_train(rows, pad).items()}
-    batch = collate_train([Encoded(r.input_ids, []) for r in rows], pad)
-    del batch["labels"]
-    batch["classes"] = torch.tensor([r.label for r in rows])
-    batch = {k: v.to(run.device) for k, v in batch.items()}
-    batch["starts"] = head_starts([r.input_ids for r in rows], run.head_ids)
-    return batch
+def head_logits(run: Run, prompt: torch.Tensor, rows, head: ClassifierHead) -> torch.Tensor:
+    """The head's label logits [B, K] for training rows: what it reads of their inputs after
+    the prompt (`readouts.head.row_features`)."""
+    return head(rows_features(run.model, prompt, rows, [head], run.head_ids, run.kind, run.packed))
 
 
 def train_step(run: Run, rows_idx: list[int]) -> float:
@@ -77,9 +52,8 @@ def train_step(run: Run, rows_idx: list[int]) -> float:
     if procs.fsdp:
         gather_root(run.model)
     if mine or procs.fsdp:
-        batch = collate_rows(run, share)
         weighted = torch.tensor(w) if cfg.balance or not mine else None
-        loss = batch_loss(run, run.encoder(), batch, weighted)
+        loss = batch_loss(run, run.encoder(), share, weighted)
         loss = loss / loss_units(run, rows, weights)
     mean = procs.sum(loss.detach().clone()).item()
     if (mine or procs.fsdp) and math.isfinite(mean):

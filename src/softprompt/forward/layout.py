@@ -1,8 +1,7 @@
-"""Packed rows: several rows share a lane of the batch, each token seeing only its own row and
-its own prompt (a 4D additive mask, `packed_mask`; placement by `pack_rows` and `lane_width`).
-Which models can run packed (`packed_problem`, `packed_fits`; the others take the padded path,
-announced once by `note_path`) and the decoder over packed lanes (`run_packed`; BLOOM's ALiBi is
-rebuilt from the packed positions)."""
+"""How rows are laid out: several rows share a lane of the batch, each token seeing only its own
+row and its own prompt (a 4D additive mask, `packed_mask`; placement by `pack_rows` and
+`lane_width`), and which models can run them so (`packed_problem`, `packed_fits`; the others
+take the padded layout, announced once by `note_path`)."""
 
 from __future__ import annotations
 
@@ -13,10 +12,9 @@ import torch
 from torch import Tensor
 
 from ..errors import SoftpromptError
-from .kv import _cache_kw
 
 
-def _bloom_slopes(model):
+def bloom_slopes(model):
     """BLOOM's ALiBi slope function when `model` is a BLOOM model (its packed path builds the
     bias itself), else None."""
     if getattr(model.config, "model_type", None) != "bloom":
@@ -41,7 +39,7 @@ def packed_problem(model) -> str | None:
             f"its attention implementation {impl!r} takes no custom 4D mask; load it with "
             "attn_implementation='sdpa' for the packed path"
         )
-    if _bloom_slopes(model) is not None:
+    if bloom_slopes(model) is not None:
         return None  # ALiBi rebuilt from per-row positions (`_bloom_packed`)
     if getattr(model.config, "alibi", False):
         return "it builds its ALiBi position bias from a 2D padding mask"
@@ -98,66 +96,14 @@ def note_path(model, reason: str | None = None) -> str | None:
     return line
 
 
-def _require_packed(model) -> None:
+def require_packed(model) -> None:
+    """Refuse (one line) a packed layout for a model that cannot run it (`packed_problem`)."""
     reason = packed_problem(model)
     if reason is not None:
         raise SoftpromptError(
             f"{type(model).__name__} cannot run packed rows: {reason} (softprompt's engine and "
             "training switch to the padded path by themselves)"
         )
-
-
-def run_packed(
-    model,
-    inputs: dict,
-    attention_mask: Tensor,
-    position_ids: Tensor,
-    cache=None,
-    past_positions: Tensor | None = None,
-) -> Tensor:
-    """The decoder over packed lanes: `inputs` {input_ids or inputs_embeds} [B, T(, H)],
-    `attention_mask` additive [B, 1, T, past+T] (`packed_mask`), `position_ids` [B, T] (each
-    token's place in its own sequence), `cache` the lanes' past [B, heads, past, d] whose keys
-    sit at `past_positions` [past] (default 0..past-1). Returns the hidden states [B, T, H]."""
-    decoder = model.get_decoder()
-    slopes = _bloom_slopes(model)
-    if slopes is None:
-        extra = {} if cache is None else {_cache_kw(decoder): cache}
-        out = decoder(
-            **inputs,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            **extra,
-        )
-        return out.last_hidden_state
-    return _bloom_packed(
-        decoder, slopes, inputs, attention_mask, position_ids, cache, past_positions
-    )
-
-
-def _bloom_packed(decoder, slopes, inputs, mask, pos, cache, past_positions) -> Tensor:
-    """BLOOM's decoder over packed lanes. ALiBi adds slope x (key position) to every score; with
-    a query seeing only its own row and prompt, each key's position in its own sequence gives
-    the same softmax as BLOOM's bias over a 2D mask (a shift by the query's position cancels).
-    So the bias is built from the packed positions and the blocks run with the 4D mask."""
-    embeds = inputs.get("inputs_embeds")
-    if embeds is None:
-        embeds = decoder.word_embeddings(inputs["input_ids"])
-    hidden = decoder.word_embeddings_layernorm(embeds)
-    B = pos.shape[0]
-    keys = pos
-    if cache is not None:
-        past = cache.get_seq_length()
-        if past_positions is None:
-            past_positions = torch.arange(past, device=pos.device)
-        keys = torch.cat([past_positions.to(pos.device).expand(B, -1), pos], 1)
-    heads = decoder.num_heads
-    alibi = slopes(heads, pos.device)[None, :, None] * keys[:, None, :].to(torch.float32)
-    alibi = alibi.reshape(B * heads, 1, -1).to(hidden.dtype)  # [B*heads, 1, keys]
-    for block in decoder.h:
-        hidden = block(hidden, alibi=alibi, attention_mask=mask, layer_past=cache)[0]
-    return decoder.ln_f(hidden)
 
 
 def pack_rows(

@@ -1,8 +1,8 @@
-"""A prompt's keys/values (KV) and rows run after them. With causal attention the virtual tokens
-never see the input, so their keys/values depend on the prompt alone: the prompt runs once
-(`prefix_kv`), its KV is cached and broadcast or picked per row (`run_after_prefix`). Also a deep
-prompt's layout (`prefix_to_kv`, `kv_to_prefix`, `prefix_dims`), extending, slicing and stacking
-KVs, and the glue to transformers' caches."""
+"""A prompt's keys/values (KV). With causal attention the virtual tokens never see the input, so
+their keys/values depend on the prompt alone: the prompt runs once (`prompt_kv`), its KV is
+cached and broadcast or picked per lane (`cache_from`). Also a deep prompt's layout
+(`prefix_to_kv`, `kv_to_prefix`, `prefix_dims`), extending, slicing and stacking KVs, and the
+glue to transformers' caches."""
 
 from __future__ import annotations
 
@@ -13,23 +13,22 @@ import torch
 from torch import Tensor
 
 from ..errors import SoftpromptError
-from .reference import _ids_or_embeds
 
 KV = tuple[tuple[Tensor, Tensor], ...]
 """A prompt's keys/values: per layer (k, v), each [N, heads, P, head_dim]."""
 
 
-def _cache_kw(module) -> str:
+def cache_kw(module) -> str:
     """transformers 5 calls the cache argument `cache`; older releases `past_key_values`."""
     params = inspect.signature(module.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _out_cache(out):
+def out_cache(out):
     return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
 
 
-def prefix_kv(model, prompts: Tensor, head_ids: Tensor | None = None) -> KV:
+def prompt_kv(model, prompts: Tensor, head_ids: Tensor | None = None) -> KV:
     """Keys/values of prompts [N, P, H] (or [P, H]) in every layer: ((k, v), ...) [N, heads, P, d].
 
     `head_ids` [h] are tokens every row starts with (e.g. the template's text before `{text}`):
@@ -47,10 +46,7 @@ def prefix_kv(model, prompts: Tensor, head_ids: Tensor | None = None) -> KV:
     n = embeds.shape[1]
     pos = torch.arange(n, device=prompts.device)[None].expand(embeds.shape[0], -1)
     out = decoder(inputs_embeds=embeds, position_ids=pos, use_cache=True)
-    return tuple((layer.keys, layer.values) for layer in _out_cache(out).layers)
-
-
-_DIMS: dict[int, tuple[int, int, int]] = {}
+    return tuple((layer.keys, layer.values) for layer in out_cache(out).layers)
 
 
 def prefix_dims(model) -> tuple[int, int, int]:
@@ -58,11 +54,11 @@ def prefix_dims(model) -> tuple[int, int, int]:
     positions holds layers x 2 x heads x head dim numbers per position (PEFT's PREFIX_TUNING
     `num_layers`, `num_attention_heads`, `token_dim // num_attention_heads`). Read off one
     forward of a single position, so grouped-query and multi-query attention count right."""
-    key = id(model)
-    if key not in _DIMS:
+    dims = getattr(model, "_softprompt_kv_dims", None)  # kept on the model: an id can be reused
+    if dims is None:
         with torch.no_grad():
             emb = model.get_input_embeddings().weight[:1]
-            kv = prefix_kv(model, emb.float())
+            kv = prompt_kv(model, emb.float())
         shapes = {(k.shape[1], k.shape[3], v.shape[1], v.shape[3]) for k, v in kv}
         if len(shapes) != 1:
             raise SoftpromptError(
@@ -70,8 +66,9 @@ def prefix_dims(model) -> tuple[int, int, int]:
                 "a deep prompt (--method prefix) needs one shape in every layer: use --method prompt"
             )
         heads, d, _, _ = shapes.pop()
-        _DIMS[key] = (len(kv), heads, d)
-    return _DIMS[key]
+        dims = (len(kv), heads, d)
+        model._softprompt_kv_dims = dims
+    return dims
 
 
 def prefix_to_kv(model, prefix: Tensor) -> KV:
@@ -104,11 +101,12 @@ def extend_kv(model, kv: KV, ids: Sequence[int]) -> KV:
     length P+h. Exact (causal attention): those tokens' keys/values depend only on what is before."""
     if not len(ids):
         return kv
+    from .batch import padded
+    from .run import run
+
     N = kv[0][0].shape[0]
-    device = kv[0][0].device
-    x = torch.tensor([list(ids)], device=device).expand(N, -1)
-    rows = torch.arange(N, device=device)
-    _, cache = run_after_prefix(model, kv, x, torch.ones_like(x), rows, use_cache=True)
+    batch = padded([list(ids)] * N, 0, kv[0][0].device)
+    cache = run(model, batch, kv=kv, use_cache=True).cache
     return tuple((layer.keys, layer.values) for layer in cache.layers)
 
 
@@ -119,24 +117,8 @@ def slice_kv(kv: KV, length: int) -> KV:
     return tuple((k[:, :, :length], v[:, :, :length]) for k, v in kv)
 
 
-def common_prefix_length(seqs: Sequence[Sequence[int]], head: Sequence[int], keep: int = 1) -> int:
-    """How many leading tokens of `head` every sequence starts with, leaving each sequence at
-    least `keep` tokens of its own. Checked per row, so a row whose tokenisation merged across
-    the template boundary (BPE) simply shortens the shared part."""
-    n = len(head)
-    for s in seqs:
-        n = min(n, len(s) - keep)
-        i = 0
-        while i < n and s[i] == head[i]:
-            i += 1
-        n = i
-        if n <= 0:
-            return 0
-    return max(n, 0)
-
-
 def stack_kv(kvs: Sequence[KV]) -> KV:
-    """Several prompts' KV (each from `prefix_kv`, all with the same P) as one KV of N prompts.
+    """Several prompts' KV (each from `prompt_kv`, all with the same P) as one KV of N prompts.
 
     With `rows` [B] indexing into the result, each row of a batch runs after its own prompt
     (one forward pass for many prompts). kvs: N tuples of per-layer (k, v) [n_i, heads, P, d].
@@ -151,7 +133,7 @@ def stack_kv(kvs: Sequence[KV]) -> KV:
     )
 
 
-def _cache_from(kv: KV, rows: Tensor | int):
+def cache_from(kv: KV, rows: Tensor | int):
     """A fresh DynamicCache for a batch. `rows` is the batch size (one shared prompt), an index
     tensor [B] choosing each row's prompt out of kv's N prompts, or [B, M] choosing M prompts
     per row, laid one after the other (M*P cached positions; packed lanes, see `packed_mask`)."""
@@ -166,44 +148,3 @@ def _cache_from(kv: KV, rows: Tensor | int):
         return g.transpose(1, 2).reshape(g.shape[0], t.shape[1], -1, t.shape[3])
 
     return DynamicCache(ddp_cache_data=[(pick(k), pick(v)) for k, v in kv])
-
-
-def positions_after(prefix_len: int | Tensor, attention_mask: Tensor) -> Tensor:
-    """Position ids [B, T] for tokens after a prefix, skipping padding (left or right)."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return (pos.clamp(min=0) + prefix_len).to(attention_mask.device)
-
-
-def run_after_prefix(
-    model,
-    kv: KV,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    rows: Tensor | None = None,
-    *,
-    past_mask: Tensor | None = None,
-    use_cache: bool = False,
-    prompts: Tensor | None = None,
-):
-    """Run input_ids [B, T] after a prompt's KV. Returns (hidden [B, T, H], cache or None).
-
-    `rows` [B] picks each row's prompt from kv (default: all rows use prompt 0, broadcast).
-    `past_mask` [B, P] marks the valid prefix positions (default: all valid).
-    `prompts` ([P+S, H], or [N, P+S, H] indexed by `rows`) fill suffix placeholders (`embed_ids`).
-    """
-    B = input_ids.shape[0]
-    P = kv[0][0].shape[2]
-    cache = _cache_from(kv, B if rows is None else rows)
-    if past_mask is None:
-        past_mask = attention_mask.new_ones(B, P)
-    full_mask = torch.cat([past_mask, attention_mask], dim=1)
-    pos = positions_after(past_mask.long().sum(-1, keepdim=True), attention_mask)
-    decoder = model.get_decoder()
-    out = decoder(
-        **_ids_or_embeds(model, input_ids, prompts, rows),
-        attention_mask=full_mask,
-        position_ids=pos,
-        use_cache=use_cache,
-        **{_cache_kw(decoder): cache},
-    )
-    return out.last_hidden_state, (_out_cache(out) if use_cache else None)
