@@ -17,7 +17,8 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
-from softprompt.cli import main
+from softprompt.adapters import load_adapter
+from softprompt.cli import main, parse_train_args
 
 RUN_FILES = [
     "adapter_config.json",
@@ -145,12 +146,24 @@ def test_defaults_are_the_recommended_recipe_and_guide_is_one_flag_away(
     assert main(argv) == 0
     conf = json.loads((out / "train_config.json").read_text())
     assert conf["balance"] is True and conf["eval_fraction"] == 0.0 and conf["init"] == "text"
-    assert conf["suffix_tokens"] == 32 and conf["epochs"] == 2 and conf["extra"] == {}
-    assert json.loads((out / "softprompt.json").read_text())["suffix_tokens"] == 32
-    assert (out / "softprompt_suffix.safetensors").is_file()
+    assert conf["head"] == "pooled" and conf["suffix_tokens"] == 0 and conf["epochs"] == 2
+    assert conf["extra"] == {} and load_adapter(out).head.kind == "pooled"
+    assert json.loads((out / "softprompt.json").read_text())["suffix_tokens"] == 0
     # the init text is built from this task's labels, not the guide's complaints instruction
     peft_conf = json.loads((out / "adapter_config.json").read_text())
     assert peft_conf["prompt_tuning_init_text"] == "Classify the text as complaint or no complaint:"
+    # with label words (--head none) the defaults add 32 suffix tokens and train 15 epochs
+    words = tmp_path / "words"
+    assert main([*argv[:-1], str(words), "--head", "none"]) == 0
+    conf = json.loads((words / "train_config.json").read_text())
+    assert conf["suffix_tokens"] == 32 and conf["epochs"] == 2
+    assert (words / "softprompt_suffix.safetensors").is_file() and load_adapter(words).head is None
+    no_epochs = [a for a in argv if a not in ("--epochs", "2")]
+    cfg = parse_train_args("train", [*no_epochs[1:], "--head", "none"])
+    from softprompt.config import TrainConfig
+
+    assert TrainConfig(**{"data": None, **cfg.given}).resolved().epochs == 15
+    assert TrainConfig(**{"data": None, **parse_train_args("train", no_epochs[1:]).given}).resolved().epochs == 10  # fmt: skip
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and "eval_loss" not in records[0]  # no hold-out: all rows train
     # small-data is the same recipe under its earlier name
@@ -356,7 +369,7 @@ def test_config_and_flag_errors_are_one_line(tmp_path, capsys):
     cli_error(capsys, argv, str(conf), "unknown key 'epoch'", "did you mean 'epochs'")
     cli_error(capsys, ["cv", *argv[1:]], str(conf), "unknown key 'epoch'")
     conf.write_text("data: x.csv\nepochs: three\n")
-    cli_error(capsys, argv, str(conf), "epochs: expected an integer, got three")
+    cli_error(capsys, argv, str(conf), "epochs: expected an integer or null, got three")
     conf.write_text("balance: maybe\n")
     cli_error(capsys, argv, str(conf), "balance: expected true or false, got 'maybe'")
     conf.write_text("model: [a, b]\n")

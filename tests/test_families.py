@@ -277,7 +277,7 @@ def test_bloom_trains_evaluates_predicts_generates_and_cross_validates(
 ):
     run = tmp_path / "run"
     common = ["--text-column", "Tweet text", "--label-column", "Label", "--no-progress"]
-    _cli("train", "--model", str(bloom_dir), "--data", str(demo_train), "--out", str(run), "--epochs", "1", "--batch-size", "8", "--num-virtual-tokens", "4", "--suffix-tokens", "2", *common)  # fmt: skip
+    _cli("train", "--model", str(bloom_dir), "--data", str(demo_train), "--out", str(run), "--epochs", "1", "--batch-size", "8", "--num-virtual-tokens", "4", "--suffix-tokens", "2", "--head", "none", *common)  # fmt: skip
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics and all(m["train_loss"] == m["train_loss"] for m in metrics)  # not NaN
     ev = json.loads(_cli("eval", str(run), "--data", str(demo_test), "--model", str(bloom_dir), "--label-column", "Label", "--no-progress"))  # fmt: skip

@@ -190,7 +190,7 @@ def test_prefix_runs_through_train_eval_predict_cv_and_serve(
     from softprompt.modeling.load import load_base
     from softprompt.serve.app import ServeConfig, create_app
 
-    common = ["--model", str(tiny_model_dir), "--data", str(demo_train), "--text-column", "Tweet text", "--label-column", "Label", "--epochs", "1", "--no-progress"]  # fmt: skip
+    common = ["--model", str(tiny_model_dir), "--data", str(demo_train), "--text-column", "Tweet text", "--label-column", "Label", "--epochs", "1", "--head", "none", "--no-progress"]  # fmt: skip
     runs = tmp_path / "runs"
     _cli("train", *common, "--out", str(runs / "prompt"), "--suffix-tokens", "0")
     _cli("train", *common, "--out", str(runs / "prefix"), "--method", "prefix", "--init-from", str(runs / "prompt"))  # fmt: skip

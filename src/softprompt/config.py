@@ -44,6 +44,10 @@ GUIDE_INIT_TEXT = "Classify if the tweet is a complaint or not:"
 
 SUFFIX_TOKENS_WITH_WORDS = 32
 """--suffix-tokens when label words read the answer and none is given (docs/accuracy.md)."""
+EPOCHS_WITH_WORDS = 15
+"""--epochs with label words when none is given (what cross-validation chose, docs/accuracy.md)."""
+EPOCHS_WITH_HEAD = 10
+"""--epochs with a classification head when none is given (docs/accuracy.md)."""
 
 DEFAULT_TEMPLATE = "{text_column} : {text} Label : "
 """The PEFT guide's input template."""
@@ -97,12 +101,12 @@ class TrainConfig:
     Default: 32 with --head none and --method prompt, else 0 (a classification head reads the
     text itself; a deep prompt takes none). Such adapters load in softprompt only (PEFT refuses
     them); 0 gives a plain PEFT prompt-tuning adapter."""
-    head: Head = "none"
-    """How the label is read: none (label words, scored through the LM head), linear (a
-    classification head on the final layer's state at the last token, started from the label
-    words' rows of the LM head: PEFT's SEQ_CLS form), or pooled (a head on the mean of the text's
-    states in a band of middle layers, started from a linear probe), trained with the prompt
-    (--head)."""
+    head: Head = "pooled"
+    """How the label is read: pooled (a classification head on the text's states averaged over
+    a band of middle layers, started from a linear probe: the recommended readout,
+    docs/accuracy.md), linear (a head on the final layer's state at the last token, started from
+    the label words' rows of the LM head: PEFT's SEQ_CLS form), or none (label words, scored
+    through the LM head, as the PEFT guide does), trained with the prompt (--head)."""
     head_lr: float = 1e-3
     """AdamW learning rate of the classification head (--head-lr)."""
     init: Init = "text"
@@ -119,8 +123,9 @@ class TrainConfig:
     """AdamW weight decay (--weight-decay)."""
     warmup_ratio: float = 0.0
     """Fraction of optimiser steps of linear warm-up before the linear decay (--warmup-ratio)."""
-    epochs: int = 15
-    """Passes over the training data (--epochs)."""
+    epochs: int | None = None
+    """Passes over the training data (--epochs). Default: 10 with a classification head, 15
+    with label words (--head none)."""
     batch_size: int = 8
     """Rows per batch (--batch-size)."""
     grad_accum: int = 1
@@ -165,7 +170,7 @@ class TrainConfig:
     def problems(self) -> list[str]:
         """Every invalid setting at once, each naming its flag."""
         p = []
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             p.append(f"--epochs must be at least 1 (got {self.epochs})")
         if self.batch_size < 1:
             p.append(f"--batch-size must be at least 1 (got {self.batch_size})")
@@ -224,12 +229,16 @@ class TrainConfig:
         return p
 
     def resolved(self) -> TrainConfig:
-        """These settings with the defaults that depend on others filled in (`suffix_tokens`);
-        what a run records in train_config.json."""
-        if self.suffix_tokens is not None:
-            return self
-        words = self.head == "none" and self.method == "prompt"
-        return replace(self, suffix_tokens=SUFFIX_TOKENS_WITH_WORDS if words else 0)
+        """These settings with the defaults that depend on others filled in (`suffix_tokens`,
+        `epochs`, by what reads the label); what a run records in train_config.json."""
+        words = self.head == "none"
+        filled = {}
+        if self.suffix_tokens is None:
+            with_words = words and self.method == "prompt"
+            filled["suffix_tokens"] = SUFFIX_TOKENS_WITH_WORDS if with_words else 0
+        if self.epochs is None:
+            filled["epochs"] = EPOCHS_WITH_WORDS if words else EPOCHS_WITH_HEAD
+        return replace(self, **filled) if filled else self
 
     def validate(self) -> None:
         p = self.problems()
@@ -240,6 +249,7 @@ class TrainConfig:
 PRESETS: dict[str, dict] = {
     "small-data": {},
     "guide": dict(
+        head="none",
         balance=False,
         epochs=50,
         eval_fraction=0.2,
@@ -250,11 +260,11 @@ PRESETS: dict[str, dict] = {
 }
 """Named recipes (`--preset`); flags given with a preset override its values.
 
-The defaults are the recommended recipe (docs/accuracy.md): classes weigh the same, 15 epochs,
-every row trains (no hold-out), 32 soft tokens after the text, a text init built from the
-task's labels. small-data: the same (its earlier name). guide: the PEFT guide's settings (50
-epochs, 20% held out, no suffix tokens, no class weights, its complaints init text), which
-give a plain PEFT adapter."""
+The defaults are the recommended recipe (docs/accuracy.md): a pooled classification head
+trained with an 8-token prompt, classes weigh the same, 10 epochs, every row trains (no
+hold-out), a text init built from the task's labels. small-data: the same (an earlier name).
+guide: the PEFT guide's settings (label words, 50 epochs, 20% held out, no suffix tokens, no
+class weights, its complaints init text), which give a plain PEFT adapter."""
 
 
 def preset_config(name: str, **given) -> TrainConfig:

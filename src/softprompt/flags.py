@@ -153,7 +153,8 @@ def problem(setting: Setting, err: dict, name: str | None = None) -> str:
     if kind == "value_error":
         return f"{name}: {ctx.get('error', err['msg'])}"
     if kind in WANTED:
-        want = WANTED[kind].format(**ctx) + (" or null" if setting.nullable else "")
+        in_file = not name.startswith("-")  # a settings file may say null; a flag cannot
+        want = WANTED[kind].format(**ctx) + (" or null" if setting.nullable and in_file else "")
         return f"{name}: expected {want}, got {got}"
     return f"{name}: {err['msg']}"
 
