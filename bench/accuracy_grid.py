@@ -33,6 +33,7 @@ from softprompt.metrics import metrics  # noqa: E402
 # the base the grid's recipes change: the recommended recipe without suffix tokens, with the guide's
 # init text (what docs/accuracy.md's grid measured around)
 BASE = dict(
+    head="none",
     balance=True,
     epochs=15,
     eval_fraction=0.0,

@@ -1,5 +1,5 @@
 """How far apart two doors, or two training set-ups, land when the base model runs in bfloat16:
-the measurements behind the bounds in tests/bounds.py (README "Precision and memory").
+the measurements behind the bounds in tests/bounds.py (docs/models.md, "Precision").
 
     python bench/bf16_bounds.py doors --seeds 20        # label probabilities, door against door
     python bench/bf16_bounds.py train --seeds 4         # 2 processes vs 1, checkpointed vs not
@@ -94,7 +94,8 @@ def _predictors(model, tok, seed: int) -> dict:
 @torch.no_grad()
 def _door_gaps(model, tok, predictors: dict, texts, mixed: bool) -> dict:
     """Per kind: (largest |API - request| , largest |API - mixed batch|, smallest label gap)."""
-    from softprompt.engine import ClassifyRow, Engine
+    from softprompt.engine import Engine
+    from softprompt.predictors import ClassifyRow
 
     engine = Engine(model, tok)
     api, request = {}, {}

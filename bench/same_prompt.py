@@ -29,6 +29,7 @@ RECIPES = {
     "guide_gpt2": (
         "gpt2",
         dict(
+            head="none",
             suffix_tokens=0,
             balance=False,
             eval_data="complaints_test.csv",
@@ -36,8 +37,8 @@ RECIPES = {
             warmup_ratio=0.1,
         ),  # fmt: skip
     ),
-    "prefix_llama": ("llama", dict(method="prefix", suffix_tokens=0, lr=1e-2)),
-    "mlp_gpt2": ("gpt2", dict(reparam="mlp", num_virtual_tokens=4, suffix_tokens=4)),
+    "prefix_llama": ("llama", dict(head="none", method="prefix", suffix_tokens=0, lr=1e-2)),
+    "mlp_gpt2": ("gpt2", dict(head="none", reparam="mlp", num_virtual_tokens=4, suffix_tokens=4)),
     "pooled_llama": (
         "llama",
         dict(head="pooled", suffix_tokens=0, eval_data="complaints_test.csv"),

@@ -76,9 +76,10 @@ def adapter_paths(folder: Path, names: list[str]) -> list[Path]:
 def make_adapters(folder: Path, n: int, P: int, train_epochs: int, method: str = "prompt") -> list[str]:  # fmt: skip
     """a00 directly in `folder` (loaded at start), a01.. in folder/more (loaded later).
     method "prefix": deep prompts (PEFT's PREFIX_TUNING), the real keys/values of vocab tokens."""
-    from softprompt.adapters import peft_config, prefix_config, save_adapter
+    from softprompt.adapters import save_adapter
     from softprompt.data import Task
     from softprompt.modeling.load import load_base
+    from softprompt.peft_format import peft_config, prefix_config
     from softprompt.prompt import init_prefix, init_prompt
 
     names = [f"a{i:02d}" for i in range(n)]
@@ -94,7 +95,7 @@ def make_adapters(folder: Path, n: int, P: int, train_epochs: int, method: str =
             train(TrainConfig(data=str(DEMO), text_column="Tweet text", label_column="Label",
                               out=str(path), epochs=train_epochs, init="vocab", seed=i,
                               num_virtual_tokens=P, overwrite=True, progress=False,
-                              method=method, suffix_tokens=0))  # fmt: skip
+                              method=method, suffix_tokens=0, head="none"))  # fmt: skip
             continue
         if method == "prefix":
             prompt = init_prefix(model, tok, P, "vocab", seed=i)

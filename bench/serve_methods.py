@@ -50,8 +50,9 @@ def main() -> None:
     import torch
 
     from softprompt.adapters import load_adapter
-    from softprompt.engine import ClassifyRow, Engine
+    from softprompt.engine import Engine
     from softprompt.modeling.load import load_base
+    from softprompt.predictors import ClassifyRow
     from softprompt.readouts.head import fit_pooled_head, label_word_head, pooled_layers
 
     torch.set_num_threads(args.threads)

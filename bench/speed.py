@@ -218,6 +218,7 @@ def _train_softprompt(job, model, tokenizer, device):
         overwrite=True,
         model=str(default_model_dir()),
         num_virtual_tokens=job["P"],
+        head="none",  # label words, as PEFT's guide trains
         suffix_tokens=0,
         init="text",
         init_text=INIT_TEXT,

@@ -11,7 +11,7 @@ adapters mixed, concurrent requests sharing a batch) packs the row into a lane o
 and composition; the float32 sums inside then differ in their last bits, and in bfloat16 such a
 difference moves a rounding by one step (2^-8 relative) often enough to show. That difference
 is inherent to bfloat16: it is bounded, not removed. Measured with
-`python bench/bf16_bounds.py doors --seeds 20` (README "Precision and memory").
+`python bench/bf16_bounds.py doors --seeds 20` (docs/models.md, "Precision").
 """
 
 from __future__ import annotations

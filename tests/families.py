@@ -1,4 +1,4 @@
-"""Tiny random configs of common causal LM families (the README's family table is tested on
+"""Tiny random configs of common causal LM families (docs/models.md's family table is tested on
 these). `family_model(name, vocab)` builds one; sizes are keywords so `bench/families.py` can
 build larger ones of the same shape."""
 

@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 
-from softprompt.adapters import check_fits, load_adapter, peft_config, save_adapter
+from softprompt.adapters import check_fits, load_adapter, save_adapter
 from softprompt.data import Task
 from softprompt.errors import SoftpromptError
 from softprompt.forward.reference import concat_forward
+from softprompt.peft_format import peft_config
 from softprompt.prompt import init_prompt
 
 

@@ -100,7 +100,8 @@ def test_ensemble_equals_the_mean_of_its_members(tiny):
 
 
 def _adapter(tmp_path, name, model, tok, P, seed, labels=("complaint", "no complaint")):
-    from softprompt.adapters import peft_config, save_adapter
+    from softprompt.adapters import save_adapter
+    from softprompt.peft_format import peft_config
 
     prompt = init_prompt(model, tok, P, "vocab", seed=seed)
     conf = peft_config(

@@ -23,12 +23,14 @@ import pytest
 import torch
 
 from bounds import door_tolerance
-from softprompt.adapters import peft_config, save_adapter, write_ensemble
+from softprompt.adapters import save_adapter
 from softprompt.cli import main
 from softprompt.cv import set_calibration
 from softprompt.data import Task
+from softprompt.ensembles import write_ensemble
 from softprompt.errors import SoftpromptError
 from softprompt.metrics import metrics
+from softprompt.peft_format import peft_config
 from softprompt.pipeline import SoftPrompt
 from softprompt.prompt import init_prompt
 
@@ -171,7 +173,7 @@ def test_server_classify_equals_the_api(world, client, kind):
 
 
 def test_every_kind_mixed_in_one_server_batch_equals_the_api(world, client):
-    from softprompt.engine import ClassifyRow
+    from softprompt.predictors import ClassifyRow
 
     state = client.app.state.softprompt
     order = [KINDS[i % len(KINDS)] for i in range(3 * len(KINDS))]
@@ -221,8 +223,7 @@ def test_served_ensemble_refuses_completions_as_predict_refuses_generation(world
 
 def test_suffix_adapter_completions_equal_predict_generate(world, client):
     model, tok, root, _, _ = world
-    from softprompt.engine import GenerateRow
-    from softprompt.predictors import raw_task
+    from softprompt.predictors import GenerateRow, raw_task
 
     state = client.app.state.softprompt
     entry = state.entries["suffix"]

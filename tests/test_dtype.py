@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from fast import generate
 from softprompt.cli import main
 from softprompt.data import Task, collate_left, collate_train, encode_rows
-from softprompt.engine import ClassifyRow, Engine
+from softprompt.engine import Engine
 from softprompt.errors import SoftpromptError
 from softprompt.forward.kv import prompt_kv
 from softprompt.forward.reference import concat_forward, reference_loss
 from softprompt.modeling.load import AUTO_DTYPE_ENV, dtype_line, resolve_dtype
-from softprompt.predictors import predictor_for_prompt
+from softprompt.predictors import ClassifyRow, predictor_for_prompt
 from softprompt.prompt import init_prompt
 from softprompt.readouts.words import label_loss
 from test_cli import train_args

@@ -8,9 +8,10 @@ import random
 import pytest
 import torch
 
-from softprompt.adapters import load_adapter, peft_config, save_adapter
+from softprompt.adapters import load_adapter, save_adapter
 from softprompt.data import Task
 from softprompt.metrics import metrics
+from softprompt.peft_format import peft_config
 from softprompt.pipeline import SoftPrompt
 from softprompt.prompt import init_prompt
 

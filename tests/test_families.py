@@ -1,4 +1,4 @@
-"""Every family in the README's table, on a tiny random config each (tests/families.py):
+"""Every family in docs/models.md's table, on a tiny random config each (tests/families.py):
 
 - the fast loss and its gradient equal PEFT's prompt tuning and the reference forward;
 - label scoring (the engine) equals a plain forward over prompt + text + label;
@@ -25,15 +25,17 @@ import torch
 from bounds import door_tolerance
 from families import FAMILIES, family_model
 from fast import score_continuations
-from softprompt.adapters import load_adapter, peft_config, save_adapter
+from softprompt.adapters import load_adapter, save_adapter
 from softprompt.cli import main
 from softprompt.data import Task
-from softprompt.engine import Engine, GenerateRow
+from softprompt.engine import Engine
 from softprompt.errors import SoftpromptError
 from softprompt.forward.kv import prompt_kv
 from softprompt.forward.layout import packed_fits, packed_problem, sliding_window
 from softprompt.forward.reference import concat_forward, reference_inputs, reference_loss
 from softprompt.modeling.load import load_base
+from softprompt.peft_format import peft_config
+from softprompt.predictors import GenerateRow
 from softprompt.prompt import init_prompt
 from softprompt.readouts.words import label_loss
 

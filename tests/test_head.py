@@ -11,14 +11,15 @@ import json
 import pytest
 import torch
 
-from softprompt.adapters import load_adapter, peft_config, prefix_config, save_adapter
+from softprompt.adapters import load_adapter, save_adapter
 from softprompt.cli import main
 from softprompt.data import Task, encode_rows
-from softprompt.engine import ClassifyRow, Engine
+from softprompt.engine import Engine
 from softprompt.errors import SoftpromptError
 from softprompt.forward.kv import prefix_to_kv
 from softprompt.forward.reference import reference_inputs
-from softprompt.predictors import predictor_for_prompt
+from softprompt.peft_format import peft_config, prefix_config
+from softprompt.predictors import ClassifyRow, predictor_for_prompt
 from softprompt.prompt import init_prefix, init_prompt
 from softprompt.readouts.head import (
     ClassifierHead,

@@ -10,11 +10,10 @@ import torch
 from fast import generate, score_continuations
 from softprompt.config import GUIDE_INIT_TEXT
 from softprompt.data import Task, collate_left, collate_train, encode_rows, label_token_ids
-from softprompt.engine import full_label_scores
 from softprompt.forward.kv import prompt_kv
 from softprompt.forward.reference import concat_forward, reference_loss
 from softprompt.prompt import init_prompt, text_token_ids
-from softprompt.readouts.words import label_loss
+from softprompt.readouts.words import full_label_scores, label_loss
 
 TEXTS = [
     "@ZephyrMobile no signal for three days and nobody answers",

@@ -16,14 +16,16 @@ import torch
 
 from bounds import door_tolerance
 from families import family_model
-from softprompt.adapters import load_adapter, prefix_config, save_adapter
+from softprompt.adapters import load_adapter, save_adapter
 from softprompt.cli import main
 from softprompt.data import Task
-from softprompt.engine import ClassifyRow, Engine
+from softprompt.engine import Engine
 from softprompt.errors import SoftpromptError
 from softprompt.forward.batch import padded
 from softprompt.forward.kv import kv_to_prefix, prefix_dims, prefix_to_kv
 from softprompt.forward.run import run
+from softprompt.peft_format import prefix_config
+from softprompt.predictors import ClassifyRow
 from softprompt.prompt import init_prefix, init_prompt
 from softprompt.readouts.words import label_loss
 

@@ -30,11 +30,12 @@ from conftest import make_model  # noqa: E402
 from fast import generate  # noqa: E402
 from softprompt.adapters import save_adapter  # noqa: E402
 from softprompt.data import Task, common_prefix_length, input_token_ids  # noqa: E402
-from softprompt.engine import ClassifyRow, Engine, GenerateRow  # noqa: E402
+from softprompt.engine import Engine  # noqa: E402
 from softprompt.forward.kv import prompt_kv, slice_kv  # noqa: E402
 from softprompt.forward.layout import lane_width, pack_rows  # noqa: E402
 from softprompt.kvcache import KVCache  # noqa: E402
 from softprompt.pipeline import SoftPrompt  # noqa: E402
+from softprompt.predictors import ClassifyRow, GenerateRow  # noqa: E402
 from softprompt.prompt import init_prompt  # noqa: E402
 from softprompt.serve.app import ServeConfig, create_app  # noqa: E402
 from softprompt.serve.registry import load_predictor  # noqa: E402
@@ -1453,7 +1454,7 @@ def test_a_request_the_engine_refuses_is_a_400_with_its_message(model, chat_tok,
     batcher = Batcher(engine, max_wait_ms=0)
     state = app.state.softprompt
     rows = {n: state.engine.encode(state.entries[n], TEXTS[0])[0] for n in ("alpha", "gamma")}
-    from softprompt.engine import ClassifyRow
+    from softprompt.predictors import ClassifyRow
 
     async def both():
         jobs = [batcher.submit([ClassifyRow(state.entries[n], ids)]) for n, ids in rows.items()]

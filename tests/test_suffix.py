@@ -174,7 +174,8 @@ def test_peft_refuses_a_suffix_adapter_instead_of_loading_half_of_it(tiny, tmp_p
     peft_type makes PEFT refuse it, while softprompt loads it whole."""
     from peft import PeftModel
 
-    from softprompt.adapters import SUFFIX_PEFT_TYPE, peft_config
+    from softprompt.adapters import SUFFIX_PEFT_TYPE
+    from softprompt.peft_format import peft_config
 
     model, tok = tiny
     prompt = init_prompt(model, tok, P + S, "random", seed=5)

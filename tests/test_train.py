@@ -251,6 +251,7 @@ def test_nan_loss_later_keeps_best_and_last_good(
 def test_failed_write_keeps_the_previous_adapter(tmp_path, tiny_model_dir, demo_train, monkeypatch):
     """A crash while saving (here: the rename fails) leaves the old, valid adapter."""
     import softprompt.adapters as adapters
+    import softprompt.files as files
 
     out = tmp_path / "run"
     assert main(train_args(demo_train, tiny_model_dir, out, "--epochs", "1")) == 0
@@ -264,7 +265,7 @@ def test_failed_write_keeps_the_previous_adapter(tmp_path, tiny_model_dir, demo_
             raise OSError(28, "No space left on device")
         real_replace(src, dst)
 
-    monkeypatch.setattr(adapters.os, "replace", failing_replace)
+    monkeypatch.setattr(files.os, "replace", failing_replace)
     with pytest.raises(OSError):
         adapters.save_adapter(out, torch.zeros_like(before.prompt), before.config, before.task)
     after = load_adapter(out)
@@ -274,7 +275,7 @@ def test_failed_write_keeps_the_previous_adapter(tmp_path, tiny_model_dir, demo_
     def failing_write(*args, **kwargs):
         raise OSError(5, "I/O error")
 
-    monkeypatch.setattr(adapters.os, "fsync", failing_write)
+    monkeypatch.setattr(files.os, "fsync", failing_write)
     with pytest.raises(OSError):
         adapters.save_adapter(out, torch.zeros_like(before.prompt), before.config, before.task)
     assert torch.equal(load_adapter(out).prompt, before.prompt)

@@ -5,12 +5,13 @@ result = train(TrainConfig(data="train.csv", text_column="Tweet text", label_col
 SoftPrompt.load("runs/c").classify(["my parcel never arrived"])
 """
 
-from .adapters import load_adapter, push_to_hub, save_adapter
+from .adapters import load_adapter, save_adapter
 from .config import PRESETS, TrainConfig, preset_config
 from .data import DEFAULT_TEMPLATE, Task, load_table
 from .errors import SoftpromptError
 from .forward.kv import prompt_kv
 from .forward.reference import concat_forward
+from .hub import push_to_hub
 from .modeling.load import load_base
 from .pipeline import SoftPrompt
 from .prompt import init_prompt

@@ -1,4 +1,6 @@
-"""Adapters in PEFT's own format, plus softprompt's task file; Hub push.
+"""Adapter folders: PEFT's own format plus softprompt's task file, saved (`save_adapter`) and
+loaded (`load_adapter`), and checked against a model (`check_fits`). PEFT's config fields and
+head keys: `peft_format`; ensembles: `ensembles`; the Hub: `hub`.
 
 A run folder is an adapter folder:
     adapter_config.json        PEFT's PromptTuningConfig fields (peft_type PROMPT_TUNING; with
@@ -20,16 +22,12 @@ holds {"prompt_embeddings": [P, layers*2*kv_heads*head_dim]}, each position's ke
 in every layer (`forward.kv.prefix_to_kv`). PEFT's P-tuning adapters (P_TUNING) load as plain
 prompts: PEFT saves their encoder's output, [P, H].
     README.md                  a short model card
-An ensemble folder holds `ensemble.json` ({"members": [sub-folders], "calibration"?: {"bias"}})
-and its member adapters; it loads and serves under one name (`load_members`).
+An ensemble folder holds `ensemble.json` and its member adapters (`ensembles`).
 Only safetensors are read: no pickle, ever.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +36,16 @@ from torch import Tensor
 
 from .data import Task
 from .errors import SoftpromptError, first_line
+from .files import atomic_write_bytes, atomic_write_json, read_json_object, read_safetensors
+from .peft_format import (
+    POOLED_TASK_TYPE,
+    PREFIX_PEFT_TYPE,
+    SCORE_KEY,
+    SEQ_CLS,
+    TASK_TYPES,
+    head_tensors,
+    read_head,
+)
 from .readouts.head import ClassifierHead
 
 CONFIG_NAME = "adapter_config.json"
@@ -47,21 +55,12 @@ PICKLE_NAME = "adapter_model.bin"
 WEIGHT_KEY = "prompt_embeddings"
 SUFFIX_NAME = "softprompt_suffix.safetensors"
 SUFFIX_KEY = "suffix_embeddings"
-ENSEMBLE_NAME = "ensemble.json"
 SUFFIX_PEFT_TYPE = "SOFTPROMPT_SUFFIX_TUNING"
 """peft_type of an adapter with suffix tokens: PEFT knows no such type and refuses to load it,
 rather than silently loading the tokens in front alone (which do not classify as trained)."""
-PREFIX_PEFT_TYPE = "PREFIX_TUNING"
 PTUNING_PEFT_TYPES = ("P_TUNING", "PROMPT_ENCODER")
 """PEFT's P-tuning (PromptEncoderConfig): saved as its encoder's output, a plain prompt."""
 PEFT_TYPES = ("PROMPT_TUNING", SUFFIX_PEFT_TYPE, PREFIX_PEFT_TYPE, *PTUNING_PEFT_TYPES)
-SEQ_CLS = "SEQ_CLS"
-POOLED_TASK_TYPE = "SOFTPROMPT_POOLED_CLS"
-"""task_type of an adapter with a pooled head: PEFT refuses task types it does not know."""
-TASK_TYPES = (None, "CAUSAL_LM", SEQ_CLS, POOLED_TASK_TYPE)
-SCORE_KEY = "base_model.score.weight"
-"""PEFT's key for a SEQ_CLS model's `score` layer (modules_to_save) in adapter_model.safetensors."""
-POOLED_KEY = "softprompt_head."
 KINDS = {"PROMPT_TUNING": "prompt", SUFFIX_PEFT_TYPE: "prompt"} | dict.fromkeys(
     PTUNING_PEFT_TYPES, "prompt"
 )
@@ -84,102 +83,6 @@ class Adapter:
     """prompt (input embeddings [P(+S), H]) or prefix (a deep prompt [P, layers*2*heads*d])."""
     head: ClassifierHead | None = None
     """The classification head (`--head`), or None: label words answer."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
-
-
-def peft_config(
-    model,
-    prompt: Tensor,
-    *,
-    base_model: str | None,
-    init: str,
-    init_text: str | None,
-    tokenizer_name: str | None,
-) -> dict:
-    """adapter_config.json contents with PEFT's PromptTuningConfig fields."""
-    from .prompt import PEFT_INIT_NAMES
-
-    cfg = model.config
-    try:
-        from importlib.metadata import version
-
-        peft_version = version("peft")
-    except Exception:  # noqa: BLE001 - peft is optional
-        peft_version = None
-    conf = {
-        "auto_mapping": None,
-        "base_model_name_or_path": base_model,
-        "inference_mode": True,
-        "num_attention_heads": getattr(cfg, "num_attention_heads", None),
-        "num_layers": getattr(cfg, "num_hidden_layers", None),
-        "num_transformer_submodules": 1,
-        "num_virtual_tokens": int(prompt.shape[0]),
-        "peft_type": "PROMPT_TUNING",
-        "prompt_tuning_init": PEFT_INIT_NAMES.get(init, "RANDOM"),
-        "prompt_tuning_init_text": init_text if init == "text" else None,
-        "revision": None,
-        "task_type": "CAUSAL_LM",
-        "token_dim": int(prompt.shape[1]),
-        "tokenizer_kwargs": None,
-        "tokenizer_name_or_path": tokenizer_name,
-    }
-    if peft_version:
-        conf["peft_version"] = peft_version
-    return conf
-
-
-def head_tensors(head: ClassifierHead) -> tuple[dict[str, Tensor], dict]:
-    """(the head's tensors under their adapter_model.safetensors keys, the adapter_config.json
-    fields that go with it)."""
-    t = head.tensors()
-    if head.kind == "linear":
-        return {SCORE_KEY: t["weight"]}, {"task_type": SEQ_CLS, "modules_to_save": ["classifier", "score"]}  # fmt: skip
-    t["layers"] = torch.tensor(head.layers, dtype=torch.int64)
-    return {POOLED_KEY + k: v for k, v in t.items()}, {"task_type": POOLED_TASK_TYPE}
-
-
-def read_head(tensors: dict[str, Tensor], where: Path) -> ClassifierHead | None:
-    """The classification head in an adapter's tensors, or None (label words)."""
-    if POOLED_KEY + "weight" in tensors:
-        t = {k[len(POOLED_KEY) :]: v for k, v in tensors.items() if k.startswith(POOLED_KEY)}
-        missing = [k for k in ("weight", "bias", "mean", "std", "layers") if k not in t]
-        if missing:
-            raise SoftpromptError(f"{where}: the pooled head lacks {missing}; the file is damaged")
-        layers = [int(i) for i in t.pop("layers").tolist()]
-        head = ClassifierHead.from_tensors({"kind": "pooled", "layers": layers}, t)
-    else:
-        key = next((k for k in tensors if k.endswith("score.weight")), None)
-        if key is None:
-            return None
-        head = ClassifierHead("linear", tensors[key])
-    if not all(bool(torch.isfinite(x).all()) for x in head.tensors().values()):
-        raise SoftpromptError(f"{where}: the classification head holds NaN or infinite values")
-    return head
 
 
 def save_adapter(
@@ -267,7 +170,7 @@ def load_adapter(path: str | Path) -> Adapter:
         raise SoftpromptError(
             f"{folder}: no {CONFIG_NAME}; this is not an adapter folder (train one with `softprompt train`)"
         )
-    config = _read_json_object(conf_path)
+    config = read_json_object(conf_path)
     ptype = config.get("peft_type")
     if ptype not in PEFT_TYPES:
         raise SoftpromptError(
@@ -287,7 +190,7 @@ def load_adapter(path: str | Path) -> Adapter:
                 "Re-save it with PEFT's save_pretrained(safe_serialization=True)"
             )
         raise SoftpromptError(f"{folder}: {WEIGHTS_NAME} is missing")
-    tensors = _read_safetensors(weights)
+    tensors = read_safetensors(weights)
     key = (
         WEIGHT_KEY
         if WEIGHT_KEY in tensors
@@ -317,7 +220,7 @@ def load_adapter(path: str | Path) -> Adapter:
     base = config.get("base_model_name_or_path")
     task_path = folder / TASK_NAME
     if task_path.is_file():
-        task = Task.from_dict(_read_json_object(task_path))
+        task = Task.from_dict(read_json_object(task_path))
         base = task.extra.get("base_model", base)
         if task.suffix_tokens:
             prompt = torch.cat([prompt, _load_suffix(folder, task.suffix_tokens, prompt.shape[1])])
@@ -343,80 +246,6 @@ def load_adapter(path: str | Path) -> Adapter:
     )
 
 
-def _read_json_object(path: Path) -> dict:
-    """A JSON file holding an object, or a SoftpromptError naming the file if it is damaged."""
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SoftpromptError(f"{path}: not valid JSON ({e}); the file is corrupt") from None
-    if not isinstance(data, dict):
-        raise SoftpromptError(
-            f"{path}: holds a {type(data).__name__}, not a settings object; the file is corrupt"
-        )
-    return data
-
-
-def is_ensemble(path: str | Path) -> bool:
-    return (Path(path).expanduser() / ENSEMBLE_NAME).is_file()
-
-
-def write_ensemble(folder: str | Path, members: list[str], bias: list[float] | None = None) -> Path:
-    """Write `folder`/ensemble.json naming its members (paths relative to `folder`)."""
-    folder = Path(folder)
-    manifest: dict = {"format": "softprompt-ensemble", "members": list(members)}
-    if bias is not None:
-        manifest["calibration"] = {"bias": list(bias)}
-    atomic_write_json(folder / ENSEMBLE_NAME, manifest)
-    return folder
-
-
-def load_members(path: str | Path) -> tuple[list[Adapter], list[float] | None | str]:
-    """The adapters a folder stands for, and the calibration bias to apply.
-
-    A plain adapter folder: ([it], "saved", meaning its own saved bias, if any). An ensemble
-    folder (ensemble.json): its members, in order, and the manifest's bias if it has one, else
-    "saved" (the first member's)."""
-    folder = Path(path).expanduser()
-    manifest_path = folder / ENSEMBLE_NAME
-    if not manifest_path.is_file():
-        return [load_adapter(path)], "saved"
-    manifest = _read_json_object(manifest_path)
-    members = manifest.get("members")
-    if members == []:
-        raise SoftpromptError(
-            f"{manifest_path}: no finished member yet (the ensemble is training, or its first "
-            "member was interrupted: train it again with --overwrite)"
-        )
-    if not members or not isinstance(members, list) or not all(isinstance(m, str) for m in members):
-        raise SoftpromptError(
-            f'{manifest_path}: needs "members": a list of adapter folders (relative to it)'
-        )
-    root = folder.resolve()
-    adapters = []
-    for m in members:
-        target = (root / m).resolve()
-        if root != target and root not in target.parents:
-            raise SoftpromptError(
-                f"{manifest_path}: member {m!r} is outside the ensemble folder; keep members inside it"
-            )
-        if not (target / CONFIG_NAME).is_file():
-            raise SoftpromptError(f"{manifest_path}: member {m!r} has no {CONFIG_NAME} at {target}")
-        adapters.append(load_adapter(target))
-    cal = manifest.get("calibration") or {}
-    return adapters, cal.get("bias", "saved") if isinstance(cal, dict) else "saved"
-
-
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    """The tensors of a safetensors file, or a SoftpromptError naming it if it is damaged."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SoftpromptError(f"{path}: corrupt or truncated safetensors file ({e})") from None
-
-
 def _load_suffix(folder: Path, S: int, width: int) -> Tensor:
     """The S suffix vectors [S, H] that softprompt.json announces."""
     path = folder / SUFFIX_NAME
@@ -425,7 +254,7 @@ def _load_suffix(folder: Path, S: int, width: int) -> Tensor:
             f"{folder}: {TASK_NAME} says suffix_tokens={S} but {SUFFIX_NAME} is missing; "
             "copy the whole adapter folder"
         )
-    suffix = _read_safetensors(path).get(SUFFIX_KEY)
+    suffix = read_safetensors(path).get(SUFFIX_KEY)
     if suffix is None or tuple(suffix.shape) != (S, width) or not torch.isfinite(suffix).all():
         got = None if suffix is None else tuple(suffix.shape)
         raise SoftpromptError(
@@ -433,37 +262,6 @@ def _load_suffix(folder: Path, S: int, width: int) -> Tensor:
             "the file is damaged"
         )
     return suffix.float()
-
-
-def prefix_config(model, prefix: Tensor, *, base_model: str | None, projection: bool) -> dict:
-    """adapter_config.json contents with PEFT's PrefixTuningConfig fields, for a deep prompt
-    [P, layers*2*heads*d]. Saved in PEFT's inference layout (the keys/values themselves), which
-    PEFT loads with or without `prefix_projection`."""
-    from .forward.kv import prefix_dims
-
-    L, heads, d = prefix_dims(model)
-    conf = {
-        "auto_mapping": None,
-        "base_model_name_or_path": base_model,
-        "encoder_hidden_size": heads * d,
-        "inference_mode": True,
-        "num_attention_heads": heads,
-        "num_layers": L,
-        "num_transformer_submodules": 1,
-        "num_virtual_tokens": int(prefix.shape[0]),
-        "peft_type": PREFIX_PEFT_TYPE,
-        "prefix_projection": bool(projection),
-        "revision": None,
-        "task_type": "CAUSAL_LM",
-        "token_dim": heads * d,
-    }
-    try:
-        from importlib.metadata import version
-
-        conf["peft_version"] = version("peft")
-    except Exception:  # noqa: BLE001 - peft is optional
-        pass
-    return conf
 
 
 def check_fits(adapter: Adapter, model) -> None:
@@ -515,41 +313,3 @@ def check_head_fits(adapter: Adapter, model) -> None:
             f"{adapter.path}: the head pools layers {head.layers[0]}-{head.layers[-1]}, but the "
             f"base model has {L} layers; it was trained for another model ({adapter.base_model})"
         )
-
-
-def push_to_hub(
-    folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None
-) -> str:
-    """Upload a run folder's adapter (not its checkpoints) to the Hub. Returns the repo URL."""
-    from huggingface_hub import HfApi
-
-    folder = Path(folder)
-    if is_ensemble(folder):
-        raise SoftpromptError(
-            f"{folder} is an ensemble ({ENSEMBLE_NAME}); push each member folder on its own"
-        )
-    adapter = load_adapter(folder)  # refuse to push something that does not load
-    if adapter.task is not None and adapter.task.suffix_tokens:
-        import logging
-
-        logging.getLogger("softprompt").warning(
-            "%s has %d suffix tokens: it loads in softprompt only (PEFT refuses its peft_type %s); "
-            "its model card says so",
-            folder,
-            adapter.task.suffix_tokens,
-            SUFFIX_PEFT_TYPE,
-        )
-    api = HfApi(token=token)
-    try:
-        url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(
-            folder_path=str(folder),
-            repo_id=repo_id,
-            ignore_patterns=["checkpoint/**", "last/**", ".*"],
-            commit_message="Upload soft prompt (softprompt)",
-        )
-    except Exception as e:  # noqa: BLE001 - network, auth, permissions
-        raise SoftpromptError(
-            f"push to {repo_id} failed: {first_line(e)} (log in with `hf auth login` or set HF_TOKEN)"
-        ) from None
-    return str(url)

@@ -56,7 +56,7 @@ def _train_parser(command: str):
         f"{name}: " + (" ".join(_as_flags(values)) or "the defaults")
         for name, values in PRESETS.items()
     )
-    note = f". {presets} (the defaults are the recommended recipe, docs/accuracy.md; guide: the PEFT guide's)"  # fmt: skip
+    note = f" {presets} (the defaults are the recommended recipe, docs/accuracy.md; guide: the PEFT guide's)"  # fmt: skip
     return settings_parser(
         command,
         [TrainConfig, _flags_class(command)],
@@ -218,8 +218,8 @@ def _check_output(path: str | None, overwrite: bool) -> None:
 
 
 def cmd_eval(cfg: EvalConfig) -> int:
-    from .adapters import atomic_write_json
     from .data import check_labels, load_table
+    from .files import atomic_write_json
 
     _check_output(cfg.output, cfg.overwrite)
     sp = _load(cfg)
@@ -285,7 +285,7 @@ def cmd_predict(cfg: PredictConfig) -> int:
 def _write_rows(path: Path, rows: list[dict]) -> None:
     import io
 
-    from .adapters import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     if path.suffix.lower() == ".csv":
         buf = io.StringIO()
@@ -299,7 +299,7 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
 
 
 def cmd_push(cfg: PushConfig) -> int:
-    from .adapters import push_to_hub
+    from .hub import push_to_hub
 
     url = push_to_hub(cfg.adapter, cfg.repo_id, private=cfg.private, token=cfg.token)
     print(f"pushed {cfg.adapter} to {url}")

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from .adapters import TASK_NAME, atomic_write_json
+from .adapters import TASK_NAME
 from .calibrate import apply_bias, fit_bias
 from .config import TrainConfig
 from .data import Table, label_set, load_table, stratified_folds
 from .engine import Engine
 from .errors import SoftpromptError
+from .files import atomic_write_json
 from .log import ensure_visible, logger
 from .metrics import metrics
 from .modeling.load import dtype_line, load_base

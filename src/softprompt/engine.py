@@ -17,8 +17,7 @@ A row's answer never depends on the rows it is batched with (up to float roundin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -29,47 +28,30 @@ from .calibrate import apply_bias
 from .data import common_prefix_length, encode_input, input_token_ids
 from .errors import SoftpromptError
 from .forward.batch import after_kv, padded
-from .forward.kv import prefix_to_kv, slice_kv, stack_kv
+from .forward.kv import slice_kv, stack_kv
 from .forward.layout import note_path, packed_fits
 from .forward.run import run
 from .kvcache import KVCache
 from .modeling.load import check_model
-from .predictors import Member, Predictor, make_predictor, need_generation, need_labels
+from .predictors import (
+    ClassifyRow,
+    GenerateRow,
+    Member,
+    Predictor,
+    PromptLogprobRow,
+    make_predictor,
+    need_generation,
+    need_labels,
+)
 from .readouts.generation import Decoding, choose_tokens, decode_next, merge_decoding, prefill
 from .readouts.head import ClassifierHead, RowFeatures, head_starts, needs, row_features
-from .readouts.words import label_trie, token_logprobs, token_loss, trie_scores
-
-
-@dataclass(eq=False)
-class ClassifyRow:
-    predictor: Predictor
-    ids: list[int]
-    """Rendered, tokenised (and if needed cut) input."""
-
-
-@dataclass(eq=False)
-class GenerateRow:
-    predictor: Predictor
-    ids: list[int]
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    on_token: Callable[[int, Tensor], bool] | None = None
-    """Called (on the model's thread) with each new token but the end token and the logits
-    [V] it was chosen from; returning True ends the row there (a stop string, a client that
-    left). Streaming and stop strings use it."""
-
-
-@dataclass(eq=False)
-class PromptLogprobRow:
-    """Score a prompt's own tokens after the predictor's (first) prompt (`echo` + `logprobs`)."""
-
-    predictor: Predictor
-    ids: list[int]
-    """Token ids; suffix placeholders (< 0) are left out: they come after the text, so the
-    text's log-probabilities do not depend on them."""
-    top: int = 0
-    """How many most likely tokens to give at each position."""
+from .readouts.words import (
+    full_label_scores,
+    label_trie,
+    padded_prompts,
+    token_logprobs,
+    trie_scores,
+)
 
 
 def _is_sharded(model) -> bool:
@@ -283,7 +265,7 @@ class Engine:
                 S = members[part[0]].suffix_tokens if kind == "prompt" else 0
                 batch = padded(seqs, S, self.device)
                 layers, last = needs(heads)
-                hidden = run(self.model, batch, **_padded_prompts(self.model, prompts, kind, S), layers=layers, stop=not last)  # fmt: skip
+                hidden = run(self.model, batch, **padded_prompts(self.model, prompts, kind, S), layers=layers, stop=not last)  # fmt: skip
                 feats = row_features(hidden, batch, heads, self._starts([rows[b] for b in part]))
                 for j, b in enumerate(part):
                     out[b] = _row_logits(members[b].head, feats, j)
@@ -401,48 +383,6 @@ class Engine:
         """Take rows out of a running batch (their client left)."""
         gone = {id(r) for r in rows}
         batch.keep([j for j, r in enumerate(batch.rows) if id(r) not in gone])
-
-
-def _padded_prompts(model, prompts: Tensor, kind: str, S: int) -> dict:
-    """What `run` takes for padded rows each after its own prompt: a deep prompt's keys/values
-    (kind "prefix", prompts [B, P, layers*2*heads*d]), or the front vectors [B, P, H] and suffix
-    vectors [B, S, H] of soft prompts [B, P+S, H]."""
-    if kind == "prefix":
-        return {"kv": prefix_to_kv(model, prompts)}
-    P = prompts.shape[1] - S
-    return {"front": prompts[:, :P], "suffix": prompts[:, P:] if S else None}
-
-
-def full_label_scores(
-    model,
-    prompt: Tensor,
-    seqs: Sequence[Sequence[int]],
-    continuations: Sequence[Sequence[int]],
-    *,
-    kind: str = "prompt",
-) -> Tensor:
-    """Log-probability of each continuation after prompt + each input: [B, L], as the packed
-    label scoring gives, by running every (input, continuation) pair after its own copy of the
-    prompt, padded (no KV cache, L times the compute): for sharded (FSDP) models, where a cache
-    cannot be kept, and models that cannot run packed rows. `prompt` is one prompt [P+S, H] or
-    one per input [B, P+S, H]; with kind "prefix" deep prompts [(B,) P, layers*2*heads*d]."""
-    pairs = [(list(s), list(c)) for s in seqs for c in continuations]
-    prompts = prompt if prompt.dim() == 3 else prompt.expand(len(seqs), -1, -1)
-    prompts = prompts.repeat_interleave(len(continuations), 0)
-    S = 0
-    if kind == "prompt":  # the rows' placeholders: -S .. -1
-        S = -min((t for s in seqs for t in s), default=0)
-        S = max(S, 0)
-    batch = padded(
-        [s + c for s, c in pairs], S, prompt.device,
-        targets=[[-100] * len(s) + c for s, c in pairs],
-    )  # fmt: skip
-    hidden = run(model, batch, **_padded_prompts(model, prompts, kind, S))
-    tok = token_loss(model, hidden, batch, None, "none")
-    keep = batch.target != -100  # the tokens scored, in row-major order
-    row = torch.arange(len(pairs), device=tok.device)[:, None].expand_as(keep)[keep]
-    logp = torch.zeros(len(pairs), device=tok.device).index_add_(0, row, -tok)
-    return logp.view(len(seqs), len(continuations))
 
 
 def _row_logits(head: ClassifierHead, feats: RowFeatures, b: int) -> Tensor:

@@ -8,9 +8,10 @@ from dataclasses import replace
 
 import torch
 
-from .adapters import Adapter, load_members
+from .adapters import Adapter
 from .data import Task
 from .engine import Engine
+from .ensembles import load_members
 from .errors import SoftpromptError
 from .metrics import metrics
 from .modeling.load import load_base

@@ -1,19 +1,21 @@
 """What a door names: a `Predictor` (one adapter, or an ensemble of adapters for one task, with
 its calibration bias, labels, template and budget), made of `Member`s (each prompt, its suffix
 vectors and its classification head), checked against the model and each other
-(`make_predictor`)."""
+(`make_predictor`); and what a door asks of one (`ClassifyRow`, `GenerateRow`,
+`PromptLogprobRow`)."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from torch import Tensor
 
-from .adapters import Adapter, check_fits, prefix_config
+from .adapters import Adapter, check_fits
 from .data import Task, input_budget, label_token_ids
 from .errors import SoftpromptError
+from .peft_format import prefix_config
 from .readouts.head import ClassifierHead
 
 _ids = itertools.count()
@@ -257,3 +259,38 @@ def raw_task(task: Task) -> Task:
     """Completions: the client's text goes right after the soft prompt, no template (suffix
     tokens, if the adapter has them, still follow the text)."""
     return replace(task, template="{text}", label_names=[])
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(eq=False)
+class ClassifyRow:
+    predictor: Predictor
+    ids: list[int]
+    """Rendered, tokenised (and if needed cut) input."""
+
+
+@dataclass(eq=False)
+class GenerateRow:
+    predictor: Predictor
+    ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    on_token: Callable[[int, Tensor], bool] | None = None
+    """Called (on the model's thread) with each new token but the end token and the logits
+    [V] it was chosen from; returning True ends the row there (a stop string, a client that
+    left). Streaming and stop strings use it."""
+
+
+@dataclass(eq=False)
+class PromptLogprobRow:
+    """Score a prompt's own tokens after the predictor's (first) prompt (`echo` + `logprobs`)."""
+
+    predictor: Predictor
+    ids: list[int]
+    """Token ids; suffix placeholders (< 0) are left out: they come after the text, so the
+    text's log-probabilities do not depend on them."""
+    top: int = 0
+    """How many most likely tokens to give at each position."""

@@ -265,3 +265,48 @@ def token_logprobs(model, hidden: Hidden, batch: PromptBatch, row: int, top: int
     picked = logp.gather(1, ids[:, None])[:, 0]
     best = logp.topk(min(top, logp.shape[-1]), -1)
     return picked, best.indices, best.values
+
+
+# --------------------------------------------------------------------------- padded scoring
+
+
+def padded_prompts(model, prompts: Tensor, kind: str, S: int) -> dict:
+    """What `run` takes for padded rows each after its own prompt: a deep prompt's keys/values
+    (kind "prefix", prompts [B, P, layers*2*heads*d]), or the front vectors [B, P, H] and suffix
+    vectors [B, S, H] of soft prompts [B, P+S, H]."""
+    if kind == "prefix":
+        return {"kv": prefix_to_kv(model, prompts)}
+    P = prompts.shape[1] - S
+    return {"front": prompts[:, :P], "suffix": prompts[:, P:] if S else None}
+
+
+def full_label_scores(
+    model,
+    prompt: Tensor,
+    seqs: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    *,
+    kind: str = "prompt",
+) -> Tensor:
+    """Log-probability of each continuation after prompt + each input: [B, L], as the packed
+    label scoring gives, by running every (input, continuation) pair after its own copy of the
+    prompt, padded (no KV cache, L times the compute): for sharded (FSDP) models, where a cache
+    cannot be kept, and models that cannot run packed rows. `prompt` is one prompt [P+S, H] or
+    one per input [B, P+S, H]; with kind "prefix" deep prompts [(B,) P, layers*2*heads*d]."""
+    pairs = [(list(s), list(c)) for s in seqs for c in continuations]
+    prompts = prompt if prompt.dim() == 3 else prompt.expand(len(seqs), -1, -1)
+    prompts = prompts.repeat_interleave(len(continuations), 0)
+    S = 0
+    if kind == "prompt":  # the rows' placeholders: -S .. -1
+        S = -min((t for s in seqs for t in s), default=0)
+        S = max(S, 0)
+    batch = padded(
+        [s + c for s, c in pairs], S, prompt.device,
+        targets=[[-100] * len(s) + c for s, c in pairs],
+    )  # fmt: skip
+    hidden = run(model, batch, **padded_prompts(model, prompts, kind, S))
+    tok = token_loss(model, hidden, batch, None, "none")
+    keep = batch.target != -100  # the tokens scored, in row-major order
+    row = torch.arange(len(pairs), device=tok.device)[:, None].expand_as(keep)[keep]
+    logp = torch.zeros(len(pairs), device=tok.device).index_add_(0, row, -tok)
+    return logp.view(len(seqs), len(continuations))

@@ -23,8 +23,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from ..engine import ClassifyRow, Engine, GenerateRow, PromptLogprobRow
+from ..engine import Engine
 from ..errors import SoftpromptError
+from ..predictors import ClassifyRow, GenerateRow, PromptLogprobRow
 from ..readouts.generation import Decoding, merge_decoding
 
 log = logging.getLogger("softprompt.serve")

@@ -1,12 +1,12 @@
-"""`POST /v1/classify`: label scoring, the numbers `SoftPrompt.classify` and `softprompt predict`
-give; each input rendered with the adapter's template and cut as in training (or 413 with
-strict)."""
+"""`POST /v1/classify`: each label's probability, through the adapter's label words or its
+classification head, the numbers `SoftPrompt.classify` and `softprompt predict` give; each
+input rendered with the adapter's template and cut as in training (or 413 with strict)."""
 
 from __future__ import annotations
 
 from fastapi import Request
 
-from ..engine import ClassifyRow
+from ..predictors import ClassifyRow
 from .errors import ApiError
 from .metrics import note_adapter
 from .protocol import ClassifyRequest, ClassifyResponse, ClassifyResult

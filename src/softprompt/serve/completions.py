@@ -9,8 +9,7 @@ import functools
 from fastapi import Request
 from sse_starlette import EventSourceResponse
 
-from ..engine import PromptLogprobRow
-from ..predictors import Predictor, raw_task
+from ..predictors import Predictor, PromptLogprobRow, raw_task
 from .errors import ApiError
 from .protocol import (
     CompletionChoice,

@@ -10,8 +10,9 @@ import logging
 import re
 from pathlib import Path
 
-from ..adapters import CONFIG_NAME, ENSEMBLE_NAME, load_members
+from ..adapters import CONFIG_NAME
 from ..engine import Engine
+from ..ensembles import ENSEMBLE_NAME, load_members
 from ..errors import SoftpromptError
 from ..predictors import Predictor
 

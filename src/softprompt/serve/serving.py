@@ -18,8 +18,7 @@ from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 from sse_starlette.sse import SendTimeoutError
 
-from ..engine import GenerateRow
-from ..predictors import Predictor
+from ..predictors import GenerateRow, Predictor
 from .errors import ApiError
 from .metrics import note_adapter
 from .protocol import ErrorResponse, UsageInfo

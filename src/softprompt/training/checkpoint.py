@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
-from ..adapters import ENSEMBLE_NAME, TASK_NAME, atomic_write_bytes
+from ..adapters import TASK_NAME
 from ..config import TrainConfig
+from ..ensembles import ENSEMBLE_NAME
 from ..errors import SoftpromptError, first_line
+from ..files import atomic_write_bytes
 
 RUN_MARKERS = (TASK_NAME, "metrics.jsonl", "train_config.json", "cv.json", ENSEMBLE_NAME)
 """Files only softprompt writes: a folder holding one is a run (a bare PEFT adapter is not)."""

@@ -6,8 +6,8 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from ..adapters import write_ensemble
 from ..config import TrainConfig
+from ..ensembles import write_ensemble
 from ..errors import SoftpromptError
 from ..log import ensure_visible, logger
 from . import loop

@@ -7,10 +7,10 @@ import math
 
 import torch
 
-from ..engine import ClassifyRow, Engine
+from ..engine import Engine
 from ..metrics import metrics
 from ..modeling.sharding import gather_root
-from ..predictors import predictor_for_prompt
+from ..predictors import ClassifyRow, predictor_for_prompt
 from .setup import Run
 from .step import batch_loss, loss_units
 

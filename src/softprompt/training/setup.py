@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..adapters import atomic_write_json, check_fits, load_adapter, peft_config, prefix_config
+from ..adapters import check_fits, load_adapter
 from ..config import TrainConfig
 from ..data import (
     Encoded,
@@ -23,10 +23,12 @@ from ..data import (
     stratified_split,
 )
 from ..errors import SoftpromptError
+from ..files import atomic_write_json
 from ..forward.kv import prefix_dims
 from ..forward.layout import note_path
 from ..modeling.load import count_parameters, decoder_layers, format_trainable
 from ..modeling.sharding import set_gradient_checkpointing, shard_model
+from ..peft_format import peft_config, prefix_config
 from ..prompt import PromptEncoder, init_prefix, init_prompt, task_init_text
 from ..readouts.head import (
     ClassifierHead,
