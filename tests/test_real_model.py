@@ -52,6 +52,41 @@ def test_fast_loss_equals_reference_on_the_real_model(base):
     assert abs(fast.item() - ref.item()) <= 1e-4 * abs(ref.item())
 
 
+def test_a_pooled_head_reads_the_middle_layers_as_a_plain_forward_does(base):
+    """On the real model: the band a pooled head reads (layers 12-21 of 30), the text positions
+    pooled by the engine (prompt KV cached, template head shared, rows packed, the pass stopped
+    after layer 21) equal transformers' own hidden states of one plain forward per row."""
+    from softprompt.engine import Engine
+    from softprompt.predictors import predictor_for_prompt
+    from softprompt.readouts.head import ClassifierHead, RowFeatures, head_starts, pooled_layers
+
+    model, tok = base
+    layers = pooled_layers(model)
+    assert (layers[0], layers[-1]) == (12, 21)
+    task = Task(text_column="Tweet text", label_names=["complaint", "no complaint"])
+    texts = ["@ZephyrMobile no signal for three days and nobody answers", "thanks, all sorted"]
+    prompt = init_prompt(model, tok, 8, "text", label_names=task.label_names)
+    H, n = model.config.hidden_size, len(layers)
+    g = torch.Generator().manual_seed(0)
+    head = ClassifierHead("pooled", torch.randn(2, H, generator=g) / 20, torch.zeros(2),
+                          torch.randn(n, H, generator=g), torch.rand(n, H, generator=g) * 5 + 1, layers)  # fmt: skip
+    engine = Engine(model, tok)
+    got = engine.classify(predictor_for_prompt(model, tok, prompt, task, head=head), texts)
+    rows = encode_rows(tok, task, texts, task.label_names)
+    starts = head_starts([r.input_ids for r in rows], tok(task.head())["input_ids"]).tolist()
+    pooled = {i: [] for i in layers}
+    for r, st in zip(rows, starts, strict=True):
+        ids = torch.tensor([r.input_ids])
+        with torch.no_grad():
+            out = concat_forward(model, prompt, ids, torch.ones_like(ids), hidden_states=True)
+        for i in layers:
+            pooled[i].append(out.hidden_states[i][0, 8 + st :].mean(0))
+    want = torch.softmax(
+        head(RowFeatures(None, {i: torch.stack(v) for i, v in pooled.items()})), -1
+    )
+    assert torch.allclose(got, want, atol=1e-4), (got, want)
+
+
 # The README's main job (scripts/demo.sh) trains the recommended recipe (the defaults, 5 epochs on
 # the 160 demo tweets) as a 3-seed ensemble; this test trains one of its prompts and scores it on
 # the 80 held-out tweets, in the type --dtype auto resolves to, as the demo does: float32 on an
