@@ -3,6 +3,7 @@ the measurements behind the bounds in tests/bounds.py (docs/models.md, "Precisio
 
     python bench/bf16_bounds.py doors --seeds 20        # label probabilities, door against door
     python bench/bf16_bounds.py train --seeds 4         # 2 processes vs 1, checkpointed vs not
+    python bench/bf16_bounds.py train --seeds 5 --heads linear,pooled   # the same with a head
 
 `doors`, per seed (the seed makes the tiny model and the adapters), on the test suite's tiny
 models (tests/conftest.py, tests/families.py) in bfloat16 and float32:
@@ -19,7 +20,9 @@ doors where that gap is below the difference).
 settings, 2 epochs), bfloat16 forced (SOFTPROMPT_AUTO_DTYPE), one process against two (torchrun,
 data parallel and --fsdp, the tests' batch and hold-out settings) and plain against
 --gradient-checkpointing (1 epoch): the largest difference of the saved prompts (also relative
-to how far the prompt moved from its init), of the per-epoch losses, and of eval accuracy.
+to how far the prompt moved from its init), of a classification head's weight and bias
+(`--heads`: each value trains every pair once more with that `--head`), of the per-epoch
+losses, and of eval accuracy.
 Results as JSON on stdout; progress on stderr.
 """
 
@@ -182,6 +185,10 @@ def _compare(a: Path, b: Path, init: torch.Tensor) -> dict:
     def prompt(f: Path) -> torch.Tensor:
         return load_file(str(f / "adapter_model.safetensors"))["prompt_embeddings"]
 
+    def head(f: Path) -> dict[str, torch.Tensor]:
+        tensors = load_file(str(f / "adapter_model.safetensors"))
+        return {k: v.float() for k, v in tensors.items() if k != "prompt_embeddings"}
+
     def records(f: Path) -> list[dict]:
         return [json.loads(x) for x in (f / "metrics.jsonl").read_text().splitlines()]
 
@@ -193,6 +200,12 @@ def _compare(a: Path, b: Path, init: torch.Tensor) -> dict:
             "moved_max_abs": (pa - init).abs().max().item(),
             "rel_to_move": ((pa - pb).norm() / (pa - init).norm()).item(),
         }
+        ha, hb = head(a / sub), head(b / sub)
+        for key in ha:
+            out[f"{key}{'/' + sub if sub else ''}"] = {
+                "max_abs": (ha[key] - hb[key]).abs().max().item(),
+                "max": ha[key].abs().max().item(),
+            }
     for key in ("train_loss", "eval_loss", "eval_accuracy", "eval_macro_f1"):
         pairs = [(x.get(key), y.get(key)) for x, y in zip(records(a), records(b), strict=True)]
         if all(x is not None for x, _ in pairs):
@@ -200,7 +213,7 @@ def _compare(a: Path, b: Path, init: torch.Tensor) -> dict:
     return out
 
 
-def train(seeds: list[int], dtype: str) -> dict:
+def train(seeds: list[int], dtype: str, heads: list[str]) -> dict:
     from conftest import DEMO, make_model, make_tokenizer
     from test_cli import train_args
 
@@ -215,7 +228,7 @@ def train(seeds: list[int], dtype: str) -> dict:
         model_dir = tmp / "tiny-llama"
         make_model("llama", len(tok)).save_pretrained(model_dir)
         tok.save_pretrained(model_dir)
-        for seed in seeds:
+        for seed, head in [(s, h) for h in heads for s in seeds]:
             for name, extra, procs in (
                 ("ddp", ["--batch-size", "7", "--eval-fraction", "0.25"], 2),
                 (
@@ -225,8 +238,9 @@ def train(seeds: list[int], dtype: str) -> dict:
                 ),
                 ("ckpt", ["--epochs", "1"], 1),
             ):
-                base = train_args(demo, model_dir, tmp / "x", "--seed", str(seed))
-                if name != "ckpt":
+                base = train_args(demo, model_dir, tmp / "x", "--seed", str(seed), "--head", head)
+                name = name if head == "none" else f"{name}-{head}"
+                if not name.startswith("ckpt"):
                     i = base.index("--batch-size")
                     del base[i : i + 2]
                     base += [*extra, "--grad-accum", "2"]
@@ -235,9 +249,9 @@ def train(seeds: list[int], dtype: str) -> dict:
                 one, two = tmp / f"{name}-{seed}-a", tmp / f"{name}-{seed}-b"
                 argv1 = [a if a != str(tmp / "x") else str(one) for a in base]
                 argv2 = [a if a != str(tmp / "x") else str(two) for a in base]
-                if name == "fsdp":
+                if name.startswith("fsdp"):
                     argv2.append("--fsdp")
-                if name == "ckpt":
+                if name.startswith("ckpt"):
                     argv2.append("--gradient-checkpointing")
                 _train(argv1, 1, env)
                 _train(argv2, procs, env)
@@ -265,11 +279,12 @@ def main(argv=None) -> int:
     ap.add_argument("what", choices=("doors", "train"))
     ap.add_argument("--seeds", type=int, default=10, help="doors: seeds 0..N-1; train: N seeds")
     ap.add_argument("--dtype", default="bfloat16", help="train: what auto resolves to")
+    ap.add_argument("--heads", default="none", help="train: --head values, comma-separated")
     args = ap.parse_args(argv)
     if args.what == "doors":
         result = doors(args.seeds)
     else:
-        result = train([42, 1, 2, 3, 4, 5, 6, 7][: args.seeds], args.dtype)
+        result = train([42, 1, 2, 3, 4, 5, 6, 7][: args.seeds], args.dtype, args.heads.split(","))
     print(json.dumps(result, indent=1))
     return 0
 

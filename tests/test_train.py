@@ -36,6 +36,26 @@ def prompt_of(folder: Path) -> torch.Tensor:
     return load_file(str(folder / "adapter_model.safetensors"))["prompt_embeddings"]
 
 
+def trained_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The trained numbers a run saved: its prompt and, with `--head`, the head's (a pooled
+    head's feature scaling and layers, fitted once before training, are compared too)."""
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    return {
+        k: v for k, v in tensors.items() if k == "prompt_embeddings" or "head" in k or "score" in k
+    }
+
+
+def assert_same_tensors(a: Path, b: Path, bound) -> None:
+    """Two runs' saved prompts (entry by entry where `bound.prompt` is set) and heads agree."""
+    ta, tb = trained_tensors(a), trained_tensors(b)
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        limit = bound.prompt if key == "prompt_embeddings" else bound.head
+        if limit is not None:
+            gap = (ta[key].float() - tb[key].float()).abs().max()
+            assert gap <= limit, (key, gap, bound)
+
+
 def records(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
@@ -58,18 +78,25 @@ def without(argv: list[str], *flags: str) -> list[str]:
 # --------------------------------------------------------------------------- data parallel
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize(
+    "fsdp,head", [(False, "none"), (True, "none"), (False, "pooled"), (True, "linear")],
+    ids=["ddp", "fsdp", "ddp-pooled", "fsdp-linear"],
+)  # fmt: skip
 def test_two_processes_train_the_same_prompt_as_one(
-    tmp_path, tiny_model_dir, demo_train, fsdp, auto_dtype
+    tmp_path, tiny_model_dir, demo_train, fsdp, head, auto_dtype
 ):
     """torchrun, 2 CPU processes (gloo): same global batch and seed, same prompt, in the type
     --dtype auto resolves to: in float32 within 1e-5 and the same metrics; in bfloat16 within
-    `bounds.TRAIN_BFLOAT16` (each process runs half of each batch, which rounds differently).
+    `bounds.TRAIN_BFLOAT16` (each process runs half of each batch, which rounds differently),
+    with a head within `bounds.TRAIN_BFLOAT16_HEAD`.
     The last training batch has 1 row, so process 1's share of it is empty (ddp: 120 rows in
     batches of 7; fsdp: 125 in batches of 4). With --fsdp the base model's weights are sharded
     over the 2 processes (FSDP2, no prompt KV cache) and every process must run every batch:
-    35 eval rows one per batch give process 0 18 batches and process 1 17 plus an empty one."""
-    bound = train_bounds(auto_dtype)
+    35 eval rows one per batch give process 0 18 batches and process 1 17 plus an empty one.
+    With a classification head (`--head`) its weights are summed over the processes as the
+    prompt's are, and a pooled head's probe (fitted by every process on all training rows)
+    starts the same everywhere: the head must agree as the prompt does."""
+    bound = train_bounds(auto_dtype, head=head != "none")
     if fsdp:
         extra = ["--batch-size", "4", "--eval-fraction", "0.22", "--eval-batch-size", "1"]
         rows = 125
@@ -78,7 +105,7 @@ def test_two_processes_train_the_same_prompt_as_one(
         rows = 120
     one = tmp_path / "one"
     argv = without(train_args(demo_train, tiny_model_dir, one), "--batch-size")
-    argv += [*extra, "--grad-accum", "2"]
+    argv += [*extra, "--grad-accum", "2", "--head", head]
     assert main(argv) == 0
     two = tmp_path / "two"
     argv2 = [a if a != str(one) else str(two) for a in argv] + (["--fsdp"] if fsdp else [])
@@ -113,8 +140,7 @@ def _same_training(one: Path, two: Path, bound, eval_rows: int) -> None:
     """Two runs' saved prompts (best and last) and per-epoch records agree within `bound`
     (`bounds.TrainBounds`); `eval_rows`: the size of their evaluation set."""
     for sub in ("", "last"):
-        a, b = prompt_of(one / sub), prompt_of(two / sub)
-        assert (a - b).abs().max() <= bound.prompt, ((a - b).abs().max(), bound)
+        assert_same_tensors(one / sub, two / sub, bound)
     for ra, rb in zip(records(one), records(two), strict=True):
         assert ra["step"] == rb["step"]
         for key in ("train_loss", "eval_loss"):
@@ -360,17 +386,20 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradient(tiny, monkeypat
     assert torch.allclose(results["fast"][1], results["plain"][1], atol=1e-6)
 
 
-def test_gradient_checkpointing_flag_trains(tmp_path, tiny_model_dir, demo_train, auto_dtype):
+@pytest.mark.parametrize("head", ["none", "pooled"])
+def test_gradient_checkpointing_flag_trains(tmp_path, tiny_model_dir, demo_train, auto_dtype, head):
     """One epoch with and without --gradient-checkpointing, in the type --dtype auto resolves
     to: float32 within 1e-4 (as always); bfloat16 within `bounds.TRAIN_BFLOAT16` (checkpointed
-    layers run the concatenated forward, not the shared-prefix one, and round differently)."""
+    layers run the concatenated forward, not the shared-prefix one, and round differently);
+    with the pooled head, its numbers too (bfloat16: `bounds.TRAIN_BFLOAT16_HEAD`)."""
     plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
-    assert main(train_args(demo_train, tiny_model_dir, plain, "--epochs", "1")) == 0
-    argv = train_args(demo_train, tiny_model_dir, ckpt, "--epochs", "1", "--gradient-checkpointing")
+    flags = ("--epochs", "1", "--head", head)
+    assert main(train_args(demo_train, tiny_model_dir, plain, *flags)) == 0
+    argv = train_args(demo_train, tiny_model_dir, ckpt, *flags, "--gradient-checkpointing")
     assert main(argv) == 0
-    bound = train_bounds(auto_dtype, float32_prompt=1e-4)
-    a, b = prompt_of(plain), prompt_of(ckpt)
-    assert (a - b).abs().max() <= bound.prompt, ((a - b).abs().max(), bound)
+    bound = train_bounds(auto_dtype, float32_prompt=1e-4, head=head != "none")
+    assert len(trained_tensors(plain)) == (1 if head == "none" else 6)
+    assert_same_tensors(plain, ckpt, bound)
     for ra, rb in zip(records(plain), records(ckpt), strict=True):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=max(bound.loss, 1e-4))
     config = json.loads((ckpt / "train_config.json").read_text())
