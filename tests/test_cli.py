@@ -435,7 +435,7 @@ def test_eval_prints_metrics(run_dir, demo_test, tmp_path, capsys):
     assert set(m["per_class"]) == set(LABELS)
     assert m["confusion_matrix"]["labels"] == LABELS
     assert sum(map(sum, m["confusion_matrix"]["matrix"])) == n_rows == m["n"]
-    assert m["invalid"] == 0 and m["method"] == "label_scoring"
+    assert m["invalid"] == 0 and m["method"] == "label_scoring" and m["head"] == "none"
     assert 0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1
     assert json.loads(out_json.read_text()) == m
 

@@ -359,7 +359,7 @@ def test_train_with_a_head_then_eval_predict_and_refuse_generation(
     record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert record[-1]["train_loss"] < record[0]["train_loss"] * 1.5
     m = json.loads(_cli("eval", str(out), "--data", str(demo_test), "--no-progress"))
-    assert m["n"] == 80 and m["invalid"] == 0
+    assert m["n"] == 80 and m["invalid"] == 0 and m["method"] == "head" and m["head"] == head
     rows = [json.loads(x) for x in _cli("predict", str(out), "my parcel is late", "--no-progress").splitlines()]  # fmt: skip
     assert abs(sum(v for k, v in rows[0].items() if k.startswith("p(")) - 1) < 1e-4
     capsys.readouterr()

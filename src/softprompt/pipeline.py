@@ -179,7 +179,10 @@ class SoftPrompt:
                 )
             ]
         m = metrics(gold, pred, self.task.label_names)
-        m["method"] = "generation" if generate else "label_scoring"
+        head = self.predictor.describe()["head"]
+        # how the labels were read: written out, scored through the label words, or a head's
+        m["method"] = "generation" if generate else "label_scoring" if head == "none" else "head"
+        m["head"] = head
         if not generate:
             m["calibrated"] = bool(calibrated and self.bias is not None)
         return m
