@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from fast import generate
 from softprompt.cli import main
-from softprompt.data import Task, collate_left, collate_train, encode_rows
+from softprompt.data import collate_left, collate_train, encode_rows
 from softprompt.engine import Engine
 from softprompt.errors import SoftpromptError
 from softprompt.forward.kv import prompt_kv
@@ -32,7 +32,7 @@ from test_cli import train_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-from test_model import LABELS, TEXTS  # noqa: E402 - the same four tweets
+from test_model import LABELS, TEXTS, tweet_task  # noqa: E402 - the same four tweets
 
 # Tolerances (bfloat16 keeps 8 bits of mantissa: ~0.4% per rounding), each 2.5-4x the largest
 # error seen on the tiny models: loss 2.7e-4 relative, gradient 0.84% of its largest entry
@@ -62,15 +62,6 @@ def pair(tiny):
     return f32, bf16, tok
 
 
-def _task(suffix: int = 0) -> Task:
-    return Task(
-        text_column="Tweet text",
-        label_names=["complaint", "no complaint"],
-        max_length=48,
-        suffix_tokens=suffix,
-    )
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
@@ -78,7 +69,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("suffix", [0, 3])
 def test_bf16_fast_loss_and_gradient_match_float32_reference(pair, suffix):
     f32, bf16, tok = pair
-    b = collate_train(encode_rows(tok, _task(suffix), TEXTS, LABELS), tok.pad_token_id)
+    b = collate_train(encode_rows(tok, tweet_task(suffix), TEXTS, LABELS), tok.pad_token_id)
     prompt = init_prompt(f32, tok, 5 + suffix, "random", seed=3).requires_grad_(True)
     ref = reference_loss(f32, prompt, **b)
     (g_ref,) = torch.autograd.grad(ref, prompt)
@@ -101,7 +92,7 @@ def test_bf16_fast_loss_and_gradient_match_float32_reference(pair, suffix):
 @torch.no_grad()
 def test_bf16_label_scoring_matches_float32(pair):
     f32, bf16, tok = pair
-    task = _task()
+    task = tweet_task()
     prompt = init_prompt(f32, tok, 5, "random", seed=3)
     probs, names = {}, {}
     for key, model in (("f32", f32), ("bf16", bf16)):

@@ -31,6 +31,7 @@ from softprompt.readouts.head import (
     rows_features,
 )
 from test_cli import train_args
+from test_model import tweet_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,15 +43,6 @@ TEXTS = [
 ]
 LABELS = ["complaint", "no complaint", "complaint", "no complaint"]
 LAYER = 1  # the tiny models have 2 layers; a pooled head never reads the last (normed) one
-
-
-def _task(suffix: int = 0) -> Task:
-    return Task(
-        text_column="Tweet text",
-        label_names=["complaint", "no complaint"],
-        max_length=48,
-        suffix_tokens=suffix,
-    )
 
 
 def _heads(H: int, seed: int = 0) -> tuple[ClassifierHead, ClassifierHead]:
@@ -110,7 +102,7 @@ CASES = [("prompt", 0), ("prompt", 3), ("prefix", 0)]
 @pytest.mark.parametrize("kind,suffix", CASES)
 def test_training_features_equal_a_plain_forward_packed_and_padded(tiny, kind, suffix):
     model, tok = tiny
-    task = _task(suffix)
+    task = tweet_task(suffix)
     prompt = _prompt(model, tok, kind, suffix)
     rows = encode_rows(tok, task, TEXTS, LABELS)
     head_ids = tok(task.head())["input_ids"]
@@ -125,7 +117,7 @@ def test_training_features_equal_a_plain_forward_packed_and_padded(tiny, kind, s
 @pytest.mark.parametrize("kind,suffix", CASES)
 def test_engine_answers_as_the_reference_and_mixed_batches_as_alone(tiny, kind, suffix):
     model, tok = tiny
-    task = _task(suffix)
+    task = tweet_task(suffix)
     prompt = _prompt(model, tok, kind, suffix)
     ref = _reference(model, prompt, task, tok, kind)
     engine = Engine(model, tok)
@@ -153,7 +145,7 @@ def test_a_pooled_only_batch_stops_after_its_layer(tiny):
     from softprompt.modeling.load import decoder_layers
 
     model, tok = tiny
-    task = _task()
+    task = tweet_task()
     prompt = _prompt(model, tok, "prompt")
     pooled, _ = _heads(model.get_input_embeddings().weight.shape[1])
     engine = Engine(model, tok)
@@ -223,7 +215,7 @@ def _save(tmp_path, model, tok, kind, head, suffix=0, name="a"):
     else:
         conf = peft_config(model, prompt[: prompt.shape[0] - suffix], base_model=None,
                            init="random", init_text=None, tokenizer_name=None)  # fmt: skip
-    return prompt, save_adapter(tmp_path / name, prompt, conf, _task(suffix), head=head)
+    return prompt, save_adapter(tmp_path / name, prompt, conf, tweet_task(suffix), head=head)
 
 
 @pytest.mark.parametrize("kind", ["pooled", "linear"])
@@ -257,7 +249,7 @@ def test_peft_loads_our_seq_cls_prompt_adapter_with_equal_probabilities(tiny, tm
     theirs = []
     for t in TEXTS:  # one text at a time: PEFT reads the last position
         with torch.no_grad():
-            theirs.append(torch.softmax(pm(**tok(_task().render(t), return_tensors="pt")).logits[0], -1))  # fmt: skip
+            theirs.append(torch.softmax(pm(**tok(tweet_task().render(t), return_tensors="pt")).logits[0], -1))  # fmt: skip
     assert torch.allclose(ours, torch.stack(theirs), atol=1e-5)
 
 
@@ -298,10 +290,10 @@ def test_we_load_a_peft_trained_seq_cls_adapter_as_peft_scores(tiny, tmp_path):
     theirs = []
     for t in TEXTS:
         with torch.no_grad():
-            theirs.append(torch.softmax(pm(**tok(_task().render(t), return_tensors="pt")).logits[0], -1))  # fmt: skip
+            theirs.append(torch.softmax(pm(**tok(tweet_task().render(t), return_tensors="pt")).logits[0], -1))  # fmt: skip
     adapter = load_adapter(tmp_path / "peft")
     assert adapter.task is None and adapter.head.kind == "linear"
-    adapter.task = _task()  # PEFT saves no label names: --labels gives them
+    adapter.task = tweet_task()  # PEFT saves no label names: --labels gives them
     engine = Engine(model, tok)
     ours = engine.classify(engine.predictor([adapter]), TEXTS)
     assert torch.allclose(ours, torch.stack(theirs), atol=1e-5)
@@ -323,7 +315,7 @@ def test_a_head_for_another_width_or_label_count_is_refused_in_one_line(tiny, tm
     pooled, _ = _heads(H + 8)
     prompt = _prompt(model, tok, "prompt")
     conf = peft_config(model, prompt, base_model=None, init="random", init_text=None, tokenizer_name=None)  # fmt: skip
-    save_adapter(tmp_path / "wide", prompt, conf, _task(), head=pooled)
+    save_adapter(tmp_path / "wide", prompt, conf, tweet_task(), head=pooled)
     engine = Engine(model, tok)
     with pytest.raises(SoftpromptError) as e:
         engine.predictor([load_adapter(tmp_path / "wide")])

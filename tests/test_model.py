@@ -24,10 +24,18 @@ TEXTS = [
 LABELS = ["complaint", "no complaint", "complaint", "no complaint"]
 
 
-def _batch(tokenizer, max_length=48):
-    task = Task(
-        text_column="Tweet text", label_names=["complaint", "no complaint"], max_length=max_length
+def tweet_task(suffix: int = 0, max_length: int = 48) -> Task:
+    """The tests' complaints task on the tiny models (the guide's template, two labels)."""
+    return Task(
+        text_column="Tweet text",
+        label_names=["complaint", "no complaint"],
+        max_length=max_length,
+        suffix_tokens=suffix,
     )
+
+
+def _batch(tokenizer, max_length=48):
+    task = tweet_task(max_length=max_length)
     rows = encode_rows(tokenizer, task, TEXTS, LABELS)
     assert len({len(r) for r in rows}) > 1, "rows of different lengths in one batch"
     return task, collate_train(rows, tokenizer.pad_token_id)

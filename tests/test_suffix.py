@@ -32,18 +32,9 @@ from softprompt.pipeline import SoftPrompt
 from softprompt.prompt import init_prompt
 from softprompt.readouts.words import label_loss
 from test_cli import train_args
-from test_model import LABELS, TEXTS, _close
+from test_model import LABELS, TEXTS, _close, tweet_task
 
 P, S = 3, 2
-
-
-def _task(max_length=48) -> Task:
-    return Task(
-        text_column="Tweet text",
-        label_names=["complaint", "no complaint"],
-        max_length=max_length,
-        suffix_tokens=S,
-    )
 
 
 def _by_hand(model, prompt: torch.Tensor, ids: list[int]) -> torch.Tensor:
@@ -60,7 +51,7 @@ def _logits(model, embeds: torch.Tensor) -> torch.Tensor:
 
 
 def test_placeholders_sit_between_the_text_and_the_rest_of_the_template(tokenizer):
-    task = _task()
+    task = tweet_task(S)
     ids = input_token_ids(tokenizer, task, "thanks!", 40)
     head = tokenizer("Tweet text : thanks!")["input_ids"]
     tail = tokenizer(" Label : ", add_special_tokens=False)["input_ids"]
@@ -77,7 +68,7 @@ def test_placeholders_sit_between_the_text_and_the_rest_of_the_template(tokenize
 @pytest.mark.parametrize("shared_prefix", [True, False], ids=["packed", "concatenated"])
 def test_loss_and_gradient_equal_the_hand_built_forward(tiny, shared_prefix):
     model, tok = tiny
-    rows = encode_rows(tok, _task(), TEXTS, LABELS)
+    rows = encode_rows(tok, tweet_task(S), TEXTS, LABELS)
     b = collate_train(rows, tok.pad_token_id)
     prompt = init_prompt(model, tok, P + S, "random", seed=4).requires_grad_(True)
     fast = label_loss(model, prompt, **b, shared_prefix=shared_prefix)
@@ -100,7 +91,7 @@ def test_loss_and_gradient_equal_the_hand_built_forward(tiny, shared_prefix):
 @torch.no_grad()
 def test_label_scores_equal_the_hand_built_forward(tiny):
     model, tok = tiny
-    task = _task()
+    task = tweet_task(S)
     prompt = init_prompt(model, tok, P + S, "vocab", seed=1)
     budget = input_budget(tok, task)
     seqs = [input_token_ids(tok, task, t, budget) for t in TEXTS]
@@ -122,7 +113,7 @@ def test_label_scores_equal_the_hand_built_forward(tiny):
 @torch.no_grad()
 def test_an_ensemble_of_suffix_prompts_is_the_mean_of_its_members(tiny):
     model, tok = tiny
-    task = _task()
+    task = tweet_task(S)
     members = [init_prompt(model, tok, P + S, "vocab", seed=s) for s in (1, 2, 3)]
     mixed = label_probabilities(model, tok, torch.stack(members), task, TEXTS)
     alone = torch.stack([label_probabilities(model, tok, m, task, TEXTS) for m in members])
@@ -132,7 +123,7 @@ def test_an_ensemble_of_suffix_prompts_is_the_mean_of_its_members(tiny):
 @torch.no_grad()
 def test_cached_generation_equals_greedy_on_the_hand_built_forward(tiny):
     model, tok = tiny
-    task = _task()
+    task = tweet_task(S)
     prompt = init_prompt(model, tok, P + S, "vocab", seed=2)
     got = generate_texts(model, tok, prompt, task, TEXTS, max_new_tokens=5)
     budget = input_budget(tok, task)
@@ -152,7 +143,7 @@ def test_adapter_keeps_the_front_in_peft_format_and_the_suffix_beside_it(tiny, t
     model, tok = tiny
     prompt = init_prompt(model, tok, P + S, "random", seed=5)
     conf = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": P + S}
-    folder = save_adapter(tmp_path / "a", prompt, conf, _task())
+    folder = save_adapter(tmp_path / "a", prompt, conf, tweet_task(S))
     peft_file = load_file(str(folder / "adapter_model.safetensors"))["prompt_embeddings"]
     assert torch.equal(peft_file, prompt[:P])
     assert json.loads((folder / "adapter_config.json").read_text())["num_virtual_tokens"] == P
@@ -163,7 +154,7 @@ def test_adapter_keeps_the_front_in_peft_format_and_the_suffix_beside_it(tiny, t
     save_adapter(folder, prompt[:P], plain, Task(text_column="t", label_names=["a", "b"]))
     assert not (folder / SUFFIX_NAME).exists() and load_adapter(folder).prompt.shape[0] == P
     # the suffix file missing while softprompt.json announces it: a clear error
-    save_adapter(folder, prompt, conf, _task())
+    save_adapter(folder, prompt, conf, tweet_task(S))
     (folder / SUFFIX_NAME).unlink()
     with pytest.raises(SoftpromptError, match="softprompt_suffix.safetensors is missing"):
         load_adapter(folder)
@@ -180,7 +171,7 @@ def test_peft_refuses_a_suffix_adapter_instead_of_loading_half_of_it(tiny, tmp_p
     model, tok = tiny
     prompt = init_prompt(model, tok, P + S, "random", seed=5)
     conf = peft_config(model, prompt[:P], base_model=None, init="random", init_text=None, tokenizer_name=None)  # fmt: skip
-    folder = save_adapter(tmp_path / "a", prompt, conf, _task())
+    folder = save_adapter(tmp_path / "a", prompt, conf, tweet_task(S))
     assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == SUFFIX_PEFT_TYPE
     with pytest.raises(KeyError, match=SUFFIX_PEFT_TYPE):
         PeftModel.from_pretrained(copy.deepcopy(model), str(folder))
