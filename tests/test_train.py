@@ -24,16 +24,12 @@ from softprompt.errors import SoftpromptError
 from softprompt.modeling.load import dtype_name, pick_device
 from softprompt.modeling.sharding import set_gradient_checkpointing
 from softprompt.readouts.words import label_loss
-from test_cli import cli_error, train_args
+from test_cli import cli_error, prompt_of, train_args
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def prompt_of(folder: Path) -> torch.Tensor:
-    return load_file(str(folder / "adapter_model.safetensors"))["prompt_embeddings"]
 
 
 def trained_tensors(folder: Path) -> dict[str, torch.Tensor]:
