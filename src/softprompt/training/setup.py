@@ -180,7 +180,8 @@ def setup(cfg, task, model, tokenizer, model_name, out, procs, train_part, eval_
     if packed:
         note_path(model)  # one line when the model cannot run packed rows (the loss falls back)
     # before sharding: a pooled head starts as a probe on the whole model's features
-    head = make_head(cfg, model, tokenizer, task, prompt, train_rows, packed, say)
+    head_ids = list(tokenizer(task.head())["input_ids"])  # where a pooled head's part begins
+    head = make_head(cfg, model, tokenizer, task, prompt, train_rows, head_ids, packed, say)
     if procs.fsdp:  # after the prompt's init, which reads the whole embedding table
         held, all_weights = shard_model(model, device)
         say(
@@ -236,11 +237,13 @@ def setup(cfg, task, model, tokenizer, model_name, out, procs, train_part, eval_
         adapter_conf=adapter_conf,
         base_record=base_record,
         packed=packed,
-        head_ids=list(tokenizer(task.head())["input_ids"]),
+        head_ids=head_ids,
     )
 
 
-def make_head(cfg, model, tokenizer, task, prompt, rows, packed, say) -> ClassifierHead | None:
+def make_head(
+    cfg, model, tokenizer, task, prompt, rows, head_ids, packed, say
+) -> ClassifierHead | None:
     """The classification head `--head` asks for, on the model's device: linear starts from the
     label words' rows of the LM head; pooled from a linear probe on the training rows' features
     with the starting prompt (the same in every process: every row, one seeded fit)."""
@@ -254,7 +257,6 @@ def make_head(cfg, model, tokenizer, task, prompt, rows, packed, say) -> Classif
     K = len(task.label_names)
     n = len(layers)
     probe = ClassifierHead("pooled", torch.zeros(K, H), None, torch.zeros(n, H), torch.ones(n, H), layers)  # fmt: skip
-    head_ids = list(tokenizer(task.head())["input_ids"])
     kind = "prefix" if cfg.method == "prefix" else "prompt"
     feats = []
     with torch.no_grad():
