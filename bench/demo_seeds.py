@@ -7,12 +7,12 @@ them: `native` is this machine's choice, `default` forces torch's plain (non-vec
 kernels through ATEN_CPU_CAPABILITY (any value torch accepts there may be given). Thread counts
 are not enough: on one AVX2 machine 1 and 2 threads gave bit-identical losses and gradients.
 
-For each (rounding, seed): `softprompt train` with the demo's training flags (one prompt) on
+For each (rounding, seed): `softprompt train` with the demo's training flags (one prompt and head) on
 the demo tweets, then `predict` the held-out demo tweets and the two example tweets. Prints one
 JSON line per run, then mean ± std of macro-F1 per rounding and over all runs, and in how many
 runs both examples were labelled right; then the same for the ensembles `train --seeds K --seed
 s` makes (seeds s .. s+K-1, consecutive in `--seeds`), from the members' probabilities (an
-ensemble's are their mean). By hand (about 8 minutes a run on one core):
+ensemble's are their mean). By hand (2-4 minutes a run on one core):
 
     . .venv/bin/activate
     python bench/demo_seeds.py --seeds 1 2 3 4 5 --roundings native default --ensemble 3
