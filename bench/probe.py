@@ -39,7 +39,14 @@ from softprompt import Task, load_base  # noqa: E402
 
 def read(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
     with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        missing = [c for c in (text_column, label_column) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise SystemExit(
+                f"{path}: no column {missing} (columns: {reader.fieldnames}); "
+                "pass --text-column / --label-column"
+            )
+        rows = list(reader)
     return [r[text_column] for r in rows], [r[label_column] for r in rows]
 
 
@@ -84,10 +91,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer, _ = load_base(args.model, dtype="float32")
     data = Path(args.data_dir)
     train_t, train_y = read(data / "train.csv", args.text_column, args.label_column)
     dev_t, dev_y = read(data / "dev.csv", args.text_column, args.label_column)
+    model, tokenizer, _ = load_base(args.model, dtype="float32")
     labels = sorted(set(train_y), key=lambda y: (y.startswith("no "), y))
     task = Task(text_column=args.text_column, label_names=labels)
     base = model.get_decoder()
