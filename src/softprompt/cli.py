@@ -206,15 +206,29 @@ def _load(cfg: EvalConfig | PredictConfig):
     )
 
 
-def _check_output(path: str | None, overwrite: bool) -> None:
+def _check_output(path: str | None, overwrite: bool, flag: str = "--output") -> None:
     if path is None:
         return
     if Path(path).suffix.lower() not in (".csv", ".jsonl", ".json"):
-        raise SoftpromptError(f"--output {path}: use a .csv or .jsonl file name")
+        raise SoftpromptError(f"{flag} {path}: use a .csv or .jsonl file name")
     if Path(path).exists() and not overwrite:
         raise SoftpromptError(
-            f"--output {path} already exists; pass --overwrite to replace it, or choose another name"
+            f"{flag} {path} already exists; pass --overwrite to replace it, or choose another name"
         )
+
+
+def _decoding(cfg: EvalConfig | PredictConfig) -> dict:
+    """The generation options of eval and predict, checked."""
+    if cfg.num_beams < 1:
+        raise SoftpromptError(f"--num-beams must be at least 1 (got {cfg.num_beams})")
+    if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
+        raise SoftpromptError(f"--max-new-tokens must be at least 1 (got {cfg.max_new_tokens})")
+    return dict(
+        max_new_tokens=cfg.max_new_tokens,
+        num_beams=cfg.num_beams,
+        length_penalty=cfg.length_penalty,
+        stop=cfg.stop,
+    )
 
 
 def cmd_eval(cfg: EvalConfig) -> int:
@@ -222,23 +236,34 @@ def cmd_eval(cfg: EvalConfig) -> int:
     from .files import atomic_write_json
 
     _check_output(cfg.output, cfg.overwrite)
+    _check_output(cfg.outputs, cfg.overwrite, flag="--outputs")
+    decoding = _decoding(cfg)
     sp = _load(cfg)
-    sp._need_labels()
+    if not sp.task.generates:
+        sp._need_labels()
     label_col = cfg.label_column or sp.task.label_column or "label"
     table = load_table(cfg.data, sp.task.text_column, label_col, subset=cfg.subset, split=cfg.split)
-    check_labels(table, sp.task.label_names, "--data")
+    if not sp.task.generates:
+        check_labels(table, sp.task.label_names, "--data")
+    rows: list[dict] = []
     m = sp.evaluate(
         table.texts,
         table.labels,
         generate=cfg.generate,
-        max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,
         progress=cfg.progress,
         calibrated=cfg.calibration,
+        outputs=rows if cfg.outputs else None,
+        **decoding,
     )
     print(json.dumps(m, indent=2))
     if cfg.output:
         atomic_write_json(Path(cfg.output), m)
+    if cfg.outputs:
+        if Path(cfg.outputs).suffix.lower() == ".csv":  # a cell holds one text
+            rows = [{k: " ||| ".join(v) if isinstance(v, list) else v for k, v in r.items()} for r in rows]  # fmt: skip
+        _write_rows(Path(cfg.outputs), rows)
+        print(f"wrote {len(rows)} outputs to {cfg.outputs}", file=sys.stderr)
     return 0
 
 
@@ -256,10 +281,9 @@ def cmd_predict(cfg: PredictConfig) -> int:
             cfg.data, column, None, subset=cfg.subset, split=cfg.split, need_labels=False
         ).texts
     progress = cfg.progress and len(texts) > cfg.batch_size
-    if cfg.generate:
-        outs = sp.generate(
-            texts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=progress
-        )
+    decoding = _decoding(cfg)
+    if cfg.generate or sp.task.generates:
+        outs = sp.generate(texts, batch_size=cfg.batch_size, progress=progress, **decoding)
         rows = [{"text": t, "generated": o} for t, o in zip(texts, outs, strict=True)]
     else:
         preds = sp.classify(

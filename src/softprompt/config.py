@@ -6,6 +6,7 @@ No torch here: the command line parses settings before anything heavy is importe
 from __future__ import annotations
 
 import math
+import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from functools import cache
@@ -36,12 +37,24 @@ Head = Literal["none", "linear", "pooled"]
 (a trained layer on mean-pooled middle layers; softprompt's own)."""
 HEADS = get_args(Head)
 
+TaskKind = Literal["classification", "generation"]
+"""`--task` choices: a closed label set (each row's label is one of a few names), or free text
+(each row's target is text of its own, written out by generation)."""
+TASK_KINDS = get_args(TaskKind)
+
+SelectBy = Literal["loss", "bleu", "rouge_l", "chrf", "exact_match"]
+"""`--select-by` choices (generation): the eval loss, or a score of the greedy outputs."""
+
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 """`--report-to` choices (comma-separated for several)."""
 
 GUIDE_INIT_TEXT = "Classify if the tweet is a complaint or not:"
 """The PEFT guide's init text, for its complaints task (`--preset guide`)."""
 
+MAX_LENGTH = {"classification": 64, "generation": 256}
+"""--max-length by task kind when none is given."""
+EPOCHS_FOR_GENERATION = 10
+"""--epochs for --task generation when none is given (docs/generation.md)."""
 SUFFIX_TOKENS_WITH_WORDS = 32
 """--suffix-tokens when label words read the answer and none is given (docs/accuracy.md)."""
 EPOCHS_WITH_WORDS = 15
@@ -64,7 +77,11 @@ class TrainConfig:
     text_column: str = "text"
     """Column with the input text (--text-column)."""
     label_column: str = "label"
-    """Column with the label (--label-column)."""
+    """Column with the label, or with --task generation the target text (--label-column)."""
+    task: TaskKind = "classification"
+    """classification: the label column holds a few label names; generation: it holds free
+    text (a description, an answer, a rewrite) that the prompt learns to write after the input;
+    rows with the same input are its several references (--task)."""
     model: str | None = None
     """Base model: Hub id, local folder, or None for the built-in SmolLM2-135M-Instruct (--model)."""
     subset: str | None = None
@@ -80,8 +97,9 @@ class TrainConfig:
     not given; 0 (default): every row trains and the last epoch's prompt is kept."""
     template: str = DEFAULT_TEMPLATE
     """Input template with {text} and {text_column} (--template)."""
-    max_length: int = 64
-    """Maximum tokens of input + label; the text is cut to fit, never the label (--max-length)."""
+    max_length: int | None = None
+    """Maximum tokens of input + label (or target); the text is cut to fit, never the label
+    (--max-length). Default: 64 for classification, 256 for generation."""
     num_virtual_tokens: int = 8
     """Length of the soft prompt (--num-virtual-tokens)."""
     method: Method = "prompt"
@@ -101,8 +119,8 @@ class TrainConfig:
     Default: 32 with --head none and --method prompt, else 0 (a classification head reads the
     text itself; a deep prompt takes none). Such adapters load in softprompt only (PEFT refuses
     them); 0 gives a plain PEFT prompt-tuning adapter."""
-    head: Head = "pooled"
-    """How the label is read: pooled (a classification head on the text's states averaged over
+    head: Head | None = None
+    """How the label is read (default: pooled; none with --task generation): pooled (a classification head on the text's states averaged over
     a band of middle layers, started from a linear probe: the recommended readout,
     docs/accuracy.md), linear (a head on the final layer's state at the last token, started from
     the label words' rows of the LM head: PEFT's SEQ_CLS form), or none (label words, scored
@@ -135,6 +153,11 @@ class TrainConfig:
     (--balance / --no-balance)."""
     seed: int = 42
     """Seed for prompt init, hold-out split and data order (--seed)."""
+    select_by: SelectBy = "loss"
+    """Which epoch's prompt the run keeps, with evaluation rows: with --task generation the
+    lowest eval loss (loss) or the highest score of its greedy outputs (bleu, rouge_l, chrf,
+    exact_match: every epoch writes the eval inputs out, which costs a decoding pass);
+    classification keeps the best eval macro-F1 (--select-by)."""
     eval_batch_size: int = 32
     """Rows per batch when evaluating (--eval-batch-size)."""
     dtype: Dtype = "auto"
@@ -188,13 +211,14 @@ class TrainConfig:
             p.append(f"--num-virtual-tokens must be at least 1 (got {self.num_virtual_tokens})")
         if self.suffix_tokens is not None and self.suffix_tokens < 0:
             p.append(f"--suffix-tokens must be 0 or more (got {self.suffix_tokens})")
-        if self.max_length < 4:
+        if self.max_length is not None and self.max_length < 4:
             p.append(f"--max-length must be at least 4 (got {self.max_length})")
         for name, choices in choice_fields(type(self)).items():
             value = getattr(self, name)
             if value not in choices:
                 flag = "--" + name.replace("_", "-")
-                p.append(f"{flag} must be one of {', '.join(choices)} (got {value!r})")
+                named = ", ".join(str(c) for c in choices if c is not None)
+                p.append(f"{flag} must be one of {named} (got {value!r})")
         if self.method == "prefix":
             if self.suffix_tokens:
                 p.append(
@@ -215,6 +239,16 @@ class TrainConfig:
                 p.append("--init-from is for --method prefix")
             if self.prefix_projection:
                 p.append("--prefix-projection is for --method prefix")
+        if self.task == "generation" and self.head not in (None, "none"):
+            p.append(
+                f"--head {self.head} reads a label from a closed set; --task generation writes "
+                "text through the LM head: drop --head (or pass --head none)"
+            )
+        if self.select_by != "loss" and self.task != "generation":
+            p.append(
+                f"--select-by {self.select_by} scores generated text: it is for --task "
+                "generation (classification keeps the best eval macro-F1)"
+            )
         if not (self.head_lr > 0 and math.isfinite(self.head_lr)):
             p.append(f"--head-lr must be a positive number (got {self.head_lr})")
         if self.save_steps < 0:
@@ -231,13 +265,19 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """These settings with the defaults that depend on others filled in (`suffix_tokens`,
         `epochs`, by what reads the label); what a run records in train_config.json."""
-        words = self.head == "none"
-        filled = {}
+        gen = self.task == "generation"
+        head = self.head or ("none" if gen else "pooled")
+        words = head == "none"
+        filled = {} if head == self.head else {"head": head}
+        if self.max_length is None:
+            filled["max_length"] = MAX_LENGTH[self.task]
         if self.suffix_tokens is None:
-            with_words = words and self.method == "prompt"
+            with_words = words and self.method == "prompt" and not gen
             filled["suffix_tokens"] = SUFFIX_TOKENS_WITH_WORDS if with_words else 0
         if self.epochs is None:
-            filled["epochs"] = EPOCHS_WITH_WORDS if words else EPOCHS_WITH_HEAD
+            filled["epochs"] = (
+                EPOCHS_FOR_GENERATION if gen else EPOCHS_WITH_WORDS if words else EPOCHS_WITH_HEAD
+            )
         return replace(self, **filled) if filled else self
 
     def validate(self) -> None:
@@ -284,9 +324,17 @@ def choice_fields(cls) -> dict[str, tuple]:
     """{field: its choices} for a dataclass's Literal fields (the parser checks flags against
     them; `problems` checks a config built in Python)."""
     hints = typing.get_type_hints(cls)
-    return {
-        f.name: get_args(hints[f.name]) for f in fields(cls) if get_origin(hints[f.name]) is Literal
-    }
+    out = {}
+    for f in fields(cls):
+        hint = hints[f.name]
+        if get_origin(hint) is Literal:
+            out[f.name] = get_args(hint)
+        elif get_origin(hint) in (typing.Union, types.UnionType):  # an optional Literal
+            args = get_args(hint)
+            lits = [a for a in args if get_origin(a) is Literal]
+            if lits and type(None) in args:
+                out[f.name] = (*get_args(lits[0]), None)
+    return out
 
 
 def template_problems(template: str) -> list[str]:

@@ -41,7 +41,18 @@ class Task:
     suffix_tokens: int = 0
     """Soft tokens placed right after `{text}` (`--suffix-tokens`): the last of the prompt's
     vectors, which run after the text instead of before it (see `suffix_placeholders`)."""
+    kind: str = "classification"
+    """classification (a closed set of `label_names`) or generation (free-text targets, no
+    label names) (`--task`)."""
+    max_new_tokens: int | None = None
+    """Generation: the most new tokens written per input by default (the longest training
+    target's tokens, end token included, with some room)."""
     extra: dict = field(default_factory=dict)
+
+    @property
+    def generates(self) -> bool:
+        """Whether the task writes free text (`--task generation`)."""
+        return self.kind == "generation"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,6 +68,8 @@ class Task:
                 "template",
                 "max_length",
                 "suffix_tokens",
+                "kind",
+                "max_new_tokens",
             )
             if k in d
         }
@@ -288,6 +301,58 @@ def encode_rows(
     return out
 
 
+def target_token_ids(tokenizer, target: str) -> list[int]:
+    """A generation target's tokens: the text's own, then the end token (as a label's)."""
+    return label_token_ids(tokenizer, target)
+
+
+@dataclass
+class Cuts:
+    """What encoding generation rows had to cut to fit --max-length (never dropped)."""
+
+    inputs: int = 0
+    """Rows whose input text was cut."""
+    targets: int = 0
+    """Rows whose target was cut (its end token kept)."""
+    longest: int = 0
+    """The longest row's tokens before any cut (input + target + end token)."""
+
+
+def encode_targets(
+    tokenizer, task: Task, texts: Sequence[str], targets: Sequence[str]
+) -> tuple[list[Encoded], Cuts]:
+    """Tokenise generation rows: the rendered input, then the target's tokens and the end
+    token (the loss is on those). A row longer than task.max_length loses the end of its input
+    text first, down to half of max_length, then the end of its target (keeping the end token);
+    `Cuts` counts both, so that the caller can say so."""
+    out, cuts = [], Cuts()
+    empty = len(_rendered_ids(tokenizer, task, ""))
+    for text, target in zip(texts, targets, strict=True):
+        lab = target_token_ids(tokenizer, target)
+        full = _rendered_ids(tokenizer, task, text)
+        n_in = len(full) - task.suffix_tokens
+        cuts.longest = max(cuts.longest, n_in + len(lab))
+        if n_in + len(lab) <= task.max_length:
+            out.append(Encoded(full, lab))
+            continue
+        # the input keeps what the target leaves, but at least half of max_length
+        in_budget = max(task.max_length - len(lab), min(n_in, task.max_length // 2), empty)
+        ids = input_token_ids(tokenizer, task, text, in_budget)
+        if len(ids) < len(full):
+            cuts.inputs += 1
+        room = task.max_length - (len(ids) - task.suffix_tokens)
+        if len(lab) > room:
+            if room < 2:
+                raise SoftpromptError(
+                    f"--max-length {task.max_length} leaves no room for a target after the "
+                    "template; raise --max-length"
+                )
+            lab = lab[: room - 1] + lab[-1:]
+            cuts.targets += 1
+        out.append(Encoded(ids, lab))
+    return out, cuts
+
+
 def collate_train(rows: Sequence[Encoded], pad_id: int) -> dict[str, Tensor]:
     """Right-pad rows to the batch's longest: input_ids, attention_mask, labels, each [B, T].
 
@@ -394,3 +459,41 @@ def common_prefix_length(seqs: Sequence[Sequence[int]], head: Sequence[int], kee
         if n <= 0:
             return 0
     return max(n, 0)
+
+
+def group_references(
+    texts: Sequence[str], targets: Sequence[str]
+) -> tuple[list[str], list[list[str]]]:
+    """Generation rows grouped by input: (each distinct input, first-seen order; its targets,
+    the references a generated text is scored against)."""
+    refs: dict[str, list[str]] = {}
+    for t, y in zip(texts, targets, strict=True):
+        refs.setdefault(t, []).append(y)
+    return list(refs), list(refs.values())
+
+
+def grouped_split(texts: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded (train_idx, eval_idx), each sorted, holding out about `fraction` of the distinct
+    inputs with all their rows (so no reference of a held-out input trains)."""
+    if fraction <= 0:
+        return list(range(len(texts))), []
+    inputs = list(dict.fromkeys(texts))
+    rng = random.Random(seed)
+    rng.shuffle(inputs)
+    n_held = min(max(1, round(len(inputs) * fraction)), len(inputs) - 1)
+    held = set(inputs[:n_held])
+    keep = [i for i, t in enumerate(texts) if t not in held]
+    out = [i for i, t in enumerate(texts) if t in held]
+    return keep, out
+
+
+def looks_like_free_text(labels: Sequence[str]) -> bool:
+    """Whether a label column looks like free text rather than a closed label set: at least 10
+    distinct values, and one for every two rows or fewer."""
+    distinct = len(set(labels))
+    return distinct >= 10 and distinct * 2 >= len(labels)
+
+
+def empty_texts(table: Table) -> list[int]:
+    """Rows whose input text is empty (or only spaces)."""
+    return [i for i, t in enumerate(table.texts) if not t.strip()]

@@ -43,7 +43,14 @@ from .predictors import (
     need_generation,
     need_labels,
 )
-from .readouts.generation import Decoding, choose_tokens, decode_next, merge_decoding, prefill
+from .readouts.generation import (
+    Decoding,
+    beam_search,
+    choose_tokens,
+    decode_next,
+    merge_decoding,
+    prefill,
+)
 from .readouts.head import ClassifierHead, RowFeatures, head_starts, needs, row_features
 from .readouts.words import (
     full_label_scores,
@@ -127,24 +134,55 @@ class Engine:
         predictor: Predictor,
         texts: Sequence[str],
         *,
-        max_new_tokens: int = 6,
+        max_new_tokens: int | None = None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        stop: Sequence[str] = (),
         batch_size: int = 16,
         progress: bool = False,
     ) -> list[str]:
-        """Greedy free generation after each templated text, as in the PEFT guide."""
+        """Each templated text written on: greedy (num_beams 1) or beam search, up to
+        max_new_tokens (default: a generation task's own, else 6, as the PEFT guide), ending at
+        the end token or before the first stop string."""
         need_generation(predictor)
-        task = predictor.task
-        budget = task.max_length - 1 if not task.label_names else predictor.budget
+        if num_beams < 1:
+            raise SoftpromptError(f"--num-beams must be at least 1 (got {num_beams})")
+        if max_new_tokens is None:
+            max_new_tokens = predictor.task.max_new_tokens or 6
+        stops = [x for x in stop if x]
         rows = [
-            GenerateRow(predictor, input_token_ids(self.tokenizer, task, t, budget), max_new_tokens)
+            GenerateRow(predictor, self.encode_generation(predictor, t), max_new_tokens)
             for t in texts
         ]
+        if stops and num_beams == 1:
+            for r in rows:
+                r.on_token = _stop_check(self.tokenizer, stops)
         out = [""] * len(rows)
-        batches = _length_sorted_batches([len(r.ids) for r in rows], batch_size)
+        per_batch = max(1, batch_size // num_beams)
+        batches = _length_sorted_batches([len(r.ids) for r in rows], per_batch)
         for idx in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
-            for i, (toks, _) in zip(idx, self.complete([rows[i] for i in idx]), strict=True):
-                out[i] = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+            part = [rows[i] for i in idx]
+            if num_beams == 1:
+                toks = [t for t, _ in self.complete(part)]
+            else:
+                started = self.begin(part)
+                found = beam_search(
+                    self.model, started, num_beams, max_new_tokens,
+                    self.tokenizer.eos_token_id, length_penalty,
+                )  # fmt: skip
+                by_row = {id(r): t for r, t in zip(started.rows, found, strict=True)}
+                toks = [by_row[id(r)] for r in part]
+            for i, t in zip(idx, toks, strict=True):
+                out[i] = cut_at_stop(self.tokenizer.decode(t, skip_special_tokens=True), stops).strip()  # fmt: skip
         return out
+
+    def encode_generation(self, predictor: Predictor, text: str) -> list[int]:
+        """A text to write on: rendered with the predictor's template, cut to its max_length
+        (a classification task's: its label budget). Every door that generates after the
+        template uses it (`predict`, `eval`, a generation adapter's completions and chat)."""
+        task = predictor.task
+        budget = task.max_length - 1 if not task.label_names else predictor.budget
+        return input_token_ids(self.tokenizer, task, text, budget)
 
     def run(self, rows: Sequence[ClassifyRow | GenerateRow | PromptLogprobRow]) -> list:
         """A server batch: each classify row's probabilities (list of floats, its labels'
@@ -392,6 +430,24 @@ def _row_logits(head: ClassifierHead, feats: RowFeatures, b: int) -> Tensor:
         {i: x[b : b + 1] for i, x in feats.pooled.items()},
     )
     return head(one)[0]
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """The text before the first of the stop strings (all of it when none occurs)."""
+    found = [i for i in (text.find(x) for x in stops if x) if i >= 0]
+    return text[: min(found)] if found else text
+
+
+def _stop_check(tokenizer, stops: Sequence[str]):
+    """A GenerateRow.on_token that ends the row once its text holds a stop string."""
+    ids: list[int] = []
+
+    def on_token(token: int, logits: Tensor) -> bool:
+        ids.append(token)
+        text = tokenizer.decode(ids[-64:], skip_special_tokens=True)
+        return any(x in text for x in stops)
+
+    return on_token
 
 
 def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

@@ -55,3 +55,63 @@ def metrics(gold: Sequence[str], pred: Sequence[str], label_names: Sequence[str]
         "invalid": invalid,
         "n": n,
     }
+
+
+BLEU_SETTINGS = {"lowercase": True, "tokenize": "13a"}
+"""sacrebleu's BLEU as the E2E challenge scores (its official script, to 4 decimals): lowercased,
+13a tokenisation, every reference of an input."""
+
+
+def generation_metrics(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
+    """Generated texts against each input's references (one or several):
+
+    - bleu: corpus BLEU by sacrebleu (`BLEU_SETTINGS`), all references of each input;
+    - chrf: corpus chrF by sacrebleu, all references;
+    - rouge_l: ROUGE-L F1 by rouge-score (Porter stemmer), the best reference per input, mean;
+    - exact_match: the share of outputs equal to one of their references, compared lowercased
+      with runs of white space as one space.
+
+    BLEU, chrF and ROUGE-L on a 0-100 scale, exact_match 0-1. With several references per input,
+    BLEU is far above the one-reference figure for the same outputs: compare like with like."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    preds = [str(p) for p in predictions]
+    refs = [[str(r) for r in rs] for rs in references]
+    if len(preds) != len(refs):
+        raise ValueError(f"generation_metrics: {len(preds)} outputs but {len(refs)} inputs' references")  # fmt: skip
+    if any(not rs for rs in refs):
+        raise ValueError("generation_metrics: an input has no reference")
+    n = len(preds)
+    if n == 0:
+        return {"bleu": 0.0, "chrf": 0.0, "rouge_l": 0.0, "exact_match": 0.0, "n": 0, "references": 0, "settings": _settings()}  # fmt: skip
+    k = max(len(rs) for rs in refs)
+    # sacrebleu takes reference streams; an input with fewer references has None in the rest
+    streams = [[rs[j] if j < len(rs) else None for rs in refs] for j in range(k)]
+    bleu = sacrebleu.BLEU(**BLEU_SETTINGS).corpus_score(preds, streams)
+    chrf = sacrebleu.CHRF().corpus_score(preds, streams)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = sum(scorer.score_multi(rs, p)["rougeL"].fmeasure for p, rs in zip(preds, refs, strict=True))  # fmt: skip
+
+    def norm(s: str) -> str:
+        return " ".join(s.lower().split())
+
+    exact = sum(norm(p) in {norm(r) for r in rs} for p, rs in zip(preds, refs, strict=True))
+    return {
+        "bleu": float(bleu.score),
+        "chrf": float(chrf.score),
+        "rouge_l": 100.0 * rouge / n,
+        "exact_match": exact / n,
+        "n": n,
+        "references": sum(len(rs) for rs in refs),
+        "settings": _settings(),
+    }
+
+
+def _settings() -> dict:
+    return {
+        "bleu": "sacrebleu BLEU, lowercased, 13a tokenisation, all references of each input",
+        "chrf": "sacrebleu chrF (character 6-grams, beta 2), all references",
+        "rouge_l": "rouge-score ROUGE-L F1 with the Porter stemmer, best reference per input, mean",
+        "exact_match": "output equal to a reference, lowercased, white space collapsed",
+    }

@@ -9,11 +9,11 @@ from dataclasses import replace
 import torch
 
 from .adapters import Adapter
-from .data import Task
+from .data import Task, group_references
 from .engine import Engine
 from .ensembles import load_members
 from .errors import SoftpromptError
-from .metrics import metrics
+from .metrics import generation_metrics, metrics
 from .modeling.load import load_base
 from .predictors import Predictor, make_predictor, need_labels
 
@@ -137,11 +137,16 @@ class SoftPrompt:
         self,
         texts: Sequence[str],
         *,
-        max_new_tokens: int = 6,
+        max_new_tokens: int | None = None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        stop: Sequence[str] = (),
         batch_size: int = 16,
         progress: bool = False,
     ) -> list[str]:
-        """Free generation after each text (greedy), as in the PEFT guide."""
+        """Each text rendered with the template and written on: greedy, or beam search with
+        `num_beams`; up to `max_new_tokens` (default: a generation adapter's own, else 6, as in
+        the PEFT guide), ending at the end token or before the first of `stop`."""
         if self.ensemble_size > 1:
             raise SoftpromptError(
                 "generation uses one prompt; drop --ensemble (ensembles work with label scoring)"
@@ -150,6 +155,9 @@ class SoftPrompt:
             self.predictor,
             texts,
             max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            stop=stop,
             batch_size=batch_size,
             progress=progress,
         )
@@ -160,16 +168,52 @@ class SoftPrompt:
         gold: Sequence[str],
         *,
         generate: bool = False,
-        max_new_tokens: int = 6,
+        max_new_tokens: int | None = None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        stop: Sequence[str] = (),
         batch_size: int = 32,
         progress: bool = False,
         calibrated: bool = True,
+        outputs: list | None = None,
     ) -> dict:
-        """accuracy, macro_f1, per_class, confusion_matrix (and invalid outputs for generation)."""
+        """Classification: accuracy, macro_f1, per_class, confusion_matrix (and invalid outputs
+        with `generate`). A generation adapter: rows with the same text are one input and
+        their golds its references; each input is written out once (`generate`'s options) and
+        scored by `metrics.generation_metrics` (bleu, chrf, rouge_l, exact_match). `outputs`, a
+        list, receives one {text, output, references} per input."""
+        if self.task.generates:
+            inputs, refs = group_references(texts, gold)
+            pred = self.generate(
+                inputs,
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                length_penalty=length_penalty,
+                stop=stop,
+                batch_size=batch_size,
+                progress=progress,
+            )
+            if outputs is not None:
+                outputs += [
+                    {"text": t, "output": o, "references": r}
+                    for t, o, r in zip(inputs, pred, refs, strict=True)
+                ]
+            m = generation_metrics(pred, refs)
+            m["decoding"] = {
+                "num_beams": num_beams,
+                "length_penalty": length_penalty,
+                "max_new_tokens": max_new_tokens or self.task.max_new_tokens,
+                "stop": list(stop),
+            }
+            return m
         self._need_labels()
         if generate:
             pred = self.generate(
-                texts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+                texts,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                progress=progress,
+                stop=stop,
             )
         else:
             pred = [
@@ -178,6 +222,8 @@ class SoftPrompt:
                     texts, batch_size=batch_size, progress=progress, calibrated=calibrated
                 )
             ]
+        if outputs is not None:
+            outputs += [{"text": t, "output": o, "gold": g} for t, o, g in zip(texts, pred, gold, strict=True)]  # fmt: skip
         m = metrics(gold, pred, self.task.label_names)
         head = self.predictor.describe()["head"]
         # how the labels were read: written out, scored through the label words, or a head's

@@ -91,6 +91,7 @@ class Predictor:
         """What /v1/models and the CLI say about it."""
         heads = {m.head.kind if m.head is not None else "none" for m in self.members}
         return {
+            "task": self.task.kind,
             "labels": list(self.task.label_names),
             "head": heads.pop() if len(heads) == 1 else sorted(heads),
             "can_generate": self.can_generate,
@@ -99,6 +100,7 @@ class Predictor:
             "method": self.members[0].kind,
             "template": self.task.template,
             "max_length": self.task.max_length,
+            "max_new_tokens": self.task.max_new_tokens,
             "base_model": self.base_model,
             "calibration_bias": self.bias,
             "ensemble": [m.path for m in self.members] if self.is_ensemble else None,
@@ -117,6 +119,12 @@ def need_generation(predictor: Predictor) -> None:
 
 def need_labels(predictor: Predictor) -> None:
     """Label scoring needs label names; a plain PEFT adapter has none of its own."""
+    if predictor.task.generates:
+        raise SoftpromptError(
+            f"{predictor.name} is a generation adapter (--task generation): it writes text "
+            "rather than choosing a label; use predict (it generates), eval (it scores the "
+            "outputs with BLEU, ROUGE-L, chrF and exact match) or /v1/completions"
+        )
     if not predictor.task.label_names:
         raise SoftpromptError(
             f"{predictor.name} has no label names (a plain PEFT adapter); pass them with "

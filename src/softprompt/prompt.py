@@ -14,9 +14,12 @@ from .errors import SoftpromptError
 from .readouts.head import ClassifierHead
 
 
-def task_init_text(label_names: Sequence[str]) -> str:
+def task_init_text(label_names: Sequence[str], generation: tuple[str, str] | None = None) -> str:
     """The default `--init-text`, built from the task's own labels so that no task starts from
-    another's instruction: "Classify the text as complaint or no complaint:"."""
+    another's instruction: "Classify the text as complaint or no complaint:"; for a generation
+    task (`generation`: its input and target columns) "Given the mr, write the ref:"."""
+    if generation is not None:
+        return f"Given the {generation[0]}, write the {generation[1]}:"
     names = [str(n) for n in label_names]
     if not names:
         return "Classify the text:"

@@ -34,9 +34,18 @@ class AdapterConfig:
     batch_size: int = 32
     """Texts per batch (--batch-size)."""
     generate: bool = False
-    """Free generation instead of label scoring (--generate)."""
-    max_new_tokens: int = 6
-    """Most new tokens per text with --generate (--max-new-tokens)."""
+    """Free generation instead of label scoring (--generate); a generation adapter (--task
+    generation) always generates."""
+    max_new_tokens: int | None = None
+    """Most new tokens per text when generating; default: a generation adapter's own (its
+    longest training target and some room), else 6 (--max-new-tokens)."""
+    num_beams: int = 1
+    """Beam search with this many beams when generating; 1: greedy (--num-beams)."""
+    length_penalty: float = 1.0
+    """Beam search: a finished text scores its log-probability over its length to this power;
+    above 1 favours longer texts (--length-penalty)."""
+    stop: list[str] = field(default_factory=list)
+    """A string that ends a generated text there (repeatable, --stop)."""
     ensemble: list[str] = field(default_factory=list)
     """Another adapter for the same task (repeatable): label probabilities are the mean of all
     prompts' (--ensemble)."""
@@ -65,7 +74,11 @@ class EvalConfig(AdapterConfig):
     data: str = required(default="")
     """Labeled data: a file or a Hub dataset id (--data)."""
     label_column: str | None = None
-    """Column with the gold label (default: the training one) (--label-column)."""
+    """Column with the gold label, or a generation adapter's reference text (default: the
+    training one) (--label-column)."""
+    outputs: str | None = None
+    """Also write every row's output (and its gold label or references) to this .csv or
+    .jsonl file (--outputs)."""
 
 
 @dataclass

@@ -127,3 +127,79 @@ def choose_tokens(logits: Tensor, temperature: float, top_p: float, generator=No
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def beam_search(
+    model,
+    start: Decoding,
+    num_beams: int,
+    max_new_tokens: int,
+    eos: int | None,
+    length_penalty: float = 1.0,
+) -> list[list[int]]:
+    """Beam search from prefilled rows (`start`: what `Engine.begin` returns, each row's first
+    token's logits computed): each row's best sequence of new tokens (without the end token).
+
+    As transformers' beam search with early_stopping=False: each step keeps the num_beams best
+    of the 2 x num_beams best continuations that do not end; one that ends (the end token, among
+    the num_beams best) is a finished hypothesis scored by its summed log-probability over its
+    length (new tokens, the end token included) ** length_penalty; a row is done when it has
+    num_beams of them and no running beam can score better, or at max_new_tokens, where its
+    running beams join the finished ones. The rows' keys/values are repeated per beam; the
+    prompt's part of them is shared by every beam as it is by every row."""
+    B, K = len(start.rows), num_beams
+    device = start.logits.device
+    kv = tuple((k.repeat_interleave(K, 0), v.repeat_interleave(K, 0)) for k, v in start.kv)
+    mask = start.mask.repeat_interleave(K, 0)
+    logits = start.logits.repeat_interleave(K, 0)
+    scores = torch.full((B, K), -1e9, device=device)
+    scores[:, 0] = 0.0  # the K copies of a row start as one beam
+    beams: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    active = list(range(B))  # rows still searching, in the order of the batch's rows
+    for step in range(max_new_tokens):
+        A = len(active)
+        logp = torch.log_softmax(logits.float(), -1)  # [A*K, V]
+        V = logp.shape[-1]
+        cand = (scores[active].reshape(-1, 1) + logp).view(A, K * V)
+        top_s, top_i = cand.topk(2 * K, -1)
+        top_s, top_b, top_t = top_s.tolist(), (top_i // V).tolist(), (top_i % V).tolist()
+        keep_rows, sel, toks = [], [], []
+        for a, b in enumerate(active):
+            new = []
+            for rank in range(2 * K):
+                s, bi, t = top_s[a][rank], top_b[a][rank], top_t[a][rank]
+                if eos is not None and t == eos:
+                    if rank < K:
+                        finished[b].append((s / (step + 1) ** length_penalty, beams[b][bi]))
+                    continue
+                new.append((s, bi, t))
+                if len(new) == K:
+                    break
+            last = step == max_new_tokens - 1
+            best_alive = new[0][0] / (step + 1) ** length_penalty if new else -float("inf")
+            full = len(finished[b]) >= K
+            if full:
+                finished[b] = sorted(finished[b], key=lambda x: -x[0])[:K]
+            if last or (full and finished[b][-1][0] >= best_alive):
+                if last:
+                    finished[b] += [(s / (step + 1) ** length_penalty, beams[b][bi] + [t]) for s, bi, t in new]  # fmt: skip
+                continue
+            scores[b] = torch.tensor([s for s, _, _ in new], device=device)
+            beams[b] = [beams[b][bi] + [t] for _, bi, t in new]
+            keep_rows.append(b)
+            sel += [a * K + bi for _, bi, _ in new]
+            toks += [t for _, _, t in new]
+        active = keep_rows
+        if not active:
+            break
+        at = torch.tensor(sel, device=device)
+        kv = tuple((k[at], v[at]) for k, v in kv)
+        mask = mask[at]
+        logits, kv, mask = decode_next(model, kv, mask, torch.tensor(toks, device=device))
+    out = []
+    for b in range(B):
+        hyps = finished[b] or [(0.0, beams[b][0])]
+        out.append(max(hyps, key=lambda x: x[0])[1])
+    return out

@@ -90,9 +90,15 @@ def model_card(
     )
     parts = [
         card_what(conf)
-        + f" for `{hub or base}`, trained with softprompt. It classifies `{task.text_column}` into: "
-        + ", ".join(f"`{n}`" for n in task.label_names)
-        + ".",
+        + f" for `{hub or base}`, trained with softprompt. "
+        + (
+            f"It writes `{task.label_column}` for `{task.text_column}` (free text, "
+            f"up to {task.max_new_tokens} new tokens by default)."
+            if task.generates
+            else f"It classifies `{task.text_column}` into: "
+            + ", ".join(f"`{n}`" for n in task.label_names)
+            + "."
+        ),
         f"Template: `{task.template}`; max length {task.max_length} tokens.",
     ]
     if task.suffix_tokens:
@@ -122,6 +128,14 @@ def model_card(
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}"))
 
 
+PLOTTED = (
+    ("eval_accuracy", "eval accuracy"),
+    ("eval_macro_f1", "eval macro-F1"),
+    ("eval_bleu", "eval BLEU / 100"),
+    ("eval_rouge_l", "eval ROUGE-L"),
+)
+
+
 def plot_history(out: Path, history: list[dict]) -> None:
     """loss.png: train/eval loss and eval accuracy / macro-F1 per epoch (needs the plot extra)."""
     try:
@@ -140,9 +154,11 @@ def plot_history(out: Path, history: list[dict]) -> None:
     axes[0].plot(epochs, [r["train_loss"] for r in history], label="train loss")
     if "eval_loss" in history[0]:
         axes[0].plot(epochs, [r["eval_loss"] for r in history], label="eval loss")
-        axes[1].plot(epochs, [r["eval_accuracy"] for r in history], label="eval accuracy")
-        axes[1].plot(epochs, [r["eval_macro_f1"] for r in history], label="eval macro-F1")
-        axes[1].set_ylim(0, 1)
+        shown = [(k, n) for k, n in PLOTTED if k in history[0]]
+        for key, name in shown:
+            axes[1].plot(epochs, [r[key] / (100 if "bleu" in key or "chrf" in key else 1) for r in history], label=name)  # fmt: skip
+        if shown:
+            axes[1].set_ylim(0, 1)
     axes[0].set_yscale("log")
     for ax, title in zip(axes, ("loss", "eval metrics"), strict=True):
         ax.set_xlabel("epoch")

@@ -20,6 +20,8 @@ def evaluate(run: Run, prompt: torch.Tensor, head=None) -> dict:
     accuracy and macro-F1 (the inference engine's answers, raw). Each process takes every
     world-th row; the sums and predictions are gathered, so any process count gives the same."""
     procs, task = run.procs, run.task
+    if task.generates:
+        return generation_loss(run, prompt)
     mine = list(range(procs.rank, len(run.eval_rows), procs.world))
     engine = Engine(run.model, run.tokenizer, kv_cache_bytes=0)
     predictor = predictor_for_prompt(
@@ -59,3 +61,40 @@ def evaluate(run: Run, prompt: torch.Tensor, head=None) -> dict:
         "eval_accuracy": m["accuracy"],
         "eval_macro_f1": m["macro_f1"],
     }
+
+
+def generation_loss(run: Run, prompt: torch.Tensor) -> dict:
+    """A generation task's eval loss (mean over its target tokens) and perplexity, split over
+    the processes and summed."""
+    procs = run.procs
+    mine = list(range(procs.rank, len(run.eval_rows), procs.world))
+    steps = math.ceil(len(run.eval_rows) / procs.world) if procs.fsdp else len(mine)
+    sums = torch.zeros(2, dtype=torch.float64, device=prompt.device)
+    size = run.cfg.eval_batch_size
+    with torch.no_grad():
+        if procs.fsdp:
+            gather_root(run.model)
+        for s in range(0, steps, size):
+            idx = mine[s : s + size] or [0]
+            rows = [run.eval_rows[j] for j in idx]
+            loss = batch_loss(run, prompt, rows, head=None)
+            if mine[s : s + size]:
+                sums[0] += loss.double()
+                sums[1] += loss_units(run, rows)
+    loss = (procs.sum(sums)[0] / sums[1]).item()
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
+
+
+def generation_scores(run: Run, prompt: torch.Tensor, progress: bool = False) -> dict:
+    """The held-out inputs written out greedily with `prompt` (the engine, as `eval` does) and
+    scored against all their references (`metrics.generation_metrics`): eval_bleu, eval_rouge_l,
+    eval_chrf, eval_exact_match. Main process only."""
+    from ..data import group_references
+    from ..metrics import generation_metrics
+
+    engine = Engine(run.model, run.tokenizer, kv_cache_bytes=0)
+    predictor = predictor_for_prompt(run.model, run.tokenizer, prompt, run.task, kind=run.kind)
+    inputs, refs = group_references(run.eval_texts, run.eval_labels)
+    outs = engine.generate(predictor, inputs, batch_size=run.cfg.eval_batch_size, progress=progress)
+    m = generation_metrics(outs, refs)
+    return {f"eval_{k}": m[k] for k in ("bleu", "rouge_l", "chrf", "exact_match")}

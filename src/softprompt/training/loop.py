@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..adapters import load_adapter, save_adapter
+from ..adapters import TASK_NAME, load_adapter, save_adapter
 from ..config import TrainConfig
 from ..data import Table, batch_order
 from ..errors import SoftpromptError
+from ..files import atomic_write_json
 from ..log import ensure_visible, logger
 from ..modeling.load import (
     check_model,
@@ -45,7 +46,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .distributed import start_processes
-from .evaluation import evaluate
+from .evaluation import evaluate, generation_scores
 from .setup import IN_MEMORY, Run, atomic_write_config, load_data, setup
 from .step import optimizer_step, train_step
 from .trackers import make_tracker
@@ -132,6 +133,8 @@ def train(
     if procs.main:
         plot_history(out, state.history)
     best = procs.from_main(lambda: load_adapter(out))
+    if procs.main and task.generates and run.eval_rows:
+        score_generation(run, state, best.prompt.to(run.device), cfg.progress)
     return TrainResult(
         out, best.prompt, state.history, state.best, main_process=procs.main, head=best.head
     )
@@ -221,9 +224,11 @@ def end_epoch(run: Run, state: TrainState, seconds: float) -> dict:
     }
     if run.eval_rows:
         record.update(evaluate(run, state.prompt.detach(), state.head))
+        if run.task.generates and cfg.select_by != "loss":
+            record.update(generation_scores(run, state.prompt.detach()))
     state.history.append(record)
     (logger.info if run.procs.main else _silent)(_format_record(record))
-    is_best = state.best is None or _better(record, state.best)
+    is_best = state.best is None or _better(record, state.best, cfg.select_by)
     if is_best:
         state.best = record
         run.task.extra["metrics"] = _shown(record)
@@ -279,17 +284,38 @@ def _silent(*args, **kwargs) -> None:
     pass
 
 
-def _better(new: dict, old: dict) -> bool:
-    if "eval_macro_f1" not in new:
+def _better(new: dict, old: dict, select_by: str = "loss") -> bool:
+    if "eval_loss" not in new:
         return True  # no eval set: the last prompt is the best we know
-    return (new["eval_macro_f1"], -new["eval_loss"]) > (old["eval_macro_f1"], -old["eval_loss"])
+    if "eval_macro_f1" in new:  # classification
+        return (new["eval_macro_f1"], -new["eval_loss"]) > (old["eval_macro_f1"], -old["eval_loss"])  # fmt: skip
+    key = f"eval_{select_by}"
+    if key in new:  # generation, by a score of its outputs
+        return (new[key], -new["eval_loss"]) > (old[key], -old["eval_loss"])
+    return new["eval_loss"] < old["eval_loss"]
+
+
+SHOWN = ("eval_loss", "eval_ppl", "eval_accuracy", "eval_macro_f1", "eval_bleu", "eval_rouge_l",
+         "eval_chrf", "eval_exact_match")  # fmt: skip
 
 
 def _format_record(r: dict) -> str:
     s = f"epoch {r['epoch']}: train_loss={r['train_loss']:.4f} train_ppl={r['train_ppl']:.3f}"
-    if "eval_loss" in r:
-        s += (
-            f" eval_loss={r['eval_loss']:.4f} eval_ppl={r['eval_ppl']:.3f}"
-            f" eval_accuracy={r['eval_accuracy']:.3f} eval_macro_f1={r['eval_macro_f1']:.3f}"
-        )
+    for k in SHOWN:
+        if k in r:
+            s += f" {k}={r[k]:.4f}" if k in ("eval_loss", "eval_ppl") else f" {k}={r[k]:.3f}"
     return s + f" ({r['epoch_seconds']:.1f}s)"
+
+
+def score_generation(run: Run, state: TrainState, best: torch.Tensor, progress: bool) -> None:
+    """--task generation with evaluation rows: the kept prompt's greedy outputs scored (unless
+    the epochs already did), said, added to the best record and its softprompt.json."""
+    if "eval_bleu" not in state.best:
+        state.best = {**state.best, **generation_scores(run, best, progress)}
+    run.task.extra["metrics"] = _shown(state.best)
+    atomic_write_json(run.out / TASK_NAME, run.task.to_dict())
+    logger.info(
+        "kept epoch %d, its greedy outputs on %d eval inputs: %s",
+        state.best["epoch"], len(set(run.eval_texts)),
+        " ".join(f"{k}={state.best[k]:.3f}" for k in SHOWN[4:]),
+    )  # fmt: skip

@@ -13,19 +13,25 @@ import torch
 from ..adapters import check_fits, load_adapter
 from ..config import TrainConfig
 from ..data import (
+    Cuts,
     Encoded,
     Table,
     Task,
     check_labels,
+    empty_texts,
     encode_rows,
+    encode_targets,
+    grouped_split,
     label_set,
     load_table,
+    looks_like_free_text,
     stratified_split,
 )
 from ..errors import SoftpromptError
 from ..files import atomic_write_json
 from ..forward.kv import prefix_dims
 from ..forward.layout import note_path
+from ..log import logger
 from ..modeling.load import count_parameters, decoder_layers, format_trainable
 from ..modeling.sharding import set_gradient_checkpointing, shard_model
 from ..peft_format import peft_config, prefix_config
@@ -88,7 +94,19 @@ def load_data(cfg: TrainConfig, data, eval_data) -> tuple[Task, tuple, tuple]:
         table = load_table(
             cfg.data, cfg.text_column, cfg.label_column, subset=cfg.subset, split=cfg.split
         )
+    _check_texts(table, cfg, "--data")
+    if cfg.task == "generation":
+        return _generation_data(cfg, table, eval_data)
     names = label_set(table)
+    if looks_like_free_text(table.labels):
+        said = (
+            f"--data {table.source}: column {cfg.label_column!r} has {len(names)} distinct "
+            f"values in {len(table.labels)} rows: it looks like free text, not a label set; "
+            "pass --task generation to train a prompt that writes it"
+        )
+        if len(names) > MAX_LABELS:
+            raise SoftpromptError(said + f" (classification takes at most {MAX_LABELS} labels)")
+        logger.warning(said + " (training it as %d labels)", len(names))
     if len(names) < 2:
         raise SoftpromptError(
             f"--data {cfg.data}: column {cfg.label_column!r} has only {names}; need at least 2 labels"
@@ -123,6 +141,58 @@ def load_data(cfg: TrainConfig, data, eval_data) -> tuple[Task, tuple, tuple]:
     return task, train_part, eval_part
 
 
+MAX_LABELS = 100
+"""The most distinct labels a classification run takes (more: free text, --task generation)."""
+
+
+def _check_texts(table: Table, cfg: TrainConfig, flag: str) -> None:
+    """An empty input text is refused when every row's is, else said once."""
+    empty = empty_texts(table)
+    if not empty:
+        return
+    where = f"{flag} {table.source}: column {cfg.text_column!r} (--text-column)"
+    if len(empty) == len(table.texts):
+        raise SoftpromptError(f"{where} is empty in every row; name the input column")
+    rows = ", ".join(str(i) for i in empty[:5])
+    logger.warning(
+        "%s is empty in %d of %d rows (rows %s); they train on the template alone: fill or drop them",
+        where, len(empty), len(table.texts), rows,
+    )  # fmt: skip
+
+
+def _generation_data(cfg: TrainConfig, table: Table, eval_data) -> tuple[Task, tuple, tuple]:
+    """--task generation: every (input, target) row trains; evaluation rows come from
+    --eval-data, or --eval-fraction of the distinct inputs is held out with all their rows."""
+    if eval_data is not None or cfg.eval_data:
+        if eval_data is not None:
+            held = _as_table(eval_data, cfg, "eval_data")
+        else:
+            held = load_table(
+                cfg.eval_data,
+                cfg.text_column,
+                cfg.label_column,
+                subset=cfg.subset,
+                split=cfg.eval_split,
+                flag="--eval-data",
+            )
+        _check_texts(held, cfg, "--eval-data")
+        train_part, eval_part = (table.texts, table.labels), (held.texts, held.labels)
+    else:
+        keep, out = grouped_split(table.texts, cfg.eval_fraction, cfg.seed)
+        train_part = ([table.texts[i] for i in keep], [table.labels[i] for i in keep])
+        eval_part = ([table.texts[i] for i in out], [table.labels[i] for i in out])
+    task = Task(
+        text_column=cfg.text_column,
+        label_names=[],
+        label_column=cfg.label_column,
+        template=cfg.template,
+        max_length=cfg.max_length,
+        suffix_tokens=cfg.suffix_tokens,
+        kind="generation",
+    )
+    return task, train_part, eval_part
+
+
 def _as_table(rows, cfg: TrainConfig, name: str) -> Table:
     """Rows given to `train` as a Table (as it is) or as dicts with the text and label columns."""
     if isinstance(rows, Table):
@@ -147,9 +217,21 @@ def setup(cfg, task, model, tokenizer, model_name, out, procs, train_part, eval_
     if cfg.gradient_checkpointing:
         set_gradient_checkpointing(model)
     device = procs.device if procs.fsdp else model.get_input_embeddings().weight.device
-    train_rows = encode_rows(tokenizer, task, *train_part)
-    eval_rows = encode_rows(tokenizer, task, *eval_part) if eval_part[0] else []
-    init_text = cfg.init_text or task_init_text(task.label_names)
+    if task.generates:
+        train_rows, cuts = encode_targets(tokenizer, task, *train_part)
+        _say_cuts(cuts, len(train_rows), task, "--data", procs.main)
+        eval_rows, cuts = encode_targets(tokenizer, task, *eval_part)
+        if eval_rows:
+            _say_cuts(cuts, len(eval_rows), task, "--eval-data", procs.main)
+        longest = max(len(r.label_ids) for r in train_rows)
+        task.max_new_tokens = longest + max(8, longest // 4)  # room for a longer answer
+    else:
+        train_rows = encode_rows(tokenizer, task, *train_part)
+        eval_rows = encode_rows(tokenizer, task, *eval_part) if eval_part[0] else []
+    init_text = cfg.init_text or task_init_text(
+        task.label_names,
+        generation=(task.text_column, task.label_column) if task.generates else None,
+    )
     if cfg.method == "prefix":  # [P, layers*2*heads*d]: keys/values in every layer
         if cfg.init_from:
             prompt = _init_from(cfg, model, tokenizer, say).to(device)
@@ -227,7 +309,7 @@ def setup(cfg, task, model, tokenizer, model_name, out, procs, train_part, eval_
         procs=procs,
         device=device,
         train_rows=train_rows,
-        row_weight=row_weights(train_part[1], cfg.balance),
+        row_weight=row_weights(train_part[1], cfg.balance and not task.generates),
         eval_rows=eval_rows,
         eval_texts=list(eval_part[0]),
         eval_labels=list(eval_part[1]),
@@ -239,6 +321,23 @@ def setup(cfg, task, model, tokenizer, model_name, out, procs, train_part, eval_
         packed=packed,
         head_ids=head_ids,
     )
+
+
+def _say_cuts(cuts: Cuts, n: int, task: Task, flag: str, main: bool) -> None:
+    """A warning (main process) when generation rows had to be cut to fit --max-length."""
+    if not (cuts.inputs or cuts.targets):
+        return
+    what = []
+    if cuts.targets:
+        what.append(f"{cuts.targets} target(s) cut at the end")
+    if cuts.inputs:
+        what.append(f"{cuts.inputs} input text(s) cut at the end")
+    if main:
+        logger.warning(
+            "%s: %s of %d rows to fit --max-length %d (the longest row is %d tokens); "
+            "raise --max-length to keep them whole",
+            flag, " and ".join(what), n, task.max_length, cuts.longest,
+        )  # fmt: skip
 
 
 def make_head(
