@@ -33,8 +33,13 @@ def peft_config(
     init_text: str | None,
     tokenizer_name: str | None,
 ) -> dict:
-    """adapter_config.json contents with PEFT's PromptTuningConfig fields."""
+    """adapter_config.json contents with PEFT's PromptTuningConfig fields. A text init with no
+    tokenizer name (a model passed in without one) is recorded as RANDOM: PEFT refuses to load
+    a TEXT init without a tokenizer, and the init plays no part once the prompt is saved."""
     from .prompt import PEFT_INIT_NAMES
+
+    if init == "text" and not tokenizer_name:
+        init = "random"
 
     cfg = model.config
     try:

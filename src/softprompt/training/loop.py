@@ -290,7 +290,7 @@ def _better(new: dict, old: dict, select_by: str = "loss") -> bool:
     if "eval_macro_f1" in new:  # classification
         return (new["eval_macro_f1"], -new["eval_loss"]) > (old["eval_macro_f1"], -old["eval_loss"])  # fmt: skip
     key = f"eval_{select_by}"
-    if key in new:  # generation, by a score of its outputs
+    if select_by != "loss" and key in new:  # generation, by a score of its outputs
         return (new[key], -new["eval_loss"]) > (old[key], -old["eval_loss"])
     return new["eval_loss"] < old["eval_loss"]
 
