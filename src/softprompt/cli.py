@@ -178,7 +178,8 @@ def cmd_cv(args: argparse.Namespace) -> int:
             raise SoftpromptError(f"--{flag.replace('_', '-')} cannot be used with `softprompt cv`")
     cfg = _train_config(args)
     r = cross_validate(cfg, args.folds, retrain=args.retrain)
-    where = f"; final run (calibrated) in {r.final.out}" if r.final else ""
+    how = " (calibrated)" if r.bias else ""
+    where = f"; final run{how} in {r.final.out}" if r.final else ""
     print(f"cross-validation report in {r.out / 'cv.json'}: best epoch {r.best_epoch}{where}")
     return 0
 

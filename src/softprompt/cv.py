@@ -5,6 +5,10 @@ decision bias, chosen from out-of-fold predictions instead of a fixed recipe.
     out/folds/<i>/        fold i's run (trained on the other folds, evaluated on fold i)
     out/final/            (unless --no-retrain) a run on all rows for the chosen number of
                           epochs, with the fitted bias in softprompt.json; use it like any run
+
+With --task generation the folds are by input (all the references of one input text in one
+fold), the epoch is chosen by the folds' mean held-out loss (or, with --select-by a metric, by
+the score of the pooled out-of-fold greedy outputs), and no bias is fitted.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ import torch
 from .adapters import TASK_NAME
 from .calibrate import apply_bias, fit_bias
 from .config import TrainConfig
-from .data import Table, label_set, load_table, stratified_folds
+from .data import Table, group_references, label_set, load_table, stratified_folds
 from .engine import Engine
 from .errors import SoftpromptError
 from .files import atomic_write_json
 from .log import ensure_visible, logger
-from .metrics import metrics
+from .metrics import generation_metrics, metrics
 from .modeling.load import dtype_line, load_base
 from .predictors import predictor_for_prompt
 from .training import Callback, TrainResult, prepare_run_folder, train
@@ -35,8 +39,11 @@ class CVResult:
     out: Path
     best_epoch: int
     bias: list[float]
+    """The fitted decision bias ([] for --task generation: no labels, no bias)."""
     epochs: list[dict]
-    """Per epoch: out-of-fold accuracy, macro-F1, log-loss; mean and spread of fold macro-F1."""
+    """Per epoch: out-of-fold accuracy, macro-F1, log-loss; mean and spread of fold macro-F1.
+    --task generation: the folds' held-out loss (mean, spread, each fold's) and, with
+    --select-by a metric, the pooled out-of-fold outputs' scores."""
     final: TrainResult | None
 
 
@@ -55,12 +62,34 @@ class _OutOfFold(Callback):
         self.oof[state.epoch - 1, self.held] = self.engine.classify(predictor, self.texts)
 
 
+class _HeldOutGeneration(Callback):
+    """After each epoch of a generation fold's run: its held-out loss (the run's own eval_loss)
+    into loss[epoch - 1][fold] and, given `outputs`, the held-out inputs written out greedily
+    with that epoch's prompt (as training's evaluation does) into outputs[epoch - 1][input]."""
+
+    def __init__(self, engine: Engine, fold: int, loss: list, outputs: list | None):
+        self.engine, self.fold, self.loss, self.outputs = engine, fold, loss, outputs
+
+    def on_epoch(self, run, state, record) -> None:
+        self.loss[state.epoch - 1][self.fold] = record["eval_loss"]
+        if self.outputs is None:
+            return
+        predictor = predictor_for_prompt(
+            run.model, run.tokenizer, state.prompt.detach(), run.task, kind=run.kind
+        )
+        inputs = list(dict.fromkeys(run.eval_texts))
+        outs = self.engine.generate(predictor, inputs, batch_size=run.cfg.eval_batch_size)
+        self.outputs[state.epoch - 1].update(zip(inputs, outs, strict=True))
+
+
 def cross_validate(
     cfg: TrainConfig, folds: int = 5, *, retrain: bool = True, model=None, tokenizer=None
 ) -> CVResult:
     """Train `folds` runs as `cfg` says, each holding out one stratified fold; score every held-out
     row after every epoch; pick the epoch with the best pooled out-of-fold macro-F1, fit the bias
-    on those predictions, then (retrain) train on all rows for that many epochs."""
+    on those predictions, then (retrain) train on all rows for that many epochs.
+    cfg.task == "generation": folds by input, the epoch by held-out loss or --select-by's score,
+    no bias (`_cross_validate_generation`)."""
     cfg = cfg.resolved()
     cfg.validate()
     ensure_visible()
@@ -71,6 +100,8 @@ def cross_validate(
     table = load_table(
         cfg.data, cfg.text_column, cfg.label_column, subset=cfg.subset, split=cfg.split
     )
+    if cfg.task == "generation":
+        return _cross_validate_generation(cfg, table, folds, retrain, model, tokenizer)
     names = label_set(table)
     counts = {n: table.labels.count(n) for n in names}
     if folds < 2 or folds > min(counts.values()):
@@ -166,6 +197,129 @@ def cross_validate(
     return CVResult(out=out, best_epoch=best["epoch"], bias=bias, epochs=rows, final=final)
 
 
+GENERATION_SCORES = ("bleu", "chrf", "rouge_l", "exact_match")
+
+
+def input_folds(texts: list[str], k: int, seed: int) -> list[list[int]]:
+    """k seeded folds of row indices (each sorted) by scikit-learn's `GroupKFold` (shuffled)
+    with the input text as the group: all the rows of one input (its references) are in the
+    same fold. k must be between 2 and the number of distinct inputs (`--folds`)."""
+    from sklearn.model_selection import GroupKFold  # lazily: slow to import
+
+    inputs = len(set(texts))
+    if k < 2 or k > inputs:
+        raise SoftpromptError(
+            f"--folds must be between 2 and the number of distinct inputs ({inputs}: every input "
+            f"is held out with all its rows in one fold); got {k}"
+        )
+    split = GroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [sorted(held.tolist()) for _, held in split.split(texts, groups=texts)]
+
+
+def _cross_validate_generation(
+    cfg: TrainConfig, table: Table, folds: int, retrain: bool, model, tokenizer
+) -> CVResult:
+    """--task generation: folds by input; each fold's run evaluates its held-out rows every
+    epoch (loss, and with --select-by a metric the greedy outputs); the epoch with the lowest
+    mean held-out loss (or the best pooled out-of-fold score) is retrained on all rows."""
+    texts, targets = table.texts, table.labels
+    parts = input_folds(texts, folds, cfg.seed)
+    metric = None if cfg.select_by == "loss" else cfg.select_by
+    out = prepare_run_folder(cfg.out, cfg.overwrite)
+    atomic_write_json(out / "cv.json", {"status": "running", "folds": folds, "config": asdict(cfg)})
+    if model is None:
+        logger.info(dtype_line(cfg.dtype, cfg.device))
+        model, tokenizer, _ = load_base(
+            cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code
+        )
+    engine = Engine(model, tokenizer, kv_cache_bytes=0)
+    loss = [[0.0] * folds for _ in range(cfg.epochs)]  # [E][fold]
+    outputs: list[dict] | None = [{} for _ in range(cfg.epochs)] if metric else None
+    for i, held in enumerate(parts):
+        keep = sorted(set(range(len(texts))) - set(held))
+        part = {
+            name: Table(cfg.data, [texts[j] for j in idx], [targets[j] for j in idx], [])
+            for name, idx in (("train", keep), ("eval", held))
+        }
+        n_held = len(set(part["eval"].texts))
+        logger.info(
+            f"--- fold {i + 1}/{folds}: train {len(keep)} rows, held out {len(held)} rows "
+            f"({n_held} inputs) ---"
+        )
+        train(
+            replace(
+                cfg,
+                data=None,
+                out=str(out / "folds" / str(i)),
+                overwrite=False,
+                save_every_epoch=True,  # each epoch's prompt stays inspectable (folds/<i>/epochs)
+                select_by="loss",  # the outputs are written once, by the callback
+            ),
+            model,
+            tokenizer,
+            data=part["train"],
+            eval_data=part["eval"],
+            callbacks=[_HeldOutGeneration(engine, i, loss, outputs)],
+        )
+
+    inputs, refs = group_references(texts, targets)
+    rows = []
+    for e in range(cfg.epochs):
+        row = {
+            "epoch": e + 1,
+            "oof_loss_mean": statistics.mean(loss[e]),
+            "oof_loss_std": statistics.stdev(loss[e]),
+            "fold_loss": list(loss[e]),
+        }
+        if outputs is not None:
+            pooled = generation_metrics([outputs[e][t] for t in inputs], refs)
+            row.update({f"oof_{k}": pooled[k] for k in GENERATION_SCORES})
+            per_fold = []
+            for held in parts:
+                fold_inputs, fold_refs = group_references(
+                    [texts[j] for j in held], [targets[j] for j in held]
+                )
+                got = generation_metrics([outputs[e][t] for t in fold_inputs], fold_refs)
+                per_fold.append(got[metric])
+            row[f"fold_{metric}_mean"] = statistics.mean(per_fold)
+            row[f"fold_{metric}_std"] = statistics.stdev(per_fold)
+        rows.append(row)
+    if metric:
+        best = max(rows, key=lambda r: (r[f"oof_{metric}"], -r["oof_loss_mean"]))
+    else:
+        best = min(rows, key=lambda r: r["oof_loss_mean"])
+    report = {
+        "status": "done",
+        "task": "generation",
+        "folds": folds,
+        "inputs": len(inputs),
+        "select_by": cfg.select_by,
+        "best_epoch": best["epoch"],
+        "epochs": rows,
+        "fold_rows": parts,
+        "config": asdict(cfg),
+    }
+    atomic_write_json(out / "cv.json", report)
+    _print_generation_table(rows, best["epoch"], metric)
+
+    final = None
+    if retrain:
+        logger.info(f"--- final: all {len(texts)} rows, {best['epoch']} epochs ---")
+        final = train(
+            replace(
+                cfg,
+                out=str(out / "final"),
+                epochs=best["epoch"],
+                eval_fraction=0.0,
+                overwrite=False,
+                save_every_epoch=False,
+            ),
+            model,
+            tokenizer,
+        )
+    return CVResult(out=out, best_epoch=best["epoch"], bias=[], epochs=rows, final=final)
+
+
 def set_calibration(folder: Path, bias: list[float] | None, how: str) -> None:
     """Record a decision bias in an adapter's softprompt.json (None removes it)."""
     path = Path(folder) / TASK_NAME
@@ -197,3 +351,19 @@ def _print_table(rows: list[dict], best: int, bias: list[float], f1_bias: float)
     print(
         f"fitted bias [{shown}]: out-of-fold macro-F1 {f1_bias:.3f} (optimistic: fitted on the same rows)"
     )
+
+
+def _print_generation_table(rows: list[dict], best: int, metric: str | None) -> None:
+    loss_head = "oof_loss (mean ± std over folds)"
+    score_head = f"oof_{metric}" if metric else ""
+    print(f"epoch  {loss_head}" + (f"  {score_head}  fold_{metric} (mean ± std)" if metric else ""))
+    for r in rows:
+        mark = "  <- best" if r["epoch"] == best else ""
+        loss = f"{r['oof_loss_mean']:.4f} ± {r['oof_loss_std']:.4f}"
+        line = f"{r['epoch']:5d}  {loss:<{len(loss_head)}}"
+        if metric:
+            line += (
+                f"  {r[f'oof_{metric}']:{len(score_head)}.3f}  "
+                f"{r[f'fold_{metric}_mean']:.3f} ± {r[f'fold_{metric}_std']:.3f}"
+            )
+        print(line.rstrip() + mark)

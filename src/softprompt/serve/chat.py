@@ -1,6 +1,8 @@
 """`POST /v1/chat/completions` (OpenAI's): the messages rendered with the base tokenizer's chat
 template, the assistant's turn opened, the adapter's soft prompt in front and its suffix tokens
-after. Messages are never cut: those that do not fit get 413."""
+after. Messages are never cut: those that do not fit get 413. A generation adapter writes on the
+last user message's text in its own template instead, as `predict` does
+(`Engine.encode_generation`)."""
 
 from __future__ import annotations
 
@@ -33,10 +35,11 @@ class ServingChat(OpenAIServing):
         self, req: ChatRequest, request: Request, entry: Predictor, stops: list[str]
     ) -> ChatCompletionResponse | EventSourceResponse:
         max_tokens = req.max_completion_tokens or req.max_tokens
-        ids = self._ids(entry, req.messages)
+        generates = entry.task.generates
+        ids = self._templated(entry, req.messages) if generates else self._ids(entry, req.messages)
         left = self.state.context - entry.num_virtual_tokens - len(ids)
         if max_tokens is None:
-            max_tokens = min(256, left)
+            max_tokens = min((generates and entry.task.max_new_tokens) or 256, left)
         if left < max(max_tokens, 1):
             raise ApiError(
                 413,
@@ -85,21 +88,7 @@ class ServingChat(OpenAIServing):
             )
         if not messages:
             raise ApiError(400, "messages is empty; give at least one message", param="messages")
-        plain = []
-        for i, m in enumerate(messages):
-            if isinstance(m.content, list):
-                texts = [p.get("text") for p in m.content if isinstance(p, dict)]
-                if any(p.get("type") != "text" for p in m.content) or None in texts:
-                    raise ApiError(
-                        400,
-                        f"messages[{i}].content: only text parts ({{type: 'text', text}}) are "
-                        "supported",
-                        param=f"messages[{i}].content",
-                    )
-                content = "".join(texts)
-            else:
-                content = m.content or ""
-            plain.append({"role": m.role, "content": content})
+        plain = [{"role": m.role, "content": _content(i, m)} for i, m in enumerate(messages)]
         try:
             text = tok.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # noqa: BLE001 - a template's own error (e.g. roles out of order)
@@ -108,3 +97,32 @@ class ServingChat(OpenAIServing):
             ) from None
         ids = list(tok(text, add_special_tokens=False)["input_ids"])
         return ids + suffix_placeholders(entry.task.suffix_tokens)
+
+    def _templated(self, entry: Predictor, messages: list[ChatMessage]) -> list[int]:
+        """A generation adapter's input: the last user message's text rendered with the
+        adapter's template and cut to its max_length, the ids `predict` writes on (the other
+        messages are not read)."""
+        users = [i for i, m in enumerate(messages) if m.role == "user"]
+        if not users:
+            raise ApiError(
+                400,
+                f"messages has no user message: {entry.name!r} is a generation adapter, it "
+                "writes on the last user message's text",
+                param="messages",
+            )
+        text = _content(users[-1], messages[users[-1]])
+        return self.state.engine.encode_generation(entry, text)
+
+
+def _content(i: int, message: ChatMessage) -> str:
+    """A message's text: its content, or its text parts joined (400 for other parts)."""
+    if not isinstance(message.content, list):
+        return message.content or ""
+    texts = [p.get("text") for p in message.content if isinstance(p, dict)]
+    if any(p.get("type") != "text" for p in message.content) or None in texts:
+        raise ApiError(
+            400,
+            f"messages[{i}].content: only text parts ({{type: 'text', text}}) are supported",
+            param=f"messages[{i}].content",
+        )
+    return "".join(texts)

@@ -28,6 +28,13 @@ async def classify(req: ClassifyRequest, request: Request, state: ServerState) -
             "name an adapter with labels in 'adapter', or use /v1/completions",
             param="adapter",
         )
+    if entry.task.generates:
+        raise ApiError(
+            400,
+            f"adapter {entry.name!r} is a generation adapter (--task generation): it writes "
+            "text rather than choosing a label; use /v1/completions or /v1/chat/completions",
+            param="adapter",
+        )
     if not entry.task.label_names:
         raise ApiError(
             400,

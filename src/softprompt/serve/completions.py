@@ -1,14 +1,18 @@
 """`POST /v1/completions` (OpenAI's): each prompt's raw text right after the soft prompt (no
 template; the adapter's suffix tokens after it), with stop strings, streaming, log-probabilities
-of new tokens, and `echo` (the prompt's own tokens scored: lm-eval-harness's log-likelihood)."""
+of new tokens, and `echo` (the prompt's own tokens scored: lm-eval-harness's log-likelihood).
+A generation adapter's prompt is rendered with its template instead, as `predict` does
+(`Engine.encode_generation`), and its max_tokens defaults to the adapter's max_new_tokens."""
 
 from __future__ import annotations
 
 import functools
+import sys
 
 from fastapi import Request
 from sse_starlette import EventSourceResponse
 
+from ..data import input_token_ids
 from ..predictors import Predictor, PromptLogprobRow, raw_task
 from .errors import ApiError
 from .protocol import (
@@ -57,7 +61,8 @@ class ServingCompletion(OpenAIServing):
             lead, lead_infos = "", []
             if req.echo:
                 ids = [t for t in rows[i].ids if t >= 0]
-                lead = prompts[i] if not warnings else self.state.tokenizer.decode(ids)
+                plain = not warnings and not entry.task.generates  # else: what the model saw
+                lead = prompts[i] if plain else self.state.tokenizer.decode(ids)
                 if scored:
                     lead_infos = self._prompt_infos(ids, done[len(rows) + i])
             logprobs = None
@@ -70,26 +75,59 @@ class ServingCompletion(OpenAIServing):
     def _rows(self, entry: Predictor, req: CompletionRequest, prompts: list[str], stops):
         """A generate row per prompt, its prompt cut at the end to fit the context (a warning)
         or 413 with strict."""
+        max_tokens = req.max_tokens
+        if max_tokens is None:
+            max_tokens = (entry.task.generates and entry.task.max_new_tokens) or 16
         task = raw_task(entry.task)
-        budget = self.state.context - entry.num_virtual_tokens - entry.task.suffix_tokens - req.max_tokens  # fmt: skip
+        budget = self.state.context - entry.num_virtual_tokens - entry.task.suffix_tokens - max_tokens  # fmt: skip
         if budget < 1:
             raise ApiError(
                 400,
-                f"max_tokens {req.max_tokens} leaves no room in the model's context of "
+                f"max_tokens {max_tokens} leaves no room in the model's context of "
                 f"{self.state.context} tokens ({entry.num_virtual_tokens} virtual tokens)",
                 param="max_tokens",
             )
         rows, streams, warnings = [], [], []
         for i, text in enumerate(prompts):
-            ids, truncated = self.state.encode(task, text, budget, req.strict, f"prompt {i}")
-            if truncated:
+            if entry.task.generates:
+                ids, warning = self._templated(entry, text, budget, req.strict, f"prompt {i}")
+            else:
+                ids, truncated = self.state.encode(task, text, budget, req.strict, f"prompt {i}")
+                warning = (
+                    f"prompt {i} was cut at the end to fit {budget} tokens" if truncated else None
+                )
+            if warning:
                 self.state.metrics.truncated.inc()
-                warnings.append(f"prompt {i} was cut at the end to fit {budget} tokens")
+                warnings.append(warning)
             if not ids:  # as OpenAI: an empty prompt is the end-of-text token
                 ids = [self.state.tokenizer.eos_token_id]
             streams.append(TextStream(self.state.tokenizer, stops, logprobs=req.logprobs))
-            rows.append(self.row(entry, ids, req, req.max_tokens, streams[-1]))
+            rows.append(self.row(entry, ids, req, max_tokens, streams[-1]))
         return rows, streams, warnings
+
+    def _templated(
+        self, entry: Predictor, text: str, budget: int, strict: bool, what: str
+    ) -> tuple[list[int], str | None]:
+        """A generation adapter's prompt: the ids `predict` writes on (`encode_generation`: the
+        text in the adapter's template, cut to its max_length), cut further to `budget` tokens
+        when the context (less max_tokens) is shorter; and a warning when the text was cut
+        (413 instead with strict)."""
+        state, task = self.state, entry.task
+        ids = state.engine.encode_generation(entry, text)
+        if len(ids) - task.suffix_tokens > budget:
+            ids, _ = state.encode(task, text, budget, strict, what)
+            return ids, f"{what} was cut at the end to fit {budget} tokens"
+        if len(ids) == len(input_token_ids(state.tokenizer, task, text, sys.maxsize)):
+            return ids, None
+        if strict:
+            raise ApiError(
+                413,
+                f"{what} does not fit adapter {entry.name!r}'s max_length of {task.max_length} "
+                "tokens in its template; shorten it, or leave strict off to have it cut as "
+                "predict does",
+                "input_too_long",
+            )
+        return ids, f"{what} was cut at the end to fit the adapter's max_length {task.max_length}, as predict does"  # fmt: skip
 
     async def _stream(self, req, request, head, rows, streams, warnings):
         offsets = [0] * len(rows)

@@ -82,8 +82,9 @@ class StreamOptions(Request):
 class CompletionRequest(Request):
     model: str
     prompt: str | list[str]
-    max_tokens: int = Field(16, ge=0)
-    """0 (with echo and logprobs): only score the prompt, as lm-eval-harness does."""
+    max_tokens: int | None = Field(None, ge=0)
+    """None: a generation adapter's own max_new_tokens, else 16. 0 (with echo and logprobs):
+    only score the prompt, as lm-eval-harness does."""
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
@@ -157,7 +158,8 @@ class ChatRequest(Request):
     model: str
     messages: list[ChatMessage]
     max_tokens: int | None = Field(None, ge=1)
-    """None: what fits in the context after the messages, at most 256."""
+    """None: what fits in the context after the messages, at most 256 (at most a generation
+    adapter's own max_new_tokens)."""
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -212,6 +214,10 @@ class AdapterInfo(BaseModel):
     """What softprompt knows of a model: an adapter, or the base model (`base`)."""
 
     model_config = ConfigDict(extra="allow")
+    task: str
+    """classification (labels, or the base model's plain completions) or generation (trained
+    with --task generation: completions and chat write on the text rendered with its template;
+    softprompt.json's `kind`, as saved)."""
     labels: list[str]
     head: str | list[str]
     """How it reads the label: none (label words), linear or pooled (a classification head);
@@ -223,6 +229,8 @@ class AdapterInfo(BaseModel):
     method: str
     template: str
     max_length: int
+    max_new_tokens: int | None
+    """A generation adapter's default max_tokens (None for classification)."""
     base_model: str | None
     calibration_bias: list[float] | None
     ensemble: list[str] | None
