@@ -7,6 +7,9 @@ Two ways to get the bias:
   k-fold cross-validation, or an eval set), i.e. a learned decision threshold.
 
 Calibrated probabilities are softmax(log p + bias); with bias = 0 they are the raw ones.
+
+A multilabel task (`--task multilabel`) has no softmax to shift: each label is a yes/no of its
+own, chosen where its probability reaches its threshold (0.5, or fitted by `fit_thresholds`).
 """
 
 from __future__ import annotations
@@ -87,3 +90,37 @@ def fit_bias(probs: Tensor, gold: Sequence[int], *, rounds: int = 3) -> list[flo
         if not changed:
             break
     return bias.tolist()
+
+
+THRESHOLD_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
+"""The thresholds `fit_thresholds` tries for each label: 0.05, 0.10, ..., 0.95."""
+
+
+def fit_thresholds(
+    probs: Tensor, gold: Tensor, grid: Sequence[float] = THRESHOLD_GRID
+) -> list[float]:
+    """Each label's decision threshold [L] for multilabel probabilities probs [N, L] against
+    gold [N, L] (1 where the row has the label): the grid value that maximises that label's F1
+    (a label is chosen where p >= its threshold); ties go to the value nearest 0.5, so a label
+    with no positive row (F1 0 everywhere) keeps 0.5."""
+    p, y = probs.float(), gold.float()
+    out = []
+    for k in range(p.shape[1]):
+        best, key = 0.5, None
+        for t in grid:
+            yes = (p[:, k] >= t).float()
+            tp = float((yes * y[:, k]).sum())
+            both = float(yes.sum() + y[:, k].sum())
+            f1 = 2 * tp / both if both else 0.0
+            cand = (f1, -abs(t - 0.5))
+            if key is None or cand > key:
+                best, key = float(t), cand
+        out.append(best)
+    return out
+
+
+def choose_labels(probs: Tensor, thresholds: Sequence[float] | None) -> Tensor:
+    """Multilabel decisions [N, L] (bool): each label's probability against its threshold (0.5
+    each when None)."""
+    t = torch.full((probs.shape[-1],), 0.5) if thresholds is None else torch.as_tensor(thresholds, dtype=torch.float32)  # fmt: skip
+    return probs.float() >= t

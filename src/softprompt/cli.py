@@ -178,7 +178,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
             raise SoftpromptError(f"--{flag.replace('_', '-')} cannot be used with `softprompt cv`")
     cfg = _train_config(args)
     r = cross_validate(cfg, args.folds, retrain=args.retrain)
-    how = " (calibrated)" if r.bias else ""
+    how = " (calibrated)" if r.bias or r.thresholds else ""
     where = f"; final run{how} in {r.final.out}" if r.final else ""
     print(f"cross-validation report in {r.out / 'cv.json'}: best epoch {r.best_epoch}{where}")
     return 0
@@ -243,7 +243,10 @@ def cmd_eval(cfg: EvalConfig) -> int:
     if not sp.task.generates:
         sp._need_labels()
     label_col = cfg.label_column or sp.task.label_column or "label"
-    table = load_table(cfg.data, sp.task.text_column, label_col, subset=cfg.subset, split=cfg.split)
+    sep = (sp.task.label_separator or ",") if sp.task.multilabel else None
+    table = load_table(
+        cfg.data, sp.task.text_column, label_col, subset=cfg.subset, split=cfg.split, separator=sep
+    )
     if not sp.task.generates:
         check_labels(table, sp.task.label_names, "--data")
     rows: list[dict] = []
@@ -262,7 +265,8 @@ def cmd_eval(cfg: EvalConfig) -> int:
         atomic_write_json(Path(cfg.output), m)
     if cfg.outputs:
         if Path(cfg.outputs).suffix.lower() == ".csv":  # a cell holds one text
-            rows = [{k: " ||| ".join(v) if isinstance(v, list) else v for k, v in r.items()} for r in rows]  # fmt: skip
+            join = sep or " ||| "  # a label set's names, or a generation input's references
+            rows = [{k: join.join(v) if isinstance(v, list) else v for k, v in r.items()} for r in rows]  # fmt: skip
         _write_rows(Path(cfg.outputs), rows)
         print(f"wrote {len(rows)} outputs to {cfg.outputs}", file=sys.stderr)
     return 0
@@ -290,15 +294,19 @@ def cmd_predict(cfg: PredictConfig) -> int:
         preds = sp.classify(
             texts, batch_size=cfg.batch_size, progress=progress, calibrated=cfg.calibration
         )
+        key = "labels" if sp.task.multilabel else "label"  # multilabel: the chosen labels' list
         rows = [
             {
                 "text": t,
-                "label": p["label"],
+                key: p[key],
                 **{f"p({k})": round(v, 6) for k, v in p["probabilities"].items()},
             }
             for t, p in zip(texts, preds, strict=True)
         ]
     if cfg.output:
+        if Path(cfg.output).suffix.lower() == ".csv" and sp.task.multilabel:  # one text a cell
+            sep = sp.task.label_separator or ","
+            rows = [{**r, "labels": sep.join(r["labels"])} for r in rows]
         _write_rows(Path(cfg.output), rows)
         print(f"wrote {len(rows)} predictions to {cfg.output}")
     else:

@@ -37,9 +37,10 @@ Head = Literal["none", "linear", "pooled"]
 (a trained layer on mean-pooled middle layers; softprompt's own)."""
 HEADS = get_args(Head)
 
-TaskKind = Literal["classification", "generation"]
-"""`--task` choices: a closed label set (each row's label is one of a few names), or free text
-(each row's target is text of its own, written out by generation)."""
+TaskKind = Literal["classification", "generation", "multilabel"]
+"""`--task` choices: a closed label set (each row's label is one of a few names), free text
+(each row's target is text of its own, written out by generation), or several labels per row
+out of a closed set (a per-label sigmoid through a head)."""
 TASK_KINDS = get_args(TaskKind)
 
 SelectBy = Literal["loss", "bleu", "rouge_l", "chrf", "exact_match"]
@@ -51,7 +52,7 @@ TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 GUIDE_INIT_TEXT = "Classify if the tweet is a complaint or not:"
 """The PEFT guide's init text, for its complaints task (`--preset guide`)."""
 
-MAX_LENGTH = {"classification": 64, "generation": 256}
+MAX_LENGTH = {"classification": 64, "generation": 256, "multilabel": 64}
 """--max-length by task kind when none is given."""
 EPOCHS_FOR_GENERATION = 10
 """--epochs for --task generation when none is given (docs/generation.md)."""
@@ -81,7 +82,12 @@ class TrainConfig:
     task: TaskKind = "classification"
     """classification: the label column holds a few label names; generation: it holds free
     text (a description, an answer, a rewrite) that the prompt learns to write after the input;
-    rows with the same input are its several references (--task)."""
+    rows with the same input are its several references; multilabel: it holds several label
+    names per row (split on --label-separator, or a list in JSONL), each label a yes/no of
+    its own through a head (--task)."""
+    label_separator: str = ","
+    """--task multilabel: what separates a row's labels in a text cell ("billing,delivery");
+    a JSONL list is taken as it is (--label-separator)."""
     model: str | None = None
     """Base model: Hub id, local folder, or None for the built-in SmolLM2-135M-Instruct (--model)."""
     subset: str | None = None
@@ -149,7 +155,9 @@ class TrainConfig:
     grad_accum: int = 1
     """Batches per optimiser step (--grad-accum)."""
     balance: bool = True
-    """Weigh each row's loss by 1 / its label's frequency, so every class counts the same
+    """Weigh each row's loss by 1 / its label's frequency, so every class counts the same;
+    with --task multilabel, weigh each label's positive rows by its negative rows / positive
+    rows (the sigmoid loss's pos_weight), so a rare label's yes counts as much as its no
     (--balance / --no-balance)."""
     seed: int = 42
     """Seed for prompt init, hold-out split and data order (--seed)."""
@@ -243,6 +251,16 @@ class TrainConfig:
             p.append(
                 f"--head {self.head} reads a label from a closed set; --task generation writes "
                 "text through the LM head: drop --head (or pass --head none)"
+            )
+        if self.task == "multilabel" and self.head == "none":
+            p.append(
+                "--head none scores label words, one label per row; --task multilabel reads "
+                "each label's probability through a head: drop --head none (or pass --head "
+                "pooled or --head linear)"
+            )
+        if not self.label_separator.strip():
+            p.append(
+                f"--label-separator must be a character such as , or ; (got {self.label_separator!r})"
             )
         if self.select_by != "loss" and self.task != "generation":
             p.append(

@@ -9,26 +9,30 @@ decision bias, chosen from out-of-fold predictions instead of a fixed recipe.
 With --task generation the folds are by input (all the references of one input text in one
 fold), the epoch is chosen by the folds' mean held-out loss (or, with --select-by a metric, by
 the score of the pooled out-of-fold greedy outputs), and no bias is fitted.
+
+With --task multilabel the folds are plain shuffled ones (scikit-learn's KFold: no one label
+stratifies a row), the epoch is chosen by out-of-fold macro-F1 at 0.5, and instead of a bias
+each label gets a threshold (`calibrate.fit_thresholds`) on those out-of-fold probabilities.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from .adapters import TASK_NAME
-from .calibrate import apply_bias, fit_bias
+from .calibrate import apply_bias, choose_labels, fit_bias, fit_thresholds
 from .config import TrainConfig
 from .data import Table, group_references, label_set, load_table, stratified_folds
 from .engine import Engine
 from .errors import SoftpromptError
 from .files import atomic_write_json
 from .log import ensure_visible, logger
-from .metrics import generation_metrics, metrics
+from .metrics import generation_metrics, metrics, multilabel_metrics
 from .modeling.load import dtype_line, load_base
 from .predictors import predictor_for_prompt
 from .training import Callback, TrainResult, prepare_run_folder, train
@@ -43,8 +47,11 @@ class CVResult:
     epochs: list[dict]
     """Per epoch: out-of-fold accuracy, macro-F1, log-loss; mean and spread of fold macro-F1.
     --task generation: the folds' held-out loss (mean, spread, each fold's) and, with
-    --select-by a metric, the pooled out-of-fold outputs' scores."""
+    --select-by a metric, the pooled out-of-fold outputs' scores. --task multilabel:
+    out-of-fold micro- and macro-F1, subset accuracy and log-loss; fold macro-F1."""
     final: TrainResult | None
+    thresholds: list[float] = field(default_factory=list)
+    """--task multilabel: each label's fitted threshold ([] for the other kinds)."""
 
 
 class _OutOfFold(Callback):
@@ -97,11 +104,19 @@ def cross_validate(
         raise SoftpromptError(
             "--eval-data is not used by cross-validation (every row is held out once); drop it"
         )
+    multi = cfg.task == "multilabel"
     table = load_table(
-        cfg.data, cfg.text_column, cfg.label_column, subset=cfg.subset, split=cfg.split
+        cfg.data,
+        cfg.text_column,
+        cfg.label_column,
+        subset=cfg.subset,
+        split=cfg.split,
+        separator=cfg.label_separator if multi else None,
     )
     if cfg.task == "generation":
         return _cross_validate_generation(cfg, table, folds, retrain, model, tokenizer)
+    if multi:
+        return _cross_validate_multilabel(cfg, table, folds, retrain, model, tokenizer)
     names = label_set(table)
     counts = {n: table.labels.count(n) for n in names}
     if folds < 2 or folds > min(counts.values()):
@@ -320,8 +335,9 @@ def _cross_validate_generation(
     return CVResult(out=out, best_epoch=best["epoch"], bias=[], epochs=rows, final=final)
 
 
-def set_calibration(folder: Path, bias: list[float] | None, how: str) -> None:
-    """Record a decision bias in an adapter's softprompt.json (None removes it)."""
+def set_calibration(folder: Path, bias: list[float] | None, how: str, *, key: str = "bias") -> None:
+    """Record a decision bias (or, key "thresholds", a multilabel adapter's per-label
+    thresholds) in an adapter's softprompt.json (None removes it)."""
     path = Path(folder) / TASK_NAME
     if not path.exists():
         raise SoftpromptError(f"{folder} has no {TASK_NAME}; calibration needs a softprompt run")
@@ -330,8 +346,140 @@ def set_calibration(folder: Path, bias: list[float] | None, how: str) -> None:
     if bias is None:
         extra.pop("calibration", None)
     else:
-        extra["calibration"] = {"bias": [float(b) for b in bias], "how": how}
+        extra["calibration"] = {key: [float(b) for b in bias], "how": how}
     atomic_write_json(path, data)
+
+
+def row_folds(n: int, k: int, seed: int) -> list[list[int]]:
+    """k seeded folds of row indices (each sorted) by scikit-learn's `KFold` (shuffled): a
+    multilabel row has several labels, so no one label stratifies it. k must be between 2 and
+    the number of rows (`--folds`)."""
+    from sklearn.model_selection import KFold  # lazily: slow to import
+
+    if k < 2 or k > n:
+        raise SoftpromptError(f"--folds must be between 2 and the number of rows ({n}); got {k}")
+    split = KFold(n_splits=k, shuffle=True, random_state=seed)
+    return [sorted(held.tolist()) for _, held in split.split(list(range(n)))]
+
+
+def _cross_validate_multilabel(
+    cfg: TrainConfig, table: Table, folds: int, retrain: bool, model, tokenizer
+) -> CVResult:
+    """--task multilabel: shuffled folds; every held-out row's per-label probabilities after
+    every epoch; the epoch with the best out-of-fold macro-F1 (labels at 0.5; ties: the lower
+    log-loss); each label's threshold fitted on that epoch's out-of-fold probabilities; then
+    (retrain) all rows for that many epochs, the thresholds saved in its softprompt.json."""
+    names = label_set(table)
+    if len(names) < 2:
+        raise SoftpromptError(
+            f"--data {table.source}: column {cfg.label_column!r} has only the labels {names}; "
+            "need at least 2"
+        )
+    parts = row_folds(len(table.texts), folds, cfg.seed)
+    out = prepare_run_folder(cfg.out, cfg.overwrite)
+    atomic_write_json(out / "cv.json", {"status": "running", "folds": folds, "config": asdict(cfg)})
+    if model is None:
+        logger.info(dtype_line(cfg.dtype, cfg.device))
+        model, tokenizer, _ = load_base(
+            cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code
+        )
+    engine = Engine(model, tokenizer, kv_cache_bytes=0)
+    gold = torch.zeros(len(table.texts), len(names))  # [N, L] multi-hot
+    for j, labels in enumerate(table.labels):
+        gold[j, [names.index(n) for n in labels]] = 1.0
+    oof = torch.zeros(cfg.epochs, len(table.texts), len(names))  # [E, N, L]
+    fold_f1 = [[0.0] * folds for _ in range(cfg.epochs)]
+    for i, held in enumerate(parts):
+        keep = sorted(set(range(len(table.texts))) - set(held))
+        part = {
+            name: Table(cfg.data, [table.texts[j] for j in idx], [table.labels[j] for j in idx], [])
+            for name, idx in (("train", keep), ("eval", held))
+        }
+        logger.info(f"--- fold {i + 1}/{folds}: train {len(keep)} rows, held out {len(held)} ---")
+        train(
+            replace(
+                cfg,
+                data=None,
+                out=str(out / "folds" / str(i)),
+                overwrite=False,
+                save_every_epoch=True,
+                # every fold's head scores every label, also one its training rows lack
+                extra={**cfg.extra, "label_names": names},
+            ),
+            model,
+            tokenizer,
+            data=part["train"],
+            eval_data=part["eval"],
+            callbacks=[_OutOfFold(engine, oof, held, part["eval"].texts)],
+        )
+        for e in range(cfg.epochs):
+            got = _label_lists(choose_labels(oof[e, held], None), names)
+            fold_f1[e][i] = multilabel_metrics(part["eval"].labels, got, names)["macro_f1"]
+
+    rows = []
+    for e in range(cfg.epochs):
+        m = multilabel_metrics(
+            table.labels, _label_lists(choose_labels(oof[e], None), names), names
+        )
+        p = oof[e].clamp(1e-7, 1 - 1e-7)
+        nll = -(gold * p.log() + (1 - gold) * (1 - p).log()).mean()
+        rows.append(
+            {
+                "epoch": e + 1,
+                "oof_micro_f1": m["micro_f1"],
+                "oof_macro_f1": m["macro_f1"],
+                "oof_subset_accuracy": m["subset_accuracy"],
+                "oof_log_loss": nll.item(),
+                "fold_macro_f1_mean": statistics.mean(fold_f1[e]),
+                "fold_macro_f1_std": statistics.stdev(fold_f1[e]),
+            }
+        )
+    best = max(rows, key=lambda r: (r["oof_macro_f1"], -r["oof_log_loss"]))
+    probs = oof[best["epoch"] - 1]
+    thresholds = fit_thresholds(probs, gold)
+    fitted = multilabel_metrics(
+        table.labels, _label_lists(choose_labels(probs, thresholds), names), names
+    )
+    report = {
+        "status": "done",
+        "task": "multilabel",
+        "folds": folds,
+        "labels": names,
+        "best_epoch": best["epoch"],
+        "thresholds": thresholds,
+        "oof_macro_f1_with_thresholds": fitted["macro_f1"],
+        "oof_micro_f1_with_thresholds": fitted["micro_f1"],
+        "epochs": rows,
+        "fold_rows": parts,
+        "config": asdict(cfg),
+    }
+    atomic_write_json(out / "cv.json", report)
+    _print_multilabel_table(rows, best["epoch"], names, thresholds, fitted["macro_f1"])
+
+    final = None
+    if retrain:
+        logger.info(f"--- final: all {len(table.texts)} rows, {best['epoch']} epochs ---")
+        final = train(
+            replace(
+                cfg,
+                out=str(out / "final"),
+                epochs=best["epoch"],
+                eval_fraction=0.0,
+                overwrite=False,
+                save_every_epoch=False,
+            ),
+            model,
+            tokenizer,
+        )
+        how = f"per-label thresholds fitted on {folds}-fold out-of-fold probabilities"
+        set_calibration(final.out, thresholds, how, key="thresholds")
+    return CVResult(
+        out=out, best_epoch=best["epoch"], bias=[], epochs=rows, final=final, thresholds=thresholds
+    )
+
+
+def _label_lists(chosen: torch.Tensor, names: list[str]) -> list[list[str]]:
+    return [[n for n, c in zip(names, row, strict=True) if c] for row in chosen.tolist()]
 
 
 def _pred(probs: torch.Tensor, names: list[str]) -> list[str]:
@@ -350,6 +498,23 @@ def _print_table(rows: list[dict], best: int, bias: list[float], f1_bias: float)
     shown = ", ".join(f"{b:+.3f}" for b in bias)
     print(
         f"fitted bias [{shown}]: out-of-fold macro-F1 {f1_bias:.3f} (optimistic: fitted on the same rows)"
+    )
+
+
+def _print_multilabel_table(
+    rows: list[dict], best: int, names: list[str], thresholds: list[float], f1: float
+) -> None:
+    print("epoch  oof_micro_f1  oof_macro_f1  oof_subset_acc  oof_log_loss  fold_macro_f1 (mean ± std)")  # fmt: skip
+    for r in rows:
+        mark = "  <- best" if r["epoch"] == best else ""
+        print(
+            f"{r['epoch']:5d}  {r['oof_micro_f1']:12.3f}  {r['oof_macro_f1']:12.3f}  "
+            f"{r['oof_subset_accuracy']:14.3f}  {r['oof_log_loss']:12.4f}  "
+            f"{r['fold_macro_f1_mean']:.3f} ± {r['fold_macro_f1_std']:.3f}{mark}"
+        )
+    shown = ", ".join(f"{n} {t:.2f}" for n, t in zip(names, thresholds, strict=True))
+    print(
+        f"fitted thresholds [{shown}]: out-of-fold macro-F1 {f1:.3f} (optimistic: fitted on the same rows)"
     )
 
 

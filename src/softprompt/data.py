@@ -42,17 +42,25 @@ class Task:
     """Soft tokens placed right after `{text}` (`--suffix-tokens`): the last of the prompt's
     vectors, which run after the text instead of before it (see `suffix_placeholders`)."""
     kind: str = "classification"
-    """classification (a closed set of `label_names`) or generation (free-text targets, no
-    label names) (`--task`)."""
+    """classification (a closed set of `label_names`, one per row), generation (free-text
+    targets, no label names) or multilabel (any number of `label_names` per row) (`--task`)."""
     max_new_tokens: int | None = None
     """Generation: the most new tokens written per input by default (the longest training
     target's tokens, end token included, with some room)."""
+    label_separator: str | None = None
+    """Multilabel: what joins a row's labels in a text cell (`--label-separator`); None for the
+    other kinds."""
     extra: dict = field(default_factory=dict)
 
     @property
     def generates(self) -> bool:
         """Whether the task writes free text (`--task generation`)."""
         return self.kind == "generation"
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether a row has any number of labels, each a yes/no of its own (`--task multilabel`)."""
+        return self.kind == "multilabel"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +78,7 @@ class Task:
                 "suffix_tokens",
                 "kind",
                 "max_new_tokens",
+                "label_separator",
             )
             if k in d
         }
@@ -100,11 +109,12 @@ def suffix_placeholders(n: int) -> list[int]:
 
 @dataclass
 class Table:
-    """Rows read from a file or Hub dataset: texts, and labels as names (None if absent)."""
+    """Rows read from a file or Hub dataset: texts, and labels as names (None if absent); a
+    multilabel table's labels are each row's list of names."""
 
     source: str
     texts: list[str]
-    labels: list[str] | None
+    labels: list | None
     columns: list[str]
     label_order: list[str] | None = None
     """Label names in the dataset's own order (a ClassLabel's names), when it has one."""
@@ -126,10 +136,13 @@ def load_table(
     split: str = "train",
     flag: str = "--data",
     need_labels: bool = True,
+    separator: str | None = None,
 ) -> Table:
     """Read `source` (a local CSV/TSV/JSONL/Parquet file, or a Hub dataset id) into a Table.
 
     Integer ClassLabel labels become their names with `_` replaced by a space, as in the guide.
+    With `separator` (`--task multilabel`) each row's labels are a list: a text cell split on
+    it, a JSONL list (or a Hub dataset's sequence of ClassLabels) as it is (`label_sets`).
     """
     import datasets
 
@@ -183,6 +196,16 @@ def load_table(
     if label_column and need_labels and label_column in columns:
         feature = ds.features[label_column]
         raw = ds[label_column]
+        if separator is not None:
+            inner = getattr(feature, "feature", None)  # a list column's element type
+            if isinstance(inner, datasets.ClassLabel):
+                order = [n.replace("_", " ") for n in inner.names]
+                raw = [None if v is None else [order[i] for i in v if i >= 0] for v in raw]
+            where = f"{flag} {source}"
+            labels = label_sets(raw, separator, where, label_column)
+            return Table(
+                source=source, texts=texts, labels=labels, columns=columns, label_order=order
+            )
         if isinstance(feature, datasets.ClassLabel):
             order = [n.replace("_", " ") for n in feature.names]
             labels = [order[i] if i is not None and i >= 0 else None for i in raw]
@@ -198,19 +221,76 @@ def load_table(
     return Table(source=source, texts=texts, labels=labels, columns=columns, label_order=order)
 
 
+OTHER_SEPARATORS = (",", ";", "|")
+"""Separators a multilabel cell may use instead of --label-separator: a row holding one of these
+and not the chosen one is refused (`label_sets`)."""
+
+
+def label_sets(cells: Sequence, separator: str, where: str, column: str) -> list[list[str]]:
+    """Each row's labels (`--task multilabel`), first-seen order, no repeats: a list cell (JSONL,
+    Parquet) as it is, a text cell split on `separator`, each name stripped. Refused, in one
+    line naming `where` (flag and file), the row and what to do: a row with no label, and a row
+    that separates its labels with another of `OTHER_SEPARATORS` (";" where --label-separator
+    is ",") while it holds no `separator`."""
+    out: list[list[str]] = []
+    texts: list[tuple[int, str]] = []
+    for i, v in enumerate(cells):
+        if isinstance(v, (list, tuple)):
+            names = [str(x).strip() for x in v if x is not None]
+        elif v is None:
+            names = []
+        else:
+            texts.append((i, str(v)))
+            names = str(v).split(separator)
+        out.append(list(dict.fromkeys(n for n in (x.strip() for x in names) if n)))
+    empty = [i for i, names in enumerate(out) if not names]
+    if empty:
+        rows = ", ".join(str(i) for i in empty[:5])
+        raise SoftpromptError(
+            f"{where}: column {column!r} has no label in {len(empty)} row(s) (rows {rows}); "
+            "give every row at least one label, or drop those rows"
+        )
+    others = [x for x in OTHER_SEPARATORS if x != separator]
+    used = any(separator in v for _, v in texts)
+    for i, v in texts:
+        found = [x for x in others if x in v]
+        if found and separator not in v:
+            if used:
+                raise SoftpromptError(
+                    f"{where}: row {i} separates its labels with {found[0]!r} ({v!r}) while "
+                    f"other rows use {separator!r} (--label-separator): use one separator in "
+                    f"every row (fix row {i})"
+                )
+            raise SoftpromptError(
+                f"{where}: no row of column {column!r} holds {separator!r} (--label-separator), "
+                f"but row {i} holds {found[0]!r} ({v!r}): pass --label-separator '{found[0]}'"
+            )
+    return out
+
+
 def label_set(table: Table) -> list[str]:
-    """The labels present in a training table, in the dataset's order (ClassLabel) or sorted."""
-    present = set(table.labels or [])
+    """The labels present in a training table, in the dataset's order (ClassLabel) or sorted; a
+    multilabel table's (each row a list): the union of its rows' labels."""
+    labels = table.labels or []
+    present = {n for v in labels for n in v} if labels and isinstance(labels[0], list) else set(labels)  # fmt: skip
     if table.label_order:
         return [n for n in table.label_order if n in present]
     return sorted(present)
 
 
 def check_labels(table: Table, label_names: Sequence[str], flag: str) -> None:
-    """Refuse rows whose label is not one of label_names."""
+    """Refuse rows whose label (or, multilabel, one of whose labels) is not one of label_names."""
     known = set(label_names)
     for i, lab in enumerate(table.labels or []):
-        if lab not in known:
+        if isinstance(lab, list):
+            new = [n for n in lab if n not in known]
+            if new:
+                raise SoftpromptError(
+                    f"{flag} {table.source}: row {i} has label {new[0]!r}, which no training row "
+                    f"has (the labels are {list(label_names)}); a label seen only here cannot be "
+                    f"learned: add training rows with it, or drop it from row {i}"
+                )
+        elif lab not in known:
             raise SoftpromptError(
                 f"{flag} {table.source}: row {i} has label {lab!r}, which is not one of the prompt's labels "
                 f"{list(label_names)}; fix the row or remove it"
@@ -279,6 +359,9 @@ class Encoded:
     label: int = -1
     """The row's class: its index in the task's label_names (-1: not known). A classification
     head trains on it (`--head`); label-word training reads `label_ids`."""
+    labels: list[int] = field(default_factory=list)
+    """Multilabel: the indices of the row's labels in label_names (its multi-hot target's ones);
+    empty for the other kinds."""
 
     def __len__(self) -> int:
         return len(self.input_ids) + len(self.label_ids)
@@ -298,6 +381,36 @@ def encode_rows(
             )
         k = task.label_names.index(label) if label in task.label_names else -1
         out.append(Encoded(input_token_ids(tokenizer, task, text, budget), lab, k))
+    return out
+
+
+def encode_label_sets(
+    tokenizer, task: Task, texts: Sequence[str], label_sets: Sequence[Sequence[str]]
+) -> list[Encoded]:
+    """Tokenise multilabel rows: the input cut to the budget the engine gives it
+    (`input_budget`), no label tokens (a head reads the labels), each row's label indices."""
+    budget = input_budget(tokenizer, task)
+    if budget < 1:
+        raise SoftpromptError(
+            f"--max-length {task.max_length} is too short for the longest label; raise it"
+        )
+    index = {n: k for k, n in enumerate(task.label_names)}
+    return [
+        Encoded(
+            input_token_ids(tokenizer, task, text, budget),
+            [],
+            -1,
+            [index[n] for n in names if n in index],
+        )  # fmt: skip
+        for text, names in zip(texts, label_sets, strict=True)
+    ]
+
+
+def multi_hot(rows: Sequence[Encoded], num_labels: int) -> Tensor:
+    """The rows' multilabel targets [B, K] (float32): 1 where the row has the label."""
+    out = torch.zeros(len(rows), num_labels)
+    for i, r in enumerate(rows):
+        out[i, r.labels] = 1.0
     return out
 
 
@@ -409,6 +522,18 @@ def stratified_split(
             train.append(held.pop(next(j for j, i in enumerate(held) if labels[i] == lab)))
     singles = [i for i, v in enumerate(labels) if counts[v] == 1]
     return sorted(train + singles), sorted(held)
+
+
+def shuffled_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded (train_idx, eval_idx), each sorted, holding out about `fraction` of n rows (at
+    least one, at most n - 1; none at fraction 0): multilabel rows, which no single label
+    stratifies."""
+    if fraction <= 0 or n < 2:
+        return list(range(n)), []
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    k = min(max(1, round(n * fraction)), n - 1)
+    return sorted(idx[k:]), sorted(idx[:k])
 
 
 def stratified_folds(labels: Sequence[str], k: int, seed: int) -> list[list[int]]:

@@ -10,7 +10,8 @@ an answer lives here and nowhere else:
 - a batch may mix predictors: every (row, member) runs in one packed pass per prompt length
   (`forward.run`), each after its own prompt, with its own suffix tokens after the text, read
   through its label words or its classification head (`readouts/`);
-- a row's label probabilities are the mean of its members', then its predictor's bias.
+- a row's label probabilities are the mean of its members' (softmax over the labels, or for a
+  multilabel predictor each label's sigmoid), then its predictor's bias.
 
 A row's answer never depends on the rows it is batched with (up to float rounding).
 """
@@ -117,8 +118,8 @@ class Engine:
         progress: bool = False,
         calibrated: bool = True,
     ) -> Tensor:
-        """Each label's probability for each text: [N, L] (rows sum to 1), the predictor's bias
-        applied unless `calibrated` is False."""
+        """Each label's probability for each text: [N, L] (rows sum to 1; multilabel: each
+        label's own sigmoid), the predictor's bias applied unless `calibrated` is False."""
         need_labels(predictor)
         rows = [ClassifyRow(predictor, self.encode(predictor, t)[0]) for t in texts]
         out = torch.empty(len(rows), len(predictor.task.label_names))
@@ -226,7 +227,9 @@ class Engine:
         self, rows: Sequence[ClassifyRow], *, calibrated: bool = True
     ) -> list[Tensor]:
         """One batch of classify rows of any predictors: each row's label probabilities [L]
-        (mean over its predictor's members, then its bias)."""
+        (mean over its predictor's members, then its bias). A multilabel predictor's are each
+        label's sigmoid of its head's logit (they need not sum to 1), averaged over members;
+        its thresholds decide later (`predictors.chosen_labels`)."""
         # every (row, member) is a unit; units with prompts of one length share a packed pass
         units = [(b, m) for b, r in enumerate(rows) for m in r.predictor.members]
         groups: dict[int, list[int]] = {}
@@ -236,7 +239,8 @@ class Engine:
         for part in groups.values():
             scores = self._score([rows[units[u][0]] for u in part], [units[u][1] for u in part])
             for u, s in zip(part, scores, strict=True):
-                member_probs[u] = torch.softmax(s.float(), -1).cpu()
+                multi = rows[units[u][0]].predictor.task.multilabel  # each label its own yes/no
+                member_probs[u] = (torch.sigmoid if multi else _softmax)(s.float()).cpu()
         out = []
         u = 0
         for r in rows:
@@ -421,6 +425,10 @@ class Engine:
         """Take rows out of a running batch (their client left)."""
         gone = {id(r) for r in rows}
         batch.keep([j for j, r in enumerate(batch.rows) if id(r) not in gone])
+
+
+def _softmax(scores: Tensor) -> Tensor:
+    return torch.softmax(scores, -1)
 
 
 def _row_logits(head: ClassifierHead, feats: RowFeatures, b: int) -> Tensor:

@@ -1,5 +1,6 @@
 """Metrics of predicted labels against gold ones: accuracy, macro-F1, per-class scores and the
-confusion matrix (scikit-learn)."""
+confusion matrix (scikit-learn); label sets (multilabel): micro- and macro-F1, subset accuracy,
+per-label scores; generated text: BLEU, chrF, ROUGE-L, exact match."""
 
 from __future__ import annotations
 
@@ -53,6 +54,61 @@ def metrics(gold: Sequence[str], pred: Sequence[str], label_names: Sequence[str]
         "per_class": per_class,
         "confusion_matrix": {"labels": names, "matrix": confusion},
         "invalid": invalid,
+        "n": n,
+    }
+
+
+def multilabel_metrics(
+    gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]], label_names: Sequence[str]
+) -> dict:
+    """Label sets against gold ones (`--task multilabel`), by scikit-learn on the rows'
+    indicator matrices (MultiLabelBinarizer over label_names): micro_f1 (every (row, label)
+    decision pooled), macro_f1 (the mean of the labels' F1), subset_accuracy (the share of rows
+    whose predicted set is exactly the gold set), hamming_loss (the share of wrong (row, label)
+    decisions), per-label precision/recall/f1/support. A label never predicted, or never gold,
+    scores 0 where its F1 is undefined."""
+    from sklearn.metrics import (  # lazily: scikit-learn takes seconds to import
+        accuracy_score,
+        f1_score,
+        hamming_loss,
+        precision_recall_fscore_support,
+    )
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    names, gold, pred = list(label_names), [list(g) for g in gold], [list(p) for p in pred]
+    if len(gold) != len(pred):
+        raise ValueError(f"multilabel_metrics: {len(gold)} gold label sets but {len(pred)} predictions")  # fmt: skip
+    unknown = sorted({n for g in gold + pred for n in g} - set(names))
+    if unknown:
+        raise ValueError(f"multilabel_metrics: labels {unknown} are not among the labels {names}")
+    n = len(gold)
+    if n == 0:
+        p = r = f = [0.0] * len(names)
+        support = [0] * len(names)
+        micro = macro = subset = hamming = 0.0
+    else:
+        binarize = MultiLabelBinarizer(classes=names)
+        y, yhat = binarize.fit_transform(gold), binarize.transform(pred)
+        p, r, f, support = precision_recall_fscore_support(y, yhat, zero_division=0)
+        micro = float(f1_score(y, yhat, average="micro", zero_division=0))
+        macro = float(f1_score(y, yhat, average="macro", zero_division=0))
+        subset = float(accuracy_score(y, yhat))
+        hamming = float(hamming_loss(y, yhat))
+    per_label = {
+        name: {
+            "precision": float(p[i]),
+            "recall": float(r[i]),
+            "f1": float(f[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(names)
+    }
+    return {
+        "micro_f1": micro,
+        "macro_f1": macro,
+        "subset_accuracy": subset,
+        "hamming_loss": hamming,
+        "per_label": per_label,
         "n": n,
     }
 

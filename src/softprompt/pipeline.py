@@ -13,9 +13,9 @@ from .data import Task, group_references
 from .engine import Engine
 from .ensembles import load_members
 from .errors import SoftpromptError
-from .metrics import generation_metrics, metrics
+from .metrics import generation_metrics, metrics, multilabel_metrics
 from .modeling.load import load_base
-from .predictors import Predictor, make_predictor, need_labels
+from .predictors import Predictor, chosen_labels, make_predictor, need_labels
 
 
 class SoftPrompt:
@@ -63,6 +63,11 @@ class SoftPrompt:
     def bias(self) -> list[float] | None:
         """The decision bias applied (`softprompt cv`, or an ensemble's manifest), if any."""
         return self.predictor.bias
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        """A multilabel adapter's per-label thresholds (`softprompt cv`), if any (else 0.5)."""
+        return self.predictor.thresholds
 
     @classmethod
     def load(
@@ -118,13 +123,22 @@ class SoftPrompt:
         progress: bool = False,
         calibrated: bool = True,
     ) -> list[dict]:
-        """Score every label after each text: [{'label', 'probabilities': {label: p}}].
+        """Score every label after each text: [{'label', 'probabilities': {label: p}}]; a
+        multilabel adapter: [{'labels': [...], 'probabilities': {label: p}}], each label's own
+        probability, the labels those reaching their thresholds.
 
-        With `calibrated` (default) the adapter's saved decision bias, if any, is applied."""
+        With `calibrated` (default) the adapter's saved decision bias (multilabel: thresholds),
+        if any, is applied; else the raw probabilities (multilabel: every threshold 0.5)."""
         probs = self.engine.classify(
             self.predictor, texts, batch_size=batch_size, progress=progress, calibrated=calibrated
         )
         names = self.task.label_names
+        if self.task.multilabel:
+            chosen = chosen_labels(self.predictor, probs, calibrated)
+            return [
+                {"labels": labels, "probabilities": dict(zip(names, row.tolist(), strict=True))}
+                for labels, row in zip(chosen, probs, strict=True)
+            ]
         return [
             {
                 "label": names[int(row.argmax())],
@@ -178,7 +192,9 @@ class SoftPrompt:
         outputs: list | None = None,
     ) -> dict:
         """Classification: accuracy, macro_f1, per_class, confusion_matrix (and invalid outputs
-        with `generate`). A generation adapter: rows with the same text are one input and
+        with `generate`). Multilabel: micro_f1, macro_f1, subset_accuracy, hamming_loss,
+        per_label (`metrics.multilabel_metrics`), each gold a list of labels (or a text joined
+        by the adapter's label separator). A generation adapter: rows with the same text are one input and
         their golds its references; each input is written out once (`generate`'s options) and
         scored by `metrics.generation_metrics` (bleu, chrf, rouge_l, exact_match). `outputs`, a
         list, receives one {text, output, references} per input."""
@@ -207,6 +223,8 @@ class SoftPrompt:
             }
             return m
         self._need_labels()
+        if self.task.multilabel and not generate:
+            return self._evaluate_multilabel(texts, gold, batch_size, progress, calibrated, outputs)
         if generate:
             pred = self.generate(
                 texts,
@@ -231,4 +249,29 @@ class SoftPrompt:
         m["head"] = head
         if not generate:
             m["calibrated"] = bool(calibrated and self.bias is not None)
+        return m
+
+    def _evaluate_multilabel(self, texts, gold, batch_size, progress, calibrated, outputs) -> dict:
+        sep = self.task.label_separator or ","
+        gold = [
+            [n.strip() for n in g.split(sep) if n.strip()] if isinstance(g, str) else list(g)
+            for g in gold
+        ]
+        pred = [
+            r["labels"]
+            for r in self.classify(
+                texts, batch_size=batch_size, progress=progress, calibrated=calibrated
+            )
+        ]
+        if outputs is not None:
+            outputs += [{"text": t, "output": o, "gold": g} for t, o, g in zip(texts, pred, gold, strict=True)]  # fmt: skip
+        m = multilabel_metrics(gold, pred, self.task.label_names)
+        m["method"] = "head"
+        m["head"] = self.predictor.describe()["head"]
+        m["calibrated"] = bool(calibrated and self.thresholds is not None)
+        m["thresholds"] = (
+            self.thresholds
+            if calibrated and self.thresholds
+            else [0.5] * len(self.task.label_names)
+        )
         return m

@@ -66,6 +66,8 @@ class Predictor:
     template_head: list[int]
     """The template's tokens before the text (e.g. `Tweet text :`), cached with each prompt."""
     base_model: str | None = None
+    thresholds: list[float] | None = None
+    """Multilabel: each label's decision threshold (fitted by `softprompt cv`); None: 0.5 each."""
     unloaded: bool = False
     """Set when a server unloads it: queued rows still finish, its KV is no longer cached."""
 
@@ -103,6 +105,7 @@ class Predictor:
             "max_new_tokens": self.task.max_new_tokens,
             "base_model": self.base_model,
             "calibration_bias": self.bias,
+            "thresholds": self.thresholds,
             "ensemble": [m.path for m in self.members] if self.is_ensemble else None,
         }
 
@@ -138,6 +141,12 @@ def _saved_bias(adapter: Adapter) -> list[float] | None:
     return cal.get("bias")
 
 
+def _saved_thresholds(adapter: Adapter) -> list[float] | None:
+    task = adapter.task
+    cal = (task.extra.get("calibration") or {}) if task is not None else {}
+    return cal.get("thresholds")
+
+
 def _difference(first: Adapter, other: Adapter) -> list[str]:
     """How ensemble member `other` differs from `first` in what must be the same."""
     what = []
@@ -152,6 +161,7 @@ def _difference(first: Adapter, other: Adapter) -> list[str]:
         what.append("no softprompt.json" if b is None else "a softprompt.json the first lacks")
     elif a is not None and b is not None:
         for name, said in (
+            ("kind", "task"),
             ("label_names", "labels"),
             ("template", "template"),
             ("text_column", "text column"),
@@ -171,13 +181,16 @@ def make_predictor(
     *,
     name: str | None = None,
     bias: Sequence[float] | None | str = "saved",
+    thresholds: Sequence[float] | None | str = "saved",
 ) -> Predictor:
     """A predictor of one adapter, or an ensemble of several for the same task.
 
     Refuses (SoftpromptError, one line naming the member and the difference) an adapter for
-    another model, members that disagree on base model, labels, template, text column,
-    max_length or suffix tokens, and a calibration bias whose length is not the labels'.
-    `bias`: "saved" (the first adapter's, from `softprompt cv`), None, or the values.
+    another model, members that disagree on task kind, base model, labels, template, text
+    column, max_length or suffix tokens, a calibration bias or thresholds whose length is not
+    the labels', and a multilabel adapter without a head.
+    `bias`: "saved" (the first adapter's, from `softprompt cv`), None, or the values;
+    `thresholds` (multilabel) the same.
     """
     if not adapters:
         raise SoftpromptError("a predictor needs at least one adapter")
@@ -200,7 +213,21 @@ def make_predictor(
                 f"{len(task.label_names)} labels {task.label_names}; remove 'calibration' from "
                 "softprompt.json (or run `softprompt cv` again)"
             )
+    cuts = _saved_thresholds(first) if thresholds == "saved" else thresholds
+    if cuts is not None:
+        cuts = [float(x) for x in cuts]
+        if len(cuts) != len(task.label_names):
+            raise SoftpromptError(
+                f"{first.path}: {len(cuts)} thresholds for {len(task.label_names)} labels "
+                f"{task.label_names}; remove 'calibration' from softprompt.json (or run "
+                "`softprompt cv` again)"
+            )
     for a in adapters:
+        if task.multilabel and a.head is None:
+            raise SoftpromptError(
+                f"{a.path}: a multilabel adapter needs its classification head (label words "
+                "choose one label); the weights file has none: copy the whole adapter folder"
+            )
         if a.head is not None and a.head.num_labels != len(task.label_names):
             raise SoftpromptError(
                 f"{a.path}: its classification head scores {a.head.num_labels} labels, but "
@@ -221,7 +248,8 @@ def make_predictor(
             )
             for a in adapters
         ],
-        bias=values,
+        bias=None if task.multilabel else values,
+        thresholds=cuts if task.multilabel else None,
         label_ids=[label_token_ids(tokenizer, n) for n in task.label_names],
         budget=input_budget(tokenizer, task),
         template_head=list(tokenizer(task.head())["input_ids"]),
@@ -239,9 +267,11 @@ def predictor_for_prompt(
     name: str = "prompt",
     kind: str = "prompt",
     head: ClassifierHead | None = None,
+    thresholds: Sequence[float] | None = None,
 ) -> Predictor:
     """A predictor of prompt [P+S, H] (or an ensemble [K, P+S, H]) for `task`, not read from disk
-    (training's per-epoch evaluation, `evaluate.label_probabilities`); raw unless `bias` is given.
+    (training's per-epoch evaluation, `evaluate.label_probabilities`); raw unless `bias` (or,
+    multilabel, `thresholds`) is given.
     kind "prefix": deep prompts [P, layers*2*heads*d], with the config the model gives them.
     `head`: the (one) prompt's classification head."""
     prompts = [prompt] if prompt.dim() == 2 else list(prompt)
@@ -260,7 +290,7 @@ def predictor_for_prompt(
         )
         for i, p in enumerate(prompts)
     ]
-    return make_predictor(model, tokenizer, adapters, name=name, bias=bias)
+    return make_predictor(model, tokenizer, adapters, name=name, bias=bias, thresholds=thresholds)
 
 
 def raw_task(task: Task) -> Task:
@@ -302,3 +332,14 @@ class PromptLogprobRow:
     text's log-probabilities do not depend on them."""
     top: int = 0
     """How many most likely tokens to give at each position."""
+
+
+def chosen_labels(predictor: Predictor, probs: Tensor, calibrated: bool = True) -> list[list[str]]:
+    """A multilabel predictor's answer for probabilities [N, L]: each row's labels whose
+    probability reaches its threshold (the saved ones with `calibrated`, else 0.5), in label
+    order."""
+    from .calibrate import choose_labels
+
+    names = predictor.task.label_names
+    cuts = predictor.thresholds if calibrated else None
+    return [[n for n, c in zip(names, row, strict=True) if c] for row in choose_labels(probs, cuts).tolist()]  # fmt: skip

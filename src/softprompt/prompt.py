@@ -14,15 +14,21 @@ from .errors import SoftpromptError
 from .readouts.head import ClassifierHead
 
 
-def task_init_text(label_names: Sequence[str], generation: tuple[str, str] | None = None) -> str:
+def task_init_text(
+    label_names: Sequence[str], generation: tuple[str, str] | None = None, multilabel: bool = False
+) -> str:
     """The default `--init-text`, built from the task's own labels so that no task starts from
     another's instruction: "Classify the text as complaint or no complaint:"; for a generation
-    task (`generation`: its input and target columns) "Given the mr, write the ref:"."""
+    task (`generation`: its input and target columns) "Given the mr, write the ref:"; for a
+    multilabel task "Tag the text with any of billing, delivery and praise:"."""
     if generation is not None:
         return f"Given the {generation[0]}, write the {generation[1]}:"
     names = [str(n) for n in label_names]
     if not names:
         return "Classify the text:"
+    if multilabel:
+        said = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        return f"Tag the text with any of {said}:"
     said = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
     return f"Classify the text as {said}:"
 

@@ -50,8 +50,9 @@ class AdapterConfig:
     """Another adapter for the same task (repeatable): label probabilities are the mean of all
     prompts' (--ensemble)."""
     calibration: bool = True
-    """Apply the decision bias saved by `softprompt cv`; --no-calibration: raw label
-    probabilities (--calibration / --no-calibration)."""
+    """Apply the decision bias saved by `softprompt cv` (a multilabel adapter: its per-label
+    thresholds); --no-calibration: raw label probabilities (multilabel: every threshold 0.5)
+    (--calibration / --no-calibration)."""
     trust_remote_code: bool = False
     """Allow models with custom code from the Hub (--trust-remote-code)."""
     progress: bool = True

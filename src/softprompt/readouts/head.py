@@ -194,12 +194,9 @@ def fit_pooled_head(
     --balance). Deterministic."""
     from sklearn.linear_model import LogisticRegression  # lazily: slow to import
 
-    x = torch.stack([pooled[i].detach().float().cpu() for i in layers])  # [n, N, H]
-    mean = x.mean(1)
-    std = x.std(1, unbiased=False).clamp_min(1e-6) + 1e-6
-    z = standardise({i: x[j] for j, i in enumerate(layers)}, layers, mean, std).numpy()
+    z, mean, std = _probe_features(pooled, layers)
     y = list(classes)
-    W = torch.zeros(num_labels, x.shape[-1])
+    W = torch.zeros(num_labels, z.shape[1])
     b = torch.zeros(num_labels)
     present = sorted(set(y))
     if len(present) >= 2:
@@ -212,6 +209,53 @@ def fit_pooled_head(
             icpt = torch.stack([-icpt[0] / 2, icpt[0] / 2])
         for j, c in enumerate(present):
             W[c], b[c] = coef[j], icpt[j]
+    return ClassifierHead("pooled", W, b, mean, std, layers)
+
+
+def _probe_features(pooled: dict[int, Tensor], layers: Sequence[int]):
+    """(the rows' standardised features [N, H] as numpy, each layer's mean and spread [n, H])."""
+    x = torch.stack([pooled[i].detach().float().cpu() for i in layers])  # [n, N, H]
+    mean = x.mean(1)
+    std = x.std(1, unbiased=False).clamp_min(1e-6) + 1e-6
+    z = standardise({i: x[j] for j, i in enumerate(layers)}, layers, mean, std).numpy()
+    return z, mean, std
+
+
+def fit_pooled_multilabel_head(
+    pooled: dict[int, Tensor],
+    targets: Sequence[Sequence[int]],
+    num_labels: int,
+    layers: Sequence[int],
+    *,
+    balance: bool = False,
+    C: float = 0.1,
+) -> ClassifierHead:
+    """A "pooled" head for `--task multilabel` started as one binary probe per label: for
+    label k, an L2-regularised logistic regression (scikit-learn, `C`) of "row has k" on the
+    standardised features (`standardise`), its weights and intercept as row k and bias k. The
+    head's per-label sigmoid is then each probe's probability, so step 0 answers as K
+    independent probes do (one multinomial probe would tie the labels together through a
+    softmax the task does not have). With `balance` each probe weighs its classes "balanced"
+    (positives by negatives / positives, as --balance's pos_weight does). A label that every
+    row has, or none does, gets no weights and the log-odds of its rate (clamped) as its bias.
+    Deterministic."""
+    from sklearn.linear_model import LogisticRegression  # lazily: slow to import
+
+    z, mean, std = _probe_features(pooled, layers)
+    N = z.shape[0]
+    W = torch.zeros(num_labels, z.shape[1])
+    b = torch.zeros(num_labels)
+    for k in range(num_labels):
+        y = [int(k in t) for t in targets]
+        pos = sum(y)
+        if 0 < pos < N:
+            clf = LogisticRegression(C=C, max_iter=5000, class_weight="balanced" if balance else None)  # fmt: skip
+            clf.fit(z, y)
+            W[k] = torch.tensor(clf.coef_[0], dtype=torch.float32)
+            b[k] = float(clf.intercept_[0])
+        else:
+            rate = min(max(pos / max(N, 1), 0.01), 0.99)
+            b[k] = float(torch.logit(torch.tensor(rate)))
     return ClassifierHead("pooled", W, b, mean, std, layers)
 
 

@@ -1,12 +1,15 @@
 """`POST /v1/classify`: each label's probability, through the adapter's label words or its
 classification head, the numbers `SoftPrompt.classify` and `softprompt predict` give; each
-input rendered with the adapter's template and cut as in training (or 413 with strict)."""
+input rendered with the adapter's template and cut as in training (or 413 with strict). A
+multilabel adapter answers each label's own probability and the labels that reach their
+thresholds."""
 
 from __future__ import annotations
 
+import torch
 from fastapi import Request
 
-from ..predictors import ClassifyRow
+from ..predictors import ClassifyRow, chosen_labels
 from .errors import ApiError
 from .metrics import note_adapter
 from .protocol import ClassifyRequest, ClassifyResponse, ClassifyResult
@@ -55,6 +58,19 @@ async def classify(req: ClassifyRequest, request: Request, state: ServerState) -
     probs = await state.run(rows, request)
     state.metrics.on_tokens(entry.name, sum(len(r.ids) for r in rows))
     names = entry.task.label_names
+    if entry.task.multilabel:  # each label's own probability; those reaching its threshold
+        chosen = chosen_labels(entry, torch.tensor(probs))
+        results = [
+            ClassifyResult(labels=c, probabilities=dict(zip(names, p, strict=True)), truncated=t)
+            for c, p, t in zip(chosen, probs, cut, strict=True)
+        ]
+        return ClassifyResponse(
+            adapter=entry.name,
+            calibrated=entry.thresholds is not None,
+            thresholds=entry.thresholds or [0.5] * len(names),
+            results=results,
+            warnings=warnings or None,
+        )
     results = [
         ClassifyResult(
             label=names[max(range(len(p)), key=p.__getitem__)],

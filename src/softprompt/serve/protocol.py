@@ -58,15 +58,23 @@ class ClassifyRequest(BaseModel):
 
 
 class ClassifyResult(BaseModel):
-    label: str
+    label: str | None = Omitted("The most likely label (a single-label adapter).")
+    labels: list[str] | None = Omitted(
+        "A multilabel adapter's answer: every label whose probability reaches its threshold."
+    )
     probabilities: dict[str, float]
-    """Each label's probability (label scoring; calibrated when the adapter has a bias)."""
+    """Each label's probability (label scoring; calibrated when the adapter has a bias); a
+    multilabel adapter's are each label's own (they need not sum to 1)."""
     truncated: bool
 
 
 class ClassifyResponse(BaseModel):
     adapter: str
     calibrated: bool
+    """Whether the adapter's calibration bias (multilabel: its fitted thresholds) applied."""
+    thresholds: list[float] | None = Omitted(
+        "A multilabel adapter's per-label thresholds, in its labels' order (0.5 unless fitted)."
+    )
     results: list[ClassifyResult]
     warnings: list[str] | None = Omitted("Inputs that were cut to fit, as in training.")
 
@@ -215,8 +223,9 @@ class AdapterInfo(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     task: str
-    """classification (labels, or the base model's plain completions) or generation (trained
-    with --task generation: completions and chat write on the text rendered with its template;
+    """classification (labels, or the base model's plain completions), multilabel (any number
+    of labels per text, each with its own probability) or generation (trained with --task
+    generation: completions and chat write on the text rendered with its template;
     softprompt.json's `kind`, as saved)."""
     labels: list[str]
     head: str | list[str]
@@ -233,6 +242,8 @@ class AdapterInfo(BaseModel):
     """A generation adapter's default max_tokens (None for classification)."""
     base_model: str | None
     calibration_bias: list[float] | None
+    thresholds: list[float] | None = None
+    """A multilabel adapter's fitted per-label thresholds (None: 0.5 each)."""
     ensemble: list[str] | None
     """The members' folders, for an ensemble."""
     base: bool

@@ -25,7 +25,9 @@ def card_what(conf: dict) -> str:
     return f"A {P}-token soft prompt (prompt tuning, Lester et al. 2021)"
 
 
-def _usage(hub: str | None, head: ClassifierHead | None, labels: list[str]) -> str:
+def _usage(
+    hub: str | None, head: ClassifierHead | None, labels: list[str], multilabel: bool = False
+) -> str:
     cli = """## Use
 
 ```bash
@@ -35,10 +37,13 @@ softprompt predict <this folder or repo> "some text"
     if head is not None and head.kind == "pooled":
         return cli
     if head is not None:  # PEFT's SEQ_CLS: the labels in softprompt.json's order
+        problem = ', problem_type="multi_label_classification"' if multilabel else ""
         peft = f"""
 from transformers import AutoModelForSequenceClassification
-base = AutoModelForSequenceClassification.from_pretrained("{hub}", num_labels={len(labels)})
+base = AutoModelForSequenceClassification.from_pretrained("{hub}", num_labels={len(labels)}{problem})
 model = PeftModel.from_pretrained(base, "<this folder or repo>")  # logits in this order: {labels}"""
+        if multilabel:
+            peft += "\nprobabilities = model(**inputs).logits.sigmoid()  # each label's own yes/no"
     else:
         peft = f"""
 from transformers import AutoModelForCausalLM
@@ -95,6 +100,10 @@ def model_card(
             f"It writes `{task.label_column}` for `{task.text_column}` (free text, "
             f"up to {task.max_new_tokens} new tokens by default)."
             if task.generates
+            else f"It tags `{task.text_column}` with any number of: "
+            + ", ".join(f"`{n}`" for n in task.label_names)
+            + " (a sigmoid per label)."
+            if task.multilabel
             else f"It classifies `{task.text_column}` into: "
             + ", ".join(f"`{n}`" for n in task.label_names)
             + "."
@@ -122,7 +131,7 @@ def model_card(
     shown = {k: round(v, 4) for k, v in record.items() if k.startswith(("eval_", "train_loss"))}
     parts += [
         f"Metrics at epoch {record['epoch']}: `{json.dumps(shown)}`",
-        _usage(hub, head, list(task.label_names)),
+        _usage(hub, head, list(task.label_names), task.multilabel),
     ]
     text = "# Soft prompt\n\n" + "\n\n".join(parts)
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}"))
@@ -131,6 +140,8 @@ def model_card(
 PLOTTED = (
     ("eval_accuracy", "eval accuracy"),
     ("eval_macro_f1", "eval macro-F1"),
+    ("eval_micro_f1", "eval micro-F1"),
+    ("eval_subset_accuracy", "eval subset accuracy"),
     ("eval_bleu", "eval BLEU / 100"),
     ("eval_rouge_l", "eval ROUGE-L"),
 )

@@ -7,8 +7,9 @@ import math
 
 import torch
 
+from ..calibrate import choose_labels
 from ..engine import Engine
-from ..metrics import metrics
+from ..metrics import metrics, multilabel_metrics
 from ..modeling.sharding import gather_root
 from ..predictors import ClassifyRow, predictor_for_prompt
 from .setup import Run
@@ -17,7 +18,9 @@ from .step import batch_loss, loss_units
 
 def evaluate(run: Run, prompt: torch.Tensor, head=None) -> dict:
     """Eval loss (mean over all label tokens, or with a classification head over rows),
-    accuracy and macro-F1 (the inference engine's answers, raw). Each process takes every
+    accuracy and macro-F1 (the inference engine's answers, raw); multilabel: the loss over rows
+    (each the mean of its labels' sigmoid losses, unweighted), micro- and macro-F1 and subset
+    accuracy of the labels at 0.5. Each process takes every
     world-th row; the sums and predictions are gathered, so any process count gives the same."""
     procs, task = run.procs, run.task
     if task.generates:
@@ -29,7 +32,7 @@ def evaluate(run: Run, prompt: torch.Tensor, head=None) -> dict:
     )
     size = run.cfg.eval_batch_size
     sums = torch.zeros(2, dtype=torch.float64, device=prompt.device)  # [loss sum, label tokens]
-    pred: list[str] = []
+    pred: list = []
     # FSDP: every process runs the same number of batches, each layer gathered from all of them
     # (a process out of rows runs row 0 and keeps nothing); no KV cache can be kept
     steps = math.ceil(len(run.eval_rows) / procs.world) if procs.fsdp else len(mine)
@@ -49,12 +52,24 @@ def evaluate(run: Run, prompt: torch.Tensor, head=None) -> dict:
             if mine[s : s + size]:
                 sums[0] += loss.double()
                 sums[1] += loss_units(run, rows)
-                pred += [task.label_names[int(p.argmax())] for p in probs]
+                if task.multilabel:  # raw: every label at 0.5
+                    chosen = choose_labels(torch.stack(probs), None)
+                    pred += [[n for n, c in zip(task.label_names, row, strict=True) if c] for row in chosen.tolist()]  # fmt: skip
+                else:
+                    pred += [task.label_names[int(p.argmax())] for p in probs]
     loss = (procs.sum(sums)[0] / sums[1]).item()
     gathered = dict(procs.gather(list(zip(mine, pred, strict=True))))
-    m = metrics(
-        run.eval_labels, [gathered[j] for j in range(len(run.eval_labels))], task.label_names
-    )
+    pred = [gathered[j] for j in range(len(run.eval_labels))]
+    if task.multilabel:
+        m = multilabel_metrics(run.eval_labels, pred, task.label_names)
+        return {
+            "eval_loss": loss,
+            "eval_ppl": math.exp(min(loss, 50)),
+            "eval_micro_f1": m["micro_f1"],
+            "eval_macro_f1": m["macro_f1"],
+            "eval_subset_accuracy": m["subset_accuracy"],
+        }
+    m = metrics(run.eval_labels, pred, task.label_names)
     return {
         "eval_loss": loss,
         "eval_ppl": math.exp(min(loss, 50)),

@@ -287,7 +287,7 @@ def _silent(*args, **kwargs) -> None:
 def _better(new: dict, old: dict, select_by: str = "loss") -> bool:
     if "eval_loss" not in new:
         return True  # no eval set: the last prompt is the best we know
-    if "eval_macro_f1" in new:  # classification
+    if "eval_macro_f1" in new:  # classification, multilabel
         return (new["eval_macro_f1"], -new["eval_loss"]) > (old["eval_macro_f1"], -old["eval_loss"])  # fmt: skip
     key = f"eval_{select_by}"
     if select_by != "loss" and key in new:  # generation, by a score of its outputs
@@ -296,7 +296,7 @@ def _better(new: dict, old: dict, select_by: str = "loss") -> bool:
 
 
 SHOWN = ("eval_loss", "eval_ppl", "eval_accuracy", "eval_macro_f1", "eval_bleu", "eval_rouge_l",
-         "eval_chrf", "eval_exact_match")  # fmt: skip
+         "eval_chrf", "eval_exact_match", "eval_micro_f1", "eval_subset_accuracy")  # fmt: skip
 
 
 def _format_record(r: dict) -> str:
@@ -317,5 +317,5 @@ def score_generation(run: Run, state: TrainState, best: torch.Tensor, progress: 
     logger.info(
         "kept epoch %d, its greedy outputs on %d eval inputs: %s",
         state.best["epoch"], len(set(run.eval_texts)),
-        " ".join(f"{k}={state.best[k]:.3f}" for k in SHOWN[4:]),
+        " ".join(f"{k}={state.best[k]:.3f}" for k in SHOWN[4:8]),
     )  # fmt: skip

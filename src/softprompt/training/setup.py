@@ -19,12 +19,15 @@ from ..data import (
     Task,
     check_labels,
     empty_texts,
+    encode_label_sets,
     encode_rows,
     encode_targets,
     grouped_split,
     label_set,
+    label_sets,
     load_table,
     looks_like_free_text,
+    shuffled_split,
     stratified_split,
 )
 from ..errors import SoftpromptError
@@ -39,6 +42,7 @@ from ..prompt import PromptEncoder, init_prefix, init_prompt, task_init_text
 from ..readouts.head import (
     ClassifierHead,
     fit_pooled_head,
+    fit_pooled_multilabel_head,
     label_word_head,
     pooled_layers,
     rows_features,
@@ -79,6 +83,9 @@ class Run:
     """Rows run packed after one shared prompt pass (off with gradient checkpointing or FSDP)."""
     head_ids: list[int]
     """The template's tokens before the text: where a pooled head's part of a row begins."""
+    pos_weight: torch.Tensor | None = None
+    """Multilabel with --balance: each label's positive rows weigh its negatives / positives
+    in the training loss ([K], `label_pos_weight`); None: every (row, label) weighs 1."""
 
     @property
     def kind(self) -> str:
@@ -88,15 +95,23 @@ class Run:
 def load_data(cfg: TrainConfig, data, eval_data) -> tuple[Task, tuple, tuple]:
     """The task and its (texts, labels) for training and for evaluation (both may be empty):
     from the rows given, or read from cfg.data / cfg.eval_data, or held out of cfg.data."""
+    sep = cfg.label_separator if cfg.task == "multilabel" else None
     if data is not None:
         table = _as_table(data, cfg, "data")
     else:
         table = load_table(
-            cfg.data, cfg.text_column, cfg.label_column, subset=cfg.subset, split=cfg.split
+            cfg.data,
+            cfg.text_column,
+            cfg.label_column,
+            subset=cfg.subset,
+            split=cfg.split,
+            separator=sep,
         )
     _check_texts(table, cfg, "--data")
     if cfg.task == "generation":
         return _generation_data(cfg, table, eval_data)
+    if cfg.task == "multilabel":
+        return _multilabel_data(cfg, table, eval_data)
     names = label_set(table)
     if looks_like_free_text(table.labels):
         said = (
@@ -193,9 +208,69 @@ def _generation_data(cfg: TrainConfig, table: Table, eval_data) -> tuple[Task, t
     return task, train_part, eval_part
 
 
+def _multilabel_data(cfg: TrainConfig, table: Table, eval_data) -> tuple[Task, tuple, tuple]:
+    """--task multilabel: the label names are the union of the training rows' labels (or
+    cfg.extra["label_names"], which cv's fold runs set so that every fold scores every label);
+    a label of the evaluation rows that no training row has is refused; without --eval-data,
+    --eval-fraction of the rows is held out at random (seeded: no one label stratifies)."""
+    names = label_set(table)
+    given = cfg.extra.get("label_names")
+    if given:
+        missing = sorted(set(names) - set(given))
+        if missing:
+            raise SoftpromptError(
+                f"--data {table.source}: labels {missing} are not among the run's label names {given}"
+            )
+        names = list(given)
+    if len(names) < 2:
+        raise SoftpromptError(
+            f"--data {table.source}: column {cfg.label_column!r} has only the labels {names}; "
+            "need at least 2"
+        )
+    if len(names) > MAX_LABELS:
+        raise SoftpromptError(
+            f"--data {table.source}: column {cfg.label_column!r} has {len(names)} distinct "
+            f"labels; a multilabel run takes at most {MAX_LABELS}"
+        )
+    if eval_data is not None or cfg.eval_data:
+        if eval_data is not None:
+            held = _as_table(eval_data, cfg, "eval_data")
+        else:
+            held = load_table(
+                cfg.eval_data,
+                cfg.text_column,
+                cfg.label_column,
+                subset=cfg.subset,
+                split=cfg.eval_split,
+                flag="--eval-data",
+                separator=cfg.label_separator,
+            )
+        check_labels(held, names, "--eval-data")
+        train_part, eval_part = (table.texts, table.labels), (held.texts, held.labels)
+    else:
+        keep, out = shuffled_split(len(table.texts), cfg.eval_fraction, cfg.seed)
+        train_part = ([table.texts[i] for i in keep], [table.labels[i] for i in keep])
+        eval_part = ([table.texts[i] for i in out], [table.labels[i] for i in out])
+    task = Task(
+        text_column=cfg.text_column,
+        label_names=names,
+        label_column=cfg.label_column,
+        template=cfg.template,
+        max_length=cfg.max_length,
+        suffix_tokens=cfg.suffix_tokens,
+        kind="multilabel",
+        label_separator=cfg.label_separator,
+    )
+    return task, train_part, eval_part
+
+
 def _as_table(rows, cfg: TrainConfig, name: str) -> Table:
-    """Rows given to `train` as a Table (as it is) or as dicts with the text and label columns."""
+    """Rows given to `train` as a Table (as it is) or as dicts with the text and label columns;
+    multilabel rows' labels split into lists (`data.label_sets`) unless they are lists."""
     if isinstance(rows, Table):
+        if cfg.task == "multilabel" and rows.labels is not None:
+            where = f"train({name}=...) {rows.source}"
+            return replace(rows, labels=label_sets(rows.labels, cfg.label_separator, where, cfg.label_column))  # fmt: skip
         return rows
     texts, labels = [], []
     for i, row in enumerate(rows):
@@ -206,9 +281,12 @@ def _as_table(rows, cfg: TrainConfig, name: str) -> Table:
                 "set TrainConfig.text_column / label_column to the rows' keys"
             )
         texts.append(str(row[cfg.text_column]))
-        labels.append(str(row[cfg.label_column]))
+        label = row[cfg.label_column]
+        labels.append(label if isinstance(label, (list, tuple)) and cfg.task == "multilabel" else str(label))  # fmt: skip
     if not texts:
         raise SoftpromptError(f"train({name}=...): no rows")
+    if cfg.task == "multilabel":
+        labels = label_sets(labels, cfg.label_separator, f"train({name}=...)", cfg.label_column)
     return Table(IN_MEMORY, texts, labels, [cfg.text_column, cfg.label_column])
 
 
@@ -225,12 +303,16 @@ def setup(cfg, task, model, tokenizer, model_name, out, procs, train_part, eval_
             _say_cuts(cuts, len(eval_rows), task, "--eval-data", procs.main)
         longest = max(len(r.label_ids) for r in train_rows)
         task.max_new_tokens = longest + max(8, longest // 4)  # room for a longer answer
+    elif task.multilabel:
+        train_rows = encode_label_sets(tokenizer, task, *train_part)
+        eval_rows = encode_label_sets(tokenizer, task, *eval_part) if eval_part[0] else []
     else:
         train_rows = encode_rows(tokenizer, task, *train_part)
         eval_rows = encode_rows(tokenizer, task, *eval_part) if eval_part[0] else []
     init_text = cfg.init_text or task_init_text(
         task.label_names,
         generation=(task.text_column, task.label_column) if task.generates else None,
+        multilabel=task.multilabel,
     )
     if cfg.method == "prefix":  # [P, layers*2*heads*d]: keys/values in every layer
         if cfg.init_from:
@@ -289,6 +371,8 @@ def setup(cfg, task, model, tokenizer, model_name, out, procs, train_part, eval_
             tokenizer_name=hub_name,
         )
     task.extra = {"base_model": base_record, "init": cfg.init, "softprompt_version": _version()}
+    if task.multilabel:  # what transformers' AutoModelForSequenceClassification is told
+        task.extra["problem_type"] = "multi_label_classification"
 
     from transformers import get_linear_schedule_with_warmup
 
@@ -309,7 +393,7 @@ def setup(cfg, task, model, tokenizer, model_name, out, procs, train_part, eval_
         procs=procs,
         device=device,
         train_rows=train_rows,
-        row_weight=row_weights(train_part[1], cfg.balance and not task.generates),
+        row_weight=row_weights(train_part[1], cfg.balance and task.kind == "classification"),
         eval_rows=eval_rows,
         eval_texts=list(eval_part[0]),
         eval_labels=list(eval_part[1]),
@@ -320,6 +404,9 @@ def setup(cfg, task, model, tokenizer, model_name, out, procs, train_part, eval_
         base_record=base_record,
         packed=packed,
         head_ids=head_ids,
+        pos_weight=label_pos_weight(train_rows, len(task.label_names)).to(device)
+        if task.multilabel and cfg.balance
+        else None,
     )
 
 
@@ -363,12 +450,17 @@ def make_head(
             part = rows[s : s + cfg.eval_batch_size]
             f = rows_features(model, prompt.to(device), part, [probe], head_ids, kind, packed)
             feats.append({i: f.pooled[i].cpu() for i in layers})
-    weights = row_weights([task.label_names[r.label] for r in rows], cfg.balance)
     pooled = {i: torch.cat([f[i] for f in feats]) for i in layers}
-    head = fit_pooled_head(pooled, [r.label for r in rows], K, layers, weights=weights)
+    if task.multilabel:
+        targets = [r.labels for r in rows]
+        head = fit_pooled_multilabel_head(pooled, targets, K, layers, balance=cfg.balance)
+    else:
+        weights = row_weights([task.label_names[r.label] for r in rows], cfg.balance)
+        head = fit_pooled_head(pooled, [r.label for r in rows], K, layers, weights=weights)
+    probes = "one linear probe per label" if task.multilabel else "a linear probe"
     say(
         f"pooled head (--head pooled): layers {layers[0]}-{layers[-1]} of "
-        f"{len(decoder_layers(model))}, started from a linear probe on the {len(rows)} training rows"
+        f"{len(decoder_layers(model))}, started from {probes} on the {len(rows)} training rows"
     )
     return head.to(device)
 
@@ -437,6 +529,17 @@ def _version() -> str:
         return version("softprompt")
     except Exception:  # noqa: BLE001
         return "unknown"
+
+
+def label_pos_weight(rows: Sequence[Encoded], num_labels: int) -> torch.Tensor:
+    """Multilabel --balance: each label's negative rows / positive rows [K] (1 for a label that
+    no row, or every row, has), BCE's pos_weight: a label's positives then weigh as much as its
+    negatives in all."""
+    pos = torch.zeros(num_labels)
+    for r in rows:
+        pos[r.labels] += 1
+    neg = len(rows) - pos
+    return torch.where((pos > 0) & (neg > 0), neg / pos.clamp_min(1), torch.ones(num_labels))
 
 
 def row_weights(labels: Sequence[str], balance: bool) -> list[float]:

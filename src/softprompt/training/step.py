@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..data import multi_hot
 from ..modeling.sharding import gather_root
 from ..readouts.head import ClassifierHead, rows_features
 from ..readouts.words import rows_loss
@@ -14,12 +15,26 @@ from .checkpoint import TrainState
 from .setup import Run
 
 
-def batch_loss(run: Run, prompt: torch.Tensor, rows, weights=None, head="training") -> torch.Tensor:
+def batch_loss(
+    run: Run, prompt: torch.Tensor, rows, weights=None, head="training", pos_weight=None
+) -> torch.Tensor:
     """The summed loss of training rows (`Encoded`) for the run's method and readout: over label
     tokens, or with a classification head over rows (cross-entropy of its logits; `head`: the
-    one training, or a copy of it)."""
+    one training, or a copy of it). A multilabel task's row loss is the mean over its labels of
+    each label's sigmoid loss (binary cross-entropy with logits, each label's positives weighed
+    by `pos_weight` [K] when given): summed over rows and divided by them, it is transformers'
+    BCEWithLogitsLoss of a SEQ_CLS model with problem_type multi_label_classification."""
     if head == "training":
         head = run.encoder.head
+    if head is not None and run.task.multilabel:
+        logits = head_logits(run, prompt, rows, head)
+        target = multi_hot(rows, logits.shape[-1]).to(logits.device)
+        loss = F.binary_cross_entropy_with_logits(
+            logits, target, reduction="none", pos_weight=pos_weight
+        ).mean(-1)
+        if weights is not None:
+            loss = loss * weights.to(loss.device, torch.float32)
+        return loss.sum()
     if head is not None:
         classes = torch.tensor([r.label for r in rows], device=prompt.device)
         loss = F.cross_entropy(head_logits(run, prompt, rows, head), classes, reduction="none")
@@ -53,7 +68,7 @@ def train_step(run: Run, rows_idx: list[int]) -> float:
         gather_root(run.model)
     if mine or procs.fsdp:
         weighted = torch.tensor(w) if cfg.balance or not mine else None
-        loss = batch_loss(run, run.encoder(), share, weighted)
+        loss = batch_loss(run, run.encoder(), share, weighted, pos_weight=run.pos_weight)
         loss = loss / loss_units(run, rows, weights)
     mean = procs.sum(loss.detach().clone()).item()
     if (mine or procs.fsdp) and math.isfinite(mean):
