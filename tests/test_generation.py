@@ -73,6 +73,22 @@ def test_long_rows_are_cut_and_counted_never_dropped(tokenizer):
     assert rows[2].label_ids == tokenizer("y", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]  # fmt: skip
 
 
+def test_training_says_how_many_rows_were_cut_and_which_flag_keeps_them(tiny, tmp_path, caplog):
+    model, tok = tiny
+    rows = [{**r, "ref": r["ref"] + " It has a long story." * (20 if i < 3 else 0)} for i, r in enumerate(ROWS)]  # fmt: skip
+    from softprompt import train
+
+    cfg = TrainConfig(
+        data=None, task="generation", text_column="mr", label_column="ref", max_length=48,
+        out=str(tmp_path / "cut"), epochs=1, progress=False,
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="softprompt"):
+        result = train(cfg, model, tok, data=rows)
+    said = [r.getMessage() for r in caplog.records if "raise --max-length" in r.getMessage()]
+    assert len(said) == 1 and "3 target(s) cut" in said[0] and f"of {len(rows)} rows" in said[0]
+    assert all(len(r) <= 48 for r in encode_targets(tok, load_adapter(result.out).task, [r["mr"] for r in rows], [r["ref"] for r in rows])[0])  # fmt: skip
+
+
 def test_references_group_by_input_and_splits_keep_inputs_whole():
     texts = [r["mr"] for r in ROWS]
     inputs, refs = group_references(texts, [r["ref"] for r in ROWS])
@@ -124,14 +140,15 @@ def _peft_loss(pm, rows, pad):
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("method", ["prompt", "prefix"])
-def test_trained_adapter_is_pefts_and_its_loss_equals_pefts(tiny, tmp_path, method):
-    """The saved generation adapter is PEFT's own CAUSAL_LM adapter: PEFT loads it, and its loss
-    on the training rows equals softprompt's within 1e-5 (float32)."""
+@pytest.mark.parametrize("method,reparam", [("prompt", "none"), ("prefix", "none"), ("prompt", "mlp")])  # fmt: skip
+def test_trained_adapter_is_pefts_and_its_loss_equals_pefts(tiny, tmp_path, method, reparam):
+    """The saved generation adapter is PEFT's own CAUSAL_LM adapter (prompt tuning, prefix
+    tuning, and P-tuning's reparameterised prompt saved as the prompt): PEFT loads it, and its
+    loss on the training rows equals softprompt's within 1e-5 (float32)."""
     from peft import PeftModel
 
     model, tok = tiny
-    result = _train(model, tok, tmp_path, method=method)
+    result = _train(model, tok, tmp_path, method=method, reparam=reparam)
     conf = json.loads((result.out / "adapter_config.json").read_text())
     assert conf["task_type"] == "CAUSAL_LM"
     assert conf["peft_type"] == ("PROMPT_TUNING" if method == "prompt" else "PREFIX_TUNING")
