@@ -10,14 +10,16 @@ Data: `trainset.csv` and `devset.csv` (columns mr, ref; several refs per mr) in 
 (default `../shared/data/e2e` beside the repository), read in place. No E2E test set is used.
 
 Training pairs (`--train-pairs N`, `--sample-seed S`): the distinct mr values of trainset.csv,
-in the order they first occur, are shuffled with `random.Random(S).shuffle`; inputs are taken in
+sorted, are shuffled with `random.Random(S).shuffle`; inputs are taken in
 that order, each with all of its refs in file order, until N pairs are taken, and the last
 input's refs are cut so that there are exactly N. `--train-pairs all`: every row, by the same
 rule. Every method and seed trains on these same pairs (the seed changes initialisation, where
 there is one, and batch order).
 
 Dev inputs (`--dev-inputs N`): the distinct mr values of devset.csv (547); fewer than all: the
-first N after `random.Random(S).shuffle` of them. Each input is written out once and scored
+first N after `random.Random(S).shuffle` of them, sorted. `--write-sample DIR` writes the
+sampled pairs and dev rows as DIR/train.csv and DIR/dev.csv (columns mr, ref) and stops, for
+training and scoring the same rows with the command line. Each input is written out once and scored
 against all of its refs by `softprompt.metrics.generation_metrics` (sacrebleu BLEU lowercased
 with 13a tokenisation and all references, the official E2E BLEU; chrF; rouge-score ROUGE-L).
 The dev set is never used to choose anything: every method keeps its last epoch.
@@ -134,7 +136,7 @@ def by_input(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
 def sample_train(pairs, n: int | None, seed: int) -> list[tuple[str, str]]:
     """The module docstring's rule: shuffled inputs, all their refs, the last input cut to n."""
     refs = by_input(pairs)
-    inputs = list(refs)
+    inputs = sorted(refs)
     random.Random(seed).shuffle(inputs)
     n = len(pairs) if n is None else n
     out: list[tuple[str, str]] = []
@@ -148,11 +150,20 @@ def sample_train(pairs, n: int | None, seed: int) -> list[tuple[str, str]]:
 def sample_dev(pairs, n: int | None, seed: int) -> tuple[list[str], list[list[str]]]:
     """(inputs, each input's refs): all, or the first n after a seeded shuffle."""
     refs = by_input(pairs)
-    inputs = list(refs)
+    inputs = sorted(refs)
     if n is not None and n < len(inputs):
         random.Random(seed).shuffle(inputs)
         inputs = inputs[:n]
     return inputs, [refs[mr] for mr in inputs]
+
+
+def write_sample(folder: Path, pairs, dev_inputs, dev_refs) -> None:
+    """--write-sample: the sampled training pairs and dev rows as CSV files (mr, ref)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(pairs, columns=[TEXT, TARGET]).to_csv(folder / "train.csv", index=False)
+    dev = [(mr, r) for mr, refs in zip(dev_inputs, dev_refs, strict=True) for r in refs]
+    pd.DataFrame(dev, columns=[TEXT, TARGET]).to_csv(folder / "dev.csv", index=False)
+    log(f"wrote {len(pairs)} training pairs and {len(dev)} dev rows to {folder}")
 
 
 def gen_task(max_length: int):
@@ -819,6 +830,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (and OMP_NUM_THREADS)")
     ap.add_argument("--no-speed", action="store_true", help="skip the generation speed section")
     ap.add_argument("--speed-only", action="store_true", help="only the speed section")
+    ap.add_argument(
+        "--write-sample", type=Path, help="write DIR/train.csv and DIR/dev.csv and stop"
+    )
     ap.add_argument("--speed-inputs", type=int, default=32)
     ap.add_argument("--speed-tokens", type=int, default=40)
     ap.add_argument("--speed-repeats", type=int, default=3)
@@ -872,6 +886,9 @@ def main(argv=None) -> int:
     dev_inputs, dev_refs = sample_dev(
         read_pairs(args.data_dir / "devset.csv"), args.dev_inputs, args.sample_seed
     )
+    if args.write_sample:
+        write_sample(args.write_sample, pairs, dev_inputs, dev_refs)
+        return 0
     rows = encoded_rows(tokenizer, pairs, settings["max_length"])
     max_new = args.max_new_tokens or default_max_new_tokens(tokenizer, [y for _, y in pairs])
     peft_max_length = args.peft_max_length or max(len(r) for r in rows)
