@@ -94,7 +94,8 @@ class Run:
 
 def load_data(cfg: TrainConfig, data, eval_data) -> tuple[Task, tuple, tuple]:
     """The task and its (texts, labels) for training and for evaluation (both may be empty):
-    from the rows given, or read from cfg.data / cfg.eval_data, or held out of cfg.data."""
+    from the rows given, or read from cfg.data / cfg.eval_data, or held out of cfg.data (by
+    label for classification, by input for generation, at random for multilabel)."""
     sep = cfg.label_separator if cfg.task == "multilabel" else None
     if data is not None:
         table = _as_table(data, cfg, "data")
@@ -108,24 +109,7 @@ def load_data(cfg: TrainConfig, data, eval_data) -> tuple[Task, tuple, tuple]:
             separator=sep,
         )
     _check_texts(table, cfg, "--data")
-    if cfg.task == "generation":
-        return _generation_data(cfg, table, eval_data)
-    if cfg.task == "multilabel":
-        return _multilabel_data(cfg, table, eval_data)
-    names = label_set(table)
-    if looks_like_free_text(table.labels):
-        said = (
-            f"--data {table.source}: column {cfg.label_column!r} has {len(names)} distinct "
-            f"values in {len(table.labels)} rows: it looks like free text, not a label set; "
-            "pass --task generation to train a prompt that writes it"
-        )
-        if len(names) > MAX_LABELS:
-            raise SoftpromptError(said + f" (classification takes at most {MAX_LABELS} labels)")
-        logger.warning(said + " (training it as %d labels)", len(names))
-    if len(names) < 2:
-        raise SoftpromptError(
-            f"--data {cfg.data}: column {cfg.label_column!r} has only {names}; need at least 2 labels"
-        )
+    names = _label_names(cfg, table)
     if eval_data is not None or cfg.eval_data:
         if eval_data is not None:
             held = _as_table(eval_data, cfg, "eval_data")
@@ -137,12 +121,20 @@ def load_data(cfg: TrainConfig, data, eval_data) -> tuple[Task, tuple, tuple]:
                 subset=cfg.subset,
                 split=cfg.eval_split,
                 flag="--eval-data",
+                separator=sep,
             )
-        check_labels(held, names, "--eval-data")
-        train_part = (table.texts, table.labels)
-        eval_part = (held.texts, held.labels)
+        if cfg.task == "generation":
+            _check_texts(held, cfg, "--eval-data")
+        else:
+            check_labels(held, names, "--eval-data")
+        train_part, eval_part = (table.texts, table.labels), (held.texts, held.labels)
     else:
-        keep, out = stratified_split(table.labels, cfg.eval_fraction, cfg.seed)
+        if cfg.task == "generation":  # an input's references all train or all evaluate
+            keep, out = grouped_split(table.texts, cfg.eval_fraction, cfg.seed)
+        elif cfg.task == "multilabel":  # seeded, at random: no one label stratifies
+            keep, out = shuffled_split(len(table.texts), cfg.eval_fraction, cfg.seed)
+        else:
+            keep, out = stratified_split(table.labels, cfg.eval_fraction, cfg.seed)
         train_part = ([table.texts[i] for i in keep], [table.labels[i] for i in keep])
         eval_part = ([table.texts[i] for i in out], [table.labels[i] for i in out])
     task = Task(
@@ -152,12 +144,52 @@ def load_data(cfg: TrainConfig, data, eval_data) -> tuple[Task, tuple, tuple]:
         template=cfg.template,
         max_length=cfg.max_length,
         suffix_tokens=cfg.suffix_tokens,
+        kind=cfg.task,
+        label_separator=sep,
     )
     return task, train_part, eval_part
 
 
 MAX_LABELS = 100
 """The most distinct labels a classification run takes (more: free text, --task generation)."""
+
+
+def _label_names(cfg: TrainConfig, table: Table) -> list[str]:
+    """The task's label names: none for generation; for multilabel the union of the training
+    rows' labels (or cfg.extra["label_names"], which cv's fold runs set so that every fold
+    scores every label); for classification the labels present, refused when they look like free
+    text (over MAX_LABELS of them; fewer: said)."""
+    if cfg.task == "generation":
+        return []
+    names = label_set(table)
+    if cfg.task == "multilabel":
+        given = cfg.extra.get("label_names")
+        if given:
+            missing = sorted(set(names) - set(given))
+            if missing:
+                raise SoftpromptError(
+                    f"--data {table.source}: labels {missing} are not among the run's label names {given}"
+                )
+            names = list(given)
+        if len(names) > MAX_LABELS:
+            raise SoftpromptError(
+                f"--data {table.source}: column {cfg.label_column!r} has {len(names)} distinct "
+                f"labels; a multilabel run takes at most {MAX_LABELS}"
+            )
+    elif looks_like_free_text(table.labels):
+        said = (
+            f"--data {table.source}: column {cfg.label_column!r} has {len(names)} distinct "
+            f"values in {len(table.labels)} rows: it looks like free text, not a label set; "
+            "pass --task generation to train a prompt that writes it"
+        )
+        if len(names) > MAX_LABELS:
+            raise SoftpromptError(said + f" (classification takes at most {MAX_LABELS} labels)")
+        logger.warning(said + " (training it as %d labels)", len(names))
+    if len(names) < 2:
+        raise SoftpromptError(
+            f"--data {table.source}: column {cfg.label_column!r} has only {names}; need at least 2 labels"
+        )
+    return names
 
 
 def _check_texts(table: Table, cfg: TrainConfig, flag: str) -> None:
@@ -173,95 +205,6 @@ def _check_texts(table: Table, cfg: TrainConfig, flag: str) -> None:
         "%s is empty in %d of %d rows (rows %s); they train on the template alone: fill or drop them",
         where, len(empty), len(table.texts), rows,
     )  # fmt: skip
-
-
-def _generation_data(cfg: TrainConfig, table: Table, eval_data) -> tuple[Task, tuple, tuple]:
-    """--task generation: every (input, target) row trains; evaluation rows come from
-    --eval-data, or --eval-fraction of the distinct inputs is held out with all their rows."""
-    if eval_data is not None or cfg.eval_data:
-        if eval_data is not None:
-            held = _as_table(eval_data, cfg, "eval_data")
-        else:
-            held = load_table(
-                cfg.eval_data,
-                cfg.text_column,
-                cfg.label_column,
-                subset=cfg.subset,
-                split=cfg.eval_split,
-                flag="--eval-data",
-            )
-        _check_texts(held, cfg, "--eval-data")
-        train_part, eval_part = (table.texts, table.labels), (held.texts, held.labels)
-    else:
-        keep, out = grouped_split(table.texts, cfg.eval_fraction, cfg.seed)
-        train_part = ([table.texts[i] for i in keep], [table.labels[i] for i in keep])
-        eval_part = ([table.texts[i] for i in out], [table.labels[i] for i in out])
-    task = Task(
-        text_column=cfg.text_column,
-        label_names=[],
-        label_column=cfg.label_column,
-        template=cfg.template,
-        max_length=cfg.max_length,
-        suffix_tokens=cfg.suffix_tokens,
-        kind="generation",
-    )
-    return task, train_part, eval_part
-
-
-def _multilabel_data(cfg: TrainConfig, table: Table, eval_data) -> tuple[Task, tuple, tuple]:
-    """--task multilabel: the label names are the union of the training rows' labels (or
-    cfg.extra["label_names"], which cv's fold runs set so that every fold scores every label);
-    a label of the evaluation rows that no training row has is refused; without --eval-data,
-    --eval-fraction of the rows is held out at random (seeded: no one label stratifies)."""
-    names = label_set(table)
-    given = cfg.extra.get("label_names")
-    if given:
-        missing = sorted(set(names) - set(given))
-        if missing:
-            raise SoftpromptError(
-                f"--data {table.source}: labels {missing} are not among the run's label names {given}"
-            )
-        names = list(given)
-    if len(names) < 2:
-        raise SoftpromptError(
-            f"--data {table.source}: column {cfg.label_column!r} has only the labels {names}; "
-            "need at least 2"
-        )
-    if len(names) > MAX_LABELS:
-        raise SoftpromptError(
-            f"--data {table.source}: column {cfg.label_column!r} has {len(names)} distinct "
-            f"labels; a multilabel run takes at most {MAX_LABELS}"
-        )
-    if eval_data is not None or cfg.eval_data:
-        if eval_data is not None:
-            held = _as_table(eval_data, cfg, "eval_data")
-        else:
-            held = load_table(
-                cfg.eval_data,
-                cfg.text_column,
-                cfg.label_column,
-                subset=cfg.subset,
-                split=cfg.eval_split,
-                flag="--eval-data",
-                separator=cfg.label_separator,
-            )
-        check_labels(held, names, "--eval-data")
-        train_part, eval_part = (table.texts, table.labels), (held.texts, held.labels)
-    else:
-        keep, out = shuffled_split(len(table.texts), cfg.eval_fraction, cfg.seed)
-        train_part = ([table.texts[i] for i in keep], [table.labels[i] for i in keep])
-        eval_part = ([table.texts[i] for i in out], [table.labels[i] for i in out])
-    task = Task(
-        text_column=cfg.text_column,
-        label_names=names,
-        label_column=cfg.label_column,
-        template=cfg.template,
-        max_length=cfg.max_length,
-        suffix_tokens=cfg.suffix_tokens,
-        kind="multilabel",
-        label_separator=cfg.label_separator,
-    )
-    return task, train_part, eval_part
 
 
 def _as_table(rows, cfg: TrainConfig, name: str) -> Table:
