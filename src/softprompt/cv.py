@@ -123,13 +123,7 @@ def cross_validate(
         raise SoftpromptError(
             f"--folds must be between 2 and the size of the smallest class ({counts}); got {folds}"
         )
-    out = prepare_run_folder(cfg.out, cfg.overwrite)
-    atomic_write_json(out / "cv.json", {"status": "running", "folds": folds, "config": asdict(cfg)})
-    if model is None:
-        logger.info(dtype_line(cfg.dtype, cfg.device))
-        model, tokenizer, _ = load_base(
-            cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code
-        )
+    out, model, tokenizer = _start(cfg, folds, model, tokenizer)
     engine = Engine(model, tokenizer, kv_cache_bytes=0)
     gold = [names.index(y) for y in table.labels]
     oof = torch.zeros(cfg.epochs, len(gold), len(names))  # [E, N, L]
@@ -196,20 +190,35 @@ def cross_validate(
     final = None
     if retrain:
         logger.info(f"--- final: all {len(gold)} rows, {best['epoch']} epochs ---")
-        final = train(
-            replace(
-                cfg,
-                out=str(out / "final"),
-                epochs=best["epoch"],
-                eval_fraction=0.0,
-                overwrite=False,
-                save_every_epoch=False,
-            ),
-            model,
-            tokenizer,
-        )
+        final = _retrain(cfg, out, best["epoch"], model, tokenizer)
         set_calibration(final.out, bias, f"fitted on {folds}-fold out-of-fold predictions")
     return CVResult(out=out, best_epoch=best["epoch"], bias=bias, epochs=rows, final=final)
+
+
+def _start(cfg: TrainConfig, folds: int, model, tokenizer):
+    """The cv folder (its cv.json says the run is under way) and the base model (loaded unless
+    given): (out, model, tokenizer)."""
+    out = prepare_run_folder(cfg.out, cfg.overwrite)
+    atomic_write_json(out / "cv.json", {"status": "running", "folds": folds, "config": asdict(cfg)})
+    if model is None:
+        logger.info(dtype_line(cfg.dtype, cfg.device))
+        model, tokenizer, _ = load_base(
+            cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code
+        )
+    return out, model, tokenizer
+
+
+def _retrain(cfg: TrainConfig, out: Path, epochs: int, model, tokenizer) -> TrainResult:
+    """The final run: every row, the chosen number of epochs, into out/final."""
+    final_cfg = replace(
+        cfg,
+        out=str(out / "final"),
+        epochs=epochs,
+        eval_fraction=0.0,
+        overwrite=False,
+        save_every_epoch=False,
+    )
+    return train(final_cfg, model, tokenizer)
 
 
 GENERATION_SCORES = ("bleu", "chrf", "rouge_l", "exact_match")
@@ -240,13 +249,7 @@ def _cross_validate_generation(
     texts, targets = table.texts, table.labels
     parts = input_folds(texts, folds, cfg.seed)
     metric = None if cfg.select_by == "loss" else cfg.select_by
-    out = prepare_run_folder(cfg.out, cfg.overwrite)
-    atomic_write_json(out / "cv.json", {"status": "running", "folds": folds, "config": asdict(cfg)})
-    if model is None:
-        logger.info(dtype_line(cfg.dtype, cfg.device))
-        model, tokenizer, _ = load_base(
-            cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code
-        )
+    out, model, tokenizer = _start(cfg, folds, model, tokenizer)
     engine = Engine(model, tokenizer, kv_cache_bytes=0)
     loss = [[0.0] * folds for _ in range(cfg.epochs)]  # [E][fold]
     outputs: list[dict] | None = [{} for _ in range(cfg.epochs)] if metric else None
@@ -320,18 +323,7 @@ def _cross_validate_generation(
     final = None
     if retrain:
         logger.info(f"--- final: all {len(texts)} rows, {best['epoch']} epochs ---")
-        final = train(
-            replace(
-                cfg,
-                out=str(out / "final"),
-                epochs=best["epoch"],
-                eval_fraction=0.0,
-                overwrite=False,
-                save_every_epoch=False,
-            ),
-            model,
-            tokenizer,
-        )
+        final = _retrain(cfg, out, best["epoch"], model, tokenizer)
     return CVResult(out=out, best_epoch=best["epoch"], bias=[], epochs=rows, final=final)
 
 
@@ -376,13 +368,7 @@ def _cross_validate_multilabel(
             "need at least 2"
         )
     parts = row_folds(len(table.texts), folds, cfg.seed)
-    out = prepare_run_folder(cfg.out, cfg.overwrite)
-    atomic_write_json(out / "cv.json", {"status": "running", "folds": folds, "config": asdict(cfg)})
-    if model is None:
-        logger.info(dtype_line(cfg.dtype, cfg.device))
-        model, tokenizer, _ = load_base(
-            cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code
-        )
+    out, model, tokenizer = _start(cfg, folds, model, tokenizer)
     engine = Engine(model, tokenizer, kv_cache_bytes=0)
     gold = torch.zeros(len(table.texts), len(names))  # [N, L] multi-hot
     for j, labels in enumerate(table.labels):
@@ -459,18 +445,7 @@ def _cross_validate_multilabel(
     final = None
     if retrain:
         logger.info(f"--- final: all {len(table.texts)} rows, {best['epoch']} epochs ---")
-        final = train(
-            replace(
-                cfg,
-                out=str(out / "final"),
-                epochs=best["epoch"],
-                eval_fraction=0.0,
-                overwrite=False,
-                save_every_epoch=False,
-            ),
-            model,
-            tokenizer,
-        )
+        final = _retrain(cfg, out, best["epoch"], model, tokenizer)
         how = f"per-label thresholds fitted on {folds}-fold out-of-fold probabilities"
         set_calibration(final.out, thresholds, how, key="thresholds")
     return CVResult(

@@ -17,19 +17,20 @@ from .step import batch_loss, loss_units
 
 
 def evaluate(run: Run, prompt: torch.Tensor, head=None) -> dict:
-    """Eval loss (mean over all label tokens, or with a classification head over rows),
+    """Eval loss (mean over all label tokens, or with a classification head over rows; a
+    generation task: over its target tokens, and nothing else),
     accuracy and macro-F1 (the inference engine's answers, raw); multilabel: the loss over rows
     (each the mean of its labels' sigmoid losses, unweighted), micro- and macro-F1 and subset
     accuracy of the labels at 0.5. Each process takes every
     world-th row; the sums and predictions are gathered, so any process count gives the same."""
     procs, task = run.procs, run.task
-    if task.generates:
-        return generation_loss(run, prompt)
     mine = list(range(procs.rank, len(run.eval_rows), procs.world))
     engine = Engine(run.model, run.tokenizer, kv_cache_bytes=0)
-    predictor = predictor_for_prompt(
-        run.model, run.tokenizer, prompt, task, kind=run.kind, head=head
-    )
+    predictor = None  # a generation task's eval is its loss (its outputs: generation_scores)
+    if not task.generates:
+        predictor = predictor_for_prompt(
+            run.model, run.tokenizer, prompt, task, kind=run.kind, head=head
+        )
     size = run.cfg.eval_batch_size
     sums = torch.zeros(2, dtype=torch.float64, device=prompt.device)  # [loss sum, label tokens]
     pred: list = []
@@ -43,21 +44,25 @@ def evaluate(run: Run, prompt: torch.Tensor, head=None) -> dict:
             idx = mine[s : s + size] or [0]
             rows = [run.eval_rows[j] for j in idx]
             loss = batch_loss(run, prompt, rows, head=head)
-            probs = engine.label_probabilities(
-                [
-                    ClassifyRow(predictor, engine.encode(predictor, run.eval_texts[j])[0])
-                    for j in idx
-                ]
-            )
+            probs = []
+            if predictor is not None:
+                probs = engine.label_probabilities(
+                    [
+                        ClassifyRow(predictor, engine.encode(predictor, run.eval_texts[j])[0])
+                        for j in idx
+                    ]
+                )
             if mine[s : s + size]:
                 sums[0] += loss.double()
                 sums[1] += loss_units(run, rows)
                 if task.multilabel:  # raw: every label at 0.5
                     chosen = choose_labels(torch.stack(probs), None)
                     pred += [[n for n, c in zip(task.label_names, row, strict=True) if c] for row in chosen.tolist()]  # fmt: skip
-                else:
+                else:  # none for a generation task (no probs)
                     pred += [task.label_names[int(p.argmax())] for p in probs]
     loss = (procs.sum(sums)[0] / sums[1]).item()
+    if predictor is None:
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
     gathered = dict(procs.gather(list(zip(mine, pred, strict=True))))
     pred = [gathered[j] for j in range(len(run.eval_labels))]
     if task.multilabel:
@@ -76,28 +81,6 @@ def evaluate(run: Run, prompt: torch.Tensor, head=None) -> dict:
         "eval_accuracy": m["accuracy"],
         "eval_macro_f1": m["macro_f1"],
     }
-
-
-def generation_loss(run: Run, prompt: torch.Tensor) -> dict:
-    """A generation task's eval loss (mean over its target tokens) and perplexity, split over
-    the processes and summed."""
-    procs = run.procs
-    mine = list(range(procs.rank, len(run.eval_rows), procs.world))
-    steps = math.ceil(len(run.eval_rows) / procs.world) if procs.fsdp else len(mine)
-    sums = torch.zeros(2, dtype=torch.float64, device=prompt.device)
-    size = run.cfg.eval_batch_size
-    with torch.no_grad():
-        if procs.fsdp:
-            gather_root(run.model)
-        for s in range(0, steps, size):
-            idx = mine[s : s + size] or [0]
-            rows = [run.eval_rows[j] for j in idx]
-            loss = batch_loss(run, prompt, rows, head=None)
-            if mine[s : s + size]:
-                sums[0] += loss.double()
-                sums[1] += loss_units(run, rows)
-    loss = (procs.sum(sums)[0] / sums[1]).item()
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
 
 
 def generation_scores(run: Run, prompt: torch.Tensor, progress: bool = False) -> dict:
