@@ -39,15 +39,7 @@ def metrics(gold: Sequence[str], pred: Sequence[str], label_names: Sequence[str]
         confusion = confusion_matrix(gold, pred, labels=names).tolist()
         accuracy = float(accuracy_score(gold, pred))
         macro_f1 = float(f1_score(gold, pred, labels=names, average="macro", zero_division=0))
-    per_class = {
-        name: {
-            "precision": float(p[i]),
-            "recall": float(r[i]),
-            "f1": float(f[i]),
-            "support": int(support[i]),
-        }
-        for i, name in enumerate(names)
-    }
+    per_class = _per_label(names, p, r, f, support)
     return {
         "accuracy": accuracy,
         "macro_f1": macro_f1,
@@ -94,15 +86,7 @@ def multilabel_metrics(
         macro = float(f1_score(y, yhat, average="macro", zero_division=0))
         subset = float(accuracy_score(y, yhat))
         hamming = float(hamming_loss(y, yhat))
-    per_label = {
-        name: {
-            "precision": float(p[i]),
-            "recall": float(r[i]),
-            "f1": float(f[i]),
-            "support": int(support[i]),
-        }
-        for i, name in enumerate(names)
-    }
+    per_label = _per_label(names, p, r, f, support)
     return {
         "micro_f1": micro,
         "macro_f1": macro,
@@ -110,6 +94,19 @@ def multilabel_metrics(
         "hamming_loss": hamming,
         "per_label": per_label,
         "n": n,
+    }
+
+
+def _per_label(names, p, r, f, support) -> dict:
+    """{label: {precision, recall, f1, support}} from scikit-learn's per-label arrays."""
+    return {
+        name: {
+            "precision": float(p[i]),
+            "recall": float(r[i]),
+            "f1": float(f[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(names)
     }
 
 
