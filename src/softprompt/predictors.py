@@ -174,6 +174,21 @@ def _difference(first: Adapter, other: Adapter) -> list[str]:
     return what
 
 
+def _per_label(values, task: Task, first: Adapter, said) -> list[float] | None:
+    """A calibration's per-label values as floats (None stays None), refused in one line when
+    their count is not the labels' (`said(n)` names what was found)."""
+    if values is None:
+        return None
+    values = [float(x) for x in values]
+    if len(values) != len(task.label_names):
+        raise SoftpromptError(
+            f"{first.path}: {said(len(values))} {len(task.label_names)} labels "
+            f"{task.label_names}; remove 'calibration' from softprompt.json (or run "
+            "`softprompt cv` again)"
+        )
+    return values
+
+
 def make_predictor(
     model,
     tokenizer,
@@ -204,24 +219,14 @@ def make_predictor(
                 f"ensemble member {other.path} cannot join {first.path}: it has " + "; ".join(what)
             )
     task = first.task or Task(text_column="text", label_names=[])
-    values = _saved_bias(first) if bias == "saved" else bias
-    if values is not None:
-        values = [float(x) for x in values]
-        if len(values) != len(task.label_names):
-            raise SoftpromptError(
-                f"{first.path}: the calibration bias has {len(values)} entries for "
-                f"{len(task.label_names)} labels {task.label_names}; remove 'calibration' from "
-                "softprompt.json (or run `softprompt cv` again)"
-            )
-    cuts = _saved_thresholds(first) if thresholds == "saved" else thresholds
-    if cuts is not None:
-        cuts = [float(x) for x in cuts]
-        if len(cuts) != len(task.label_names):
-            raise SoftpromptError(
-                f"{first.path}: {len(cuts)} thresholds for {len(task.label_names)} labels "
-                f"{task.label_names}; remove 'calibration' from softprompt.json (or run "
-                "`softprompt cv` again)"
-            )
+    values = _per_label(
+        _saved_bias(first) if bias == "saved" else bias, task, first,
+        lambda n: f"the calibration bias has {n} entries for",
+    )  # fmt: skip
+    cuts = _per_label(
+        _saved_thresholds(first) if thresholds == "saved" else thresholds, task, first,
+        lambda n: f"{n} thresholds for",
+    )  # fmt: skip
     for a in adapters:
         if task.multilabel and a.head is None:
             raise SoftpromptError(

@@ -61,26 +61,18 @@ def evaluate(run: Run, prompt: torch.Tensor, head=None) -> dict:
                 else:  # none for a generation task (no probs)
                     pred += [task.label_names[int(p.argmax())] for p in probs]
     loss = (procs.sum(sums)[0] / sums[1]).item()
+    out = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
     if predictor is None:
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
+        return out
     gathered = dict(procs.gather(list(zip(mine, pred, strict=True))))
     pred = [gathered[j] for j in range(len(run.eval_labels))]
     if task.multilabel:
         m = multilabel_metrics(run.eval_labels, pred, task.label_names)
-        return {
-            "eval_loss": loss,
-            "eval_ppl": math.exp(min(loss, 50)),
-            "eval_micro_f1": m["micro_f1"],
-            "eval_macro_f1": m["macro_f1"],
-            "eval_subset_accuracy": m["subset_accuracy"],
-        }
-    m = metrics(run.eval_labels, pred, task.label_names)
-    return {
-        "eval_loss": loss,
-        "eval_ppl": math.exp(min(loss, 50)),
-        "eval_accuracy": m["accuracy"],
-        "eval_macro_f1": m["macro_f1"],
-    }
+        keys = ("micro_f1", "macro_f1", "subset_accuracy")
+    else:
+        m = metrics(run.eval_labels, pred, task.label_names)
+        keys = ("accuracy", "macro_f1")
+    return {**out, **{f"eval_{k}": m[k] for k in keys}}
 
 
 def generation_scores(run: Run, prompt: torch.Tensor, progress: bool = False) -> dict:
