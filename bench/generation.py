@@ -763,6 +763,16 @@ def tables(runs: list[dict], beam: str) -> str:
     )
 
 
+def print_ratios(runs: list[dict]) -> None:
+    """softprompt's training tokens/s over PEFT's guide loop's, means over seeds."""
+    tps = {m: [r["train_tokens_per_second"] for r in runs if r["method"] == m] for m in METHODS}
+    if tps["peft-prompt"]:
+        for m in ("softprompt-prompt", "softprompt-prefix"):
+            if tps[m]:
+                ratio = statistics.mean(tps[m]) / statistics.mean(tps["peft-prompt"])
+                print(f"training tokens/s, {m} / peft-prompt (means over seeds): {ratio:.2f}x")
+
+
 def speed_table(speed: dict) -> str:
     names = ("softprompt engine", "transformers generate")
     rows = [
@@ -839,7 +849,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="trainset.csv, devset.csv")
     ap.add_argument("--runs-dir", type=Path, default=REPO / "bench" / "results" / "generation_runs")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "generation.json")
+    ap.add_argument(
+        "--report",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="print the tables of earlier --out files (their runs together) and stop",
+    )
     args = ap.parse_args(argv)
+    if args.report:
+        return args
     if args.train_pairs == "all":
         args.train_pairs = None
     elif not args.train_pairs.isdigit() or int(args.train_pairs) < 1:
@@ -857,8 +876,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def report(paths: list[Path]) -> int:
+    """The tables of several --out files: runs of one setting split over processes or machines.
+    Refuses files whose sample or decoding settings differ."""
+    results = []
+    for p in paths:
+        try:
+            results.append(json.loads(p.read_text()))
+        except (OSError, ValueError) as e:
+            sys.exit(f"--report {p}: cannot read it as a bench/generation.py result ({e})")
+    keys = ("train_pairs", "train_inputs", "dev_inputs", "resolved")
+    for p, r in zip(paths[1:], results[1:], strict=True):
+        differ = [k for k in keys if r.get(k) != results[0].get(k)]
+        if differ:
+            sys.exit(f"--report {p}: its {', '.join(differ)} differ from {paths[0]}'s")
+    runs = [run for r in results for run in r["runs"]]
+    beams = {s["beams"] for s in (r["settings"] for r in results)}
+    if not runs or len(beams) > 1:
+        sys.exit("--report: the files hold no runs, or runs decoded with different --beams")
+    first = results[0]
+    print(
+        f"{first['machine']}; train: {first['train_pairs']} pairs from {first['train_inputs']} inputs; "
+        f"dev: {first['dev_inputs']} inputs; {first['resolved']}"
+    )
+    print(tables(runs, f"beam{beams.pop()}"))
+    print_ratios(runs)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report:
+        return report(args.report)
     threads = str(args.threads)  # the spawned workers inherit these
     os.environ.update(
         OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false"
@@ -1022,12 +1071,7 @@ def main(argv=None) -> int:
             f"\n## Generation speed (greedy, {speed['inputs']} inputs in one batch, {speed['new_tokens_per_row']} new tokens each)\n"
         )
         print(speed_table(speed))
-    tps = {m: [r["train_tokens_per_second"] for r in runs if r["method"] == m] for m in METHODS}
-    if tps["peft-prompt"]:
-        for m in ("softprompt-prompt", "softprompt-prefix"):
-            if tps[m]:
-                ratio = statistics.mean(tps[m]) / statistics.mean(tps["peft-prompt"])
-                print(f"training tokens/s, {m} / peft-prompt (means over seeds): {ratio:.2f}x")
+    print_ratios(runs)
     save(runs, speed)
     print(f"\nwrote {args.out}" + (f" and {outputs_path}" if runs else ""))
     return 0
