@@ -414,6 +414,38 @@ def test_eval_and_predict_doors_answer_as_the_python_api(ml_run, ml_data, tmp_pa
             assert got == [a["labels"] for a in answers]
 
 
+def test_an_ensemble_averages_its_members_label_probabilities(tmp_path, tiny_model_dir, ml_data):
+    """`train --seeds 2` on a multilabel task: one folder whose probabilities are the mean of its
+    members' per-label sigmoids, its labels those at or above 0.5, at eval and predict too."""
+    from softprompt.pipeline import SoftPrompt
+
+    train, test = ml_data
+    out = tmp_path / "ens"
+    _cli(*train_args(train, tiny_model_dir, out, "--seeds", "2"))
+    members = json.loads((out / "ensemble.json").read_text())["members"]
+    assert len(members) == 2
+    texts = [t for t, _ in ROWS]
+    ens = SoftPrompt.load(str(out), dtype="float32").classify(texts)
+    each = [SoftPrompt.load(str(out / m), dtype="float32").classify(texts) for m in members]
+    assert any(
+        abs(a["probabilities"][n] - b["probabilities"][n]) > 1e-4
+        for a, b in zip(*each, strict=True)
+        for n in NAMES
+    ), "the two seeds trained the same prompt: the mean would not be tested"
+    for k, a in enumerate(ens):
+        for n in NAMES:
+            mean = (each[0][k]["probabilities"][n] + each[1][k]["probabilities"][n]) / 2
+            assert a["probabilities"][n] == pytest.approx(mean, abs=1e-5)
+        assert a["labels"] == [n for n in NAMES if a["probabilities"][n] >= 0.5]
+    m = json.loads(_cli("eval", str(out), "--data", str(test), "--no-progress", "--dtype", "float32"))  # fmt: skip
+    gold = [set(labels) for _, labels in ROWS]
+    assert m["subset_accuracy"] == pytest.approx(
+        sum(set(a["labels"]) == g for a, g in zip(ens, gold, strict=True)) / len(ROWS)
+    )
+    rows = [json.loads(x) for x in _cli("predict", str(out), *texts[:2], "--no-progress", "--dtype", "float32").splitlines()]  # fmt: skip
+    assert [r["labels"] for r in rows] == [a["labels"] for a in ens[:2]]
+
+
 def test_cv_fits_thresholds_that_eval_and_predict_apply(tmp_path, tiny_model_dir, ml_data, capsys):
     from softprompt.cv import set_calibration
     from softprompt.pipeline import SoftPrompt
