@@ -193,6 +193,24 @@ def test_metrics_equal_scikit_learns():
         multilabel_metrics([["refund"]], [[]], NAMES)
 
 
+def test_cv_folds_hold_out_every_label_with_enough_rows_in_every_fold():
+    from softprompt.cv import label_set_folds
+
+    # "rare" on 3 rows of 30: plain shuffled folds would often leave a fold without it
+    sets = [["common"]] * 15 + [["common", "mid"]] * 6 + [["mid"]] * 3 + [["rare"]] * 2
+    sets += [["common", "rare"], [], [], ["odd"]]
+    for seed in range(20):
+        folds = label_set_folds(sets, 3, seed)
+        assert sorted(i for f in folds for i in f) == list(range(len(sets)))
+        for label in ("common", "mid", "rare"):
+            for f in folds:
+                assert any(label in sets[i] for i in f), (seed, label, f)
+    assert label_set_folds(sets, 3, 0) == label_set_folds(sets, 3, 0)
+    assert label_set_folds(sets, 3, 0) != label_set_folds(sets, 3, 1)
+    with pytest.raises(SoftpromptError, match="--folds must be between 2 and the number of rows"):
+        label_set_folds(sets, len(sets) + 1, 0)
+
+
 def test_thresholds_maximise_each_labels_f1_on_the_grid():
     from sklearn.metrics import f1_score
 

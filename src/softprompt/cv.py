@@ -10,8 +10,8 @@ With --task generation the folds are by input (all the references of one input t
 fold), the epoch is chosen by the folds' mean held-out loss (or, with --select-by a metric, by
 the score of the pooled out-of-fold greedy outputs), and no bias is fitted.
 
-With --task multilabel the folds are plain shuffled ones (scikit-learn's KFold: no one label
-stratifies a row), the epoch is chosen by out-of-fold macro-F1 at 0.5, and instead of a bias
+With --task multilabel the folds are stratified by each row's rarest label (every label with at
+least k rows is held out in every fold), the epoch is chosen by out-of-fold macro-F1 at 0.5, and instead of a bias
 each label gets a threshold (`calibrate.fit_thresholds`) on those out-of-fold probabilities.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -342,22 +343,33 @@ def set_calibration(folder: Path, bias: list[float] | None, how: str, *, key: st
     atomic_write_json(path, data)
 
 
-def row_folds(n: int, k: int, seed: int) -> list[list[int]]:
-    """k seeded folds of row indices (each sorted) by scikit-learn's `KFold` (shuffled): a
-    multilabel row has several labels, so no one label stratifies it. k must be between 2 and
-    the number of rows (`--folds`)."""
-    from sklearn.model_selection import KFold  # lazily: slow to import
+def label_set_folds(label_sets: list[list[str]], k: int, seed: int) -> list[list[int]]:
+    """k seeded folds of row indices (each sorted) for multilabel rows, stratified by each
+    row's rarest label (scikit-learn's `StratifiedKFold`, shuffled): every label with at least k
+    rows is held out in every fold, which a threshold fitted on the folds' outputs needs. Rows
+    whose rarest label has fewer than k rows, and rows with no label, stratify as one group.
+    k must be between 2 and the number of rows (`--folds`)."""
+    import warnings
 
+    from sklearn.model_selection import StratifiedKFold  # lazily: slow to import
+
+    n = len(label_sets)
     if k < 2 or k > n:
         raise SoftpromptError(f"--folds must be between 2 and the number of rows ({n}); got {k}")
-    split = KFold(n_splits=k, shuffle=True, random_state=seed)
-    return [sorted(held.tolist()) for _, held in split.split(list(range(n)))]
+    counts = Counter(x for labels in label_sets for x in set(labels))
+    rarest = [min(set(labels), key=lambda x: (counts[x], x), default="") for labels in label_sets]
+    groups = Counter(rarest)
+    key = [r if r and groups[r] >= k else "" for r in rarest]
+    split = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # a pooled group smaller than k: spread as far as it goes
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        return [sorted(held.tolist()) for _, held in split.split(key, key)]
 
 
 def _cross_validate_multilabel(
     cfg: TrainConfig, table: Table, folds: int, retrain: bool, model, tokenizer
 ) -> CVResult:
-    """--task multilabel: shuffled folds; every held-out row's per-label probabilities after
+    """--task multilabel: folds stratified by each row's rarest label; every held-out row's per-label probabilities after
     every epoch; the epoch with the best out-of-fold macro-F1 (labels at 0.5; ties: the lower
     log-loss); each label's threshold fitted on that epoch's out-of-fold probabilities; then
     (retrain) all rows for that many epochs, the thresholds saved in its softprompt.json."""
@@ -367,7 +379,7 @@ def _cross_validate_multilabel(
             f"--data {table.source}: column {cfg.label_column!r} has only the labels {names}; "
             "need at least 2"
         )
-    parts = row_folds(len(table.texts), folds, cfg.seed)
+    parts = label_set_folds(table.labels, folds, cfg.seed)
     out, model, tokenizer = _start(cfg, folds, model, tokenizer)
     engine = Engine(model, tokenizer, kv_cache_bytes=0)
     gold = torch.zeros(len(table.texts), len(names))  # [N, L] multi-hot
