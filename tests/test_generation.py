@@ -211,6 +211,48 @@ def test_greedy_and_beam_search_equal_transformers_generate(tiny, beams):
         assert got == want, text
 
 
+def test_decoding_buffers_grow_in_place_and_equal_concatenation(monkeypatch):
+    """`decode_cache`'s layers write a step's position into the buffer a view heads, a new
+    buffer (with room again) when it is full or the view is not a buffer's head (rows picked
+    by `Decoding.keep`, a fresh prefill); the keys/values always equal torch.cat's."""
+    from softprompt.forward import kv as kvmod
+
+    monkeypatch.setattr(kvmod, "GROW_ROOM", 2)
+    g = torch.Generator().manual_seed(0)
+    first = torch.randn(3, 2, 4, 5, generator=g)
+    layer = kvmod.decode_cache(((first, first.clone()),)).layers[0]
+    want, ptrs = first, []
+    for _ in range(5):
+        new = torch.randn(3, 2, 1, 5, generator=g)
+        keys, _ = layer.update(new, new)
+        want = torch.cat([want, new], 2)
+        assert torch.equal(keys, want)
+        ptrs.append(keys.data_ptr())
+        layer = kvmod.decode_cache(((keys, keys),)).layers[0]  # the next step's cache
+    # a new buffer at step 0 (a plain tensor) and whenever the room of 2 ran out
+    assert ptrs[0] == ptrs[1] == ptrs[2] != ptrs[3] == ptrs[4]
+    picked = keys[torch.tensor([2, 0])]  # rows leaving the batch: a copy, never written in place
+    new = torch.randn(2, 2, 1, 5, generator=g)
+    grown, _ = kvmod.decode_cache(((picked, picked),)).layers[0].update(new, new)
+    assert torch.equal(grown, torch.cat([want[[2, 0]], new], 2))
+    assert torch.equal(keys, want) and grown.data_ptr() != keys.data_ptr()
+
+
+@pytest.mark.parity
+@torch.no_grad()
+def test_greedy_decoding_equals_generate_when_buffers_regrow_every_step(tiny, monkeypatch):
+    from softprompt.forward import kv as kvmod
+
+    monkeypatch.setattr(kvmod, "GROW_ROOM", 1)
+    model, tok = tiny
+    prompt = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(6))
+    texts = [r["mr"] for r in ROWS[:3]]
+    predictor = predictor_for_prompt(model, tok, prompt, TASK)
+    ours = Engine(model, tok).generate(predictor, texts, max_new_tokens=9, batch_size=8)
+    for text, got in zip(texts, ours, strict=True):
+        assert got == _hf_generate(model, tok, prompt, text, max_new_tokens=9, num_beams=1), text
+
+
 # --------------------------------------------------------------------------- doors
 
 

@@ -148,3 +148,56 @@ def cache_from(kv: KV, rows: Tensor | int):
         return g.transpose(1, 2).reshape(g.shape[0], t.shape[1], -1, t.shape[3])
 
     return DynamicCache(ddp_cache_data=[(pick(k), pick(v)) for k, v in kv])
+
+
+GROW_ROOM = 64
+"""Positions a decoding buffer holds beyond what it has (`decode_cache`)."""
+
+
+def decode_cache(kv: KV):
+    """The cache of one decoding step of a running batch (kv: its rows' keys/values, per layer
+    [B, heads, L, d]). transformers' DynamicCache copies each layer's keys/values twice a step
+    (filling a new cache, then concatenating the new position); here they live in buffers with
+    room for GROW_ROOM more positions and a step writes its position in place (a new buffer
+    when one is full, or when kv is not such a buffer's head). Only a running `Decoding` holds
+    these views, and it drops the old ones every step, so no one sees a buffer's tail change."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowLayer(DynamicLayer):
+        def __init__(self, keys: Tensor, values: Tensor):
+            super().__init__()
+            self.keys, self.values, self.device = keys, values, keys.device
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.keys = _grow(self.keys, key_states)
+            self.values = _grow(self.values, value_states)
+            return self.keys, self.values
+
+    cache = DynamicCache()
+    cache.layers = [GrowLayer(k, v) for k, v in kv]
+    return cache
+
+
+def _grow(t: Tensor, new: Tensor) -> Tensor:
+    """t [B, heads, n, d] followed by new [B, heads, m, d] along positions: written in place
+    when t is the head of a buffer `_grow` made with room left, else into a new such buffer."""
+    n, m = t.shape[2], new.shape[2]
+    base = t._base
+    if (
+        base is not None
+        and getattr(base, "_softprompt_decode", False)
+        and base.shape[2] >= n + m
+        and base.shape[:2] == t.shape[:2]
+        and t.data_ptr() == base.data_ptr()
+        and t.stride() == base.stride()
+    ):
+        base[:, :, n : n + m].copy_(new)
+        return base[:, :, : n + m]
+    B, H, _, d = t.shape
+    buf = new.new_empty(B, H, n + m + GROW_ROOM, d)
+    buf[:, :, :n].copy_(t)
+    buf[:, :, n : n + m].copy_(new)
+    buf._softprompt_decode = True
+    return buf[:, :, : n + m]

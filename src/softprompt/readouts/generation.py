@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..forward.batch import padded
-from ..forward.kv import KV, cache_from, cache_kw, out_cache
+from ..forward.kv import KV, cache_kw, decode_cache, out_cache
 from ..forward.run import run
 
 
@@ -48,7 +48,7 @@ def decode_next(model, kv: KV, mask: Tensor, tokens: Tensor) -> tuple[Tensor, KV
         attention_mask=mask,
         position_ids=pos,
         use_cache=True,
-        **{cache_kw(decoder): cache_from(kv, mask.shape[0])},
+        **{cache_kw(decoder): decode_cache(kv)},
     )
     logits = model.get_output_embeddings()(out.last_hidden_state[:, -1]).float()
     return logits, tuple((layer.keys, layer.values) for layer in out_cache(out).layers), mask
