@@ -573,7 +573,8 @@ def run_job(job: dict) -> dict:
             f"({record['train_tokens_per_second']:.0f} tokens/s), loss {record['final_loss']:.3f}"
         )
         record["decodings"], outputs = {}, {}
-        for name, beams in (("greedy", 1), (f"beam{job['beams']}", job["beams"])):
+        decodings = [("greedy", 1)] + [(f"beam{job['beams']}", job["beams"])] * (job["beams"] > 1)
+        for name, beams in decodings:
             _sync(device)
             g0, c0 = time.perf_counter(), time.process_time()
             preds = generate(job["dev_inputs"], beams)
@@ -713,6 +714,9 @@ def isolated(fn, job: dict) -> dict:
 
 
 def mean_std(xs: list[float], digits: int = 2) -> str:
+    """mean ± std ("-" for none)."""
+    if not xs:
+        return "-"
     sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
     return f"{statistics.mean(xs):.{digits}f} ± {sd:.{digits}f}"
 
@@ -723,9 +727,13 @@ def tables(runs: list[dict], beam: str) -> str:
     head += [f"{d} {label}" for d in ("greedy", beam) for _, label in METRICS]
     head += ["train s", "train tokens/s", "peak MB", f"greedy s / {beam} s"]
     rows = []
+
+    def cell(r, d, k, fmt=".2f"):  # a run decoded greedily only (--beams 1) has no beam cells
+        return format(r["decodings"][d][k], fmt) if d in r["decodings"] else "-"
+
     for r in runs:
-        scores = [f"{r['decodings'][d][k]:.2f}" for d in ("greedy", beam) for k, _ in METRICS]
-        gen_s = f"{r['decodings']['greedy']['seconds']:.0f} / {r['decodings'][beam]['seconds']:.0f}"
+        scores = [cell(r, d, k) for d in ("greedy", beam) for k, _ in METRICS]
+        gen_s = f"{cell(r, 'greedy', 'seconds', '.0f')} / {cell(r, beam, 'seconds', '.0f')}"
         rows.append(
             [
                 r["method"],
@@ -743,11 +751,12 @@ def tables(runs: list[dict], beam: str) -> str:
     rows = []
     for method in dict.fromkeys(r["method"] for r in runs):
         rs = [r for r in runs if r["method"] == method]
-        scores = [
-            mean_std([r["decodings"][d][k] for r in rs])
-            for d in ("greedy", beam)
-            for k, _ in METRICS
-        ]
+        scores = []
+        for d in ("greedy", beam):
+            for k, _ in METRICS:
+                xs = [r["decodings"][d][k] for r in rs if d in r["decodings"]]
+                some = f" ({len(xs)} of the seeds)" if 0 < len(xs) < len(rs) else ""
+                scores.append(mean_std(xs) + some)
         rows.append(
             [
                 method,
@@ -815,7 +824,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--sample-seed", type=int, default=0, help="seed of the pair and dev samples")
     ap.add_argument("--dev-inputs", type=int, help="dev inputs scored [all 547]")
-    ap.add_argument("--beams", type=int, default=5, help="beams of the beam-search decoding")
+    ap.add_argument(
+        "--beams", type=int, default=5, help="beams of the beam-search decoding (1: greedy only)"
+    )
     ap.add_argument("--lr", type=float, help="softprompt's and PEFT's lr [softprompt's: 3e-2]")
     ap.add_argument("--epochs", type=int, help="[softprompt's default for generation: 10]")
     ap.add_argument("--num-virtual-tokens", type=int, help="[softprompt's: 8]")
@@ -891,7 +902,7 @@ def report(paths: list[Path]) -> int:
         if differ:
             sys.exit(f"--report {p}: its {', '.join(differ)} differ from {paths[0]}'s")
     runs = [run for r in results for run in r["runs"]]
-    beams = {s["beams"] for s in (r["settings"] for r in results)}
+    beams = {s["beams"] for s in (r["settings"] for r in results) if s["beams"] > 1} or {5}
     if not runs or len(beams) > 1:
         sys.exit("--report: the files hold no runs, or runs decoded with different --beams")
     first = results[0]
