@@ -12,6 +12,12 @@ with two labels, ROC AUC). Features, each its own row of the output:
 - `band`: the pooled head's (`--head pooled`) input: layers round(0.4 L) .. round(0.7 L) of
   L, each standardised over the training rows, then averaged;
 - `last token, last layer`: what the label words and PEFT's SEQ_CLS head read.
+- `band + last token`: both of the above side by side (each standardised), one probe.
+- `bands`: windows as wide as the default band at other depths (starting at 0.1 L .. 0.6 L, the
+  last layer never read): each window's k-fold cross-validated macro-F1 on the training rows
+  alone (stratified, k = min(5, smallest class)) and its dev macro-F1; then the window that
+  cross-validation picks and its dev score, against the default band's. A window picked this
+  way uses no dev answer, so it is what a readout could choose per task at training time.
 
 This shares no code with softprompt's head (only the template and the model loader), so it
 checks the head's figures as much as it bounds them. By hand, one thread, float32:
@@ -116,6 +122,55 @@ def main() -> None:
 
     emit(f"band {band[0]}-{band[-1]}", probe(banded(tr["means"]), train_y, banded(dv["means"]), dev_y, labels, args.C))  # fmt: skip
     emit("last token, last layer", probe(tr["last"], train_y, dv["last"], dev_y, labels, args.C))
+    mu, sd = tr["last"].mean(0), tr["last"].std(0) + 1e-6
+    both = [np.concatenate([banded(x["means"]), (x["last"] - mu) / sd], 1) for x in (tr, dv)]
+    emit("band + last token", probe(both[0], train_y, both[1], dev_y, labels, args.C))
+    bands(tr["means"], train_y, dv["means"], dev_y, labels, args.C, band, emit)
+
+
+def window(L: int, start: float, width: float) -> list[int]:
+    lo = max(1, round(start * L))
+    return list(range(lo, min(L - 1, round((start + width) * L)) + 1))
+
+
+def bands(tr, train_y, dv, dev_y, labels, C, default: list[int], emit) -> None:
+    """Windows of the default band's width at other depths, each standardised per layer and
+    averaged as the pooled head does: cross-validated on the training rows, scored on dev."""
+    from sklearn.model_selection import StratifiedKFold
+
+    L = tr.shape[1] - 1
+    width = (default[-1] - default[0]) / L
+    k = min(5, min(train_y.count(y) for y in set(train_y)))
+    y = np.array(train_y)
+
+    def averaged(x, rows, band):
+        mu, sd = tr[rows][:, band].mean(0), tr[rows][:, band].std(0) + 1e-6
+        return ((x[:, band] - mu) / sd).mean(1)
+
+    found = {}
+    for start in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6):
+        band = window(L, start, width)
+        if tuple(band) in found or not band:
+            continue
+        cv = []
+        for fit, held in StratifiedKFold(k, shuffle=True, random_state=0).split(tr, y):
+            r = probe(averaged(tr[fit], fit, band), list(y[fit]), averaged(tr[held], fit, band), list(y[held]), labels, C)  # fmt: skip
+            cv.append(r["macro_f1"])
+        every = np.arange(len(train_y))
+        dev = probe(averaged(tr, every, band), train_y, averaged(dv, every, band), dev_y, labels, C)
+        found[tuple(band)] = (float(np.mean(cv)), dev["macro_f1"])
+        emit(f"band {band[0]}-{band[-1]}", {"cv_macro_f1": round(float(np.mean(cv)), 4), **dev})
+    picked = max(found, key=lambda b: found[b][0])
+    emit(
+        "bands picked",
+        {
+            "default": f"{default[0]}-{default[-1]}",
+            "default_dev": found.get(tuple(default), (None, None))[1],
+            "cv_pick": f"{picked[0]}-{picked[-1]}",
+            "cv_pick_dev": found[picked][1],
+            "dev_best": max(v[1] for v in found.values()),
+        },
+    )
 
 
 if __name__ == "__main__":
