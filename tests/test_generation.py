@@ -334,8 +334,26 @@ def test_settings_that_do_not_fit_generation_are_refused():
     assert any("--select-by bleu" in p for p in bad)
     cfg = TrainConfig(data="x.csv", task="generation").resolved()
     assert (cfg.head, cfg.max_length, cfg.suffix_tokens, cfg.epochs) == ("none", 256, 0, 10)
+    assert cfg.method == "prefix"
     cfg = TrainConfig(data="x.csv").resolved()
-    assert (cfg.head, cfg.max_length) == ("pooled", 64)
+    assert (cfg.head, cfg.max_length, cfg.method) == ("pooled", 64, "prompt")
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"reparam": "mlp"},
+        {"suffix_tokens": 4},
+        {"gradient_checkpointing": True},
+        {"method": "prompt"},
+    ],
+)
+def test_generation_defaults_to_a_deep_prompt_unless_a_setting_needs_an_input_prompt(given):
+    cfg = TrainConfig(data="x.csv", task="generation", **given)
+    assert cfg.problems() == [] and cfg.resolved().method == "prompt"
+    assert (
+        TrainConfig(data="x.csv", task="generation", method="prefix").resolved().method == "prefix"
+    )
 
 
 def test_free_text_trained_as_labels_says_to_pass_task_generation(tmp_path, tiny_model_dir, capsys):

@@ -108,11 +108,13 @@ class TrainConfig:
     (--max-length). Default: 64 for classification, 256 for generation."""
     num_virtual_tokens: int = 8
     """Length of the soft prompt (--num-virtual-tokens)."""
-    method: Method = "prompt"
+    method: Method | None = None
     """prompt: input embeddings in front of the text (prompt tuning, hidden-size numbers per
     virtual token: 576 on the built-in model); prefix: keys and values in every layer (prefix
     tuning / P-tuning v2, PEFT's PREFIX_TUNING), layers x 2 x key/value width numbers per virtual
-    token (11,520 on the built-in model) (--method)."""
+    token (11,520 on the built-in model) (--method). Default: prefix with --task generation
+    (docs/generation.md: 4-5 BLEU above prompt on E2E), unless a setting that needs an input
+    prompt is given (--reparam, --suffix-tokens, --gradient-checkpointing, --fsdp); else prompt."""
     init_from: str | None = None
     """--method prefix: start from this adapter's keys/values (a prompt run's prompt, or a
     prefix run), instead of those of --init (--init-from)."""
@@ -227,7 +229,7 @@ class TrainConfig:
                 flag = "--" + name.replace("_", "-")
                 named = ", ".join(str(c) for c in choices if c is not None)
                 p.append(f"{flag} must be one of {named} (got {value!r})")
-        if self.method == "prefix":
+        if self.default_method() == "prefix":
             if self.suffix_tokens:
                 p.append(
                     f"--suffix-tokens {self.suffix_tokens} does not combine with --method prefix; "
@@ -280,6 +282,18 @@ class TrainConfig:
         p += template_problems(self.template)
         return p
 
+    def default_method(self) -> Method:
+        """--method, or the one its default resolves to (see `method`)."""
+        if self.method is not None:
+            return self.method
+        needs_prompt = (
+            self.reparam != "none"
+            or bool(self.suffix_tokens)
+            or self.gradient_checkpointing
+            or self.fsdp
+        )
+        return "prefix" if self.task == "generation" and not needs_prompt else "prompt"
+
     def resolved(self) -> TrainConfig:
         """These settings with the defaults that depend on others filled in (`suffix_tokens`,
         `epochs`, by what reads the label); what a run records in train_config.json."""
@@ -287,10 +301,13 @@ class TrainConfig:
         head = self.head or ("none" if gen else "pooled")
         words = head == "none"
         filled = {} if head == self.head else {"head": head}
+        method = self.default_method()
+        if method != self.method:
+            filled["method"] = method
         if self.max_length is None:
             filled["max_length"] = MAX_LENGTH[self.task]
         if self.suffix_tokens is None:
-            with_words = words and self.method == "prompt" and not gen
+            with_words = words and method == "prompt" and not gen
             filled["suffix_tokens"] = SUFFIX_TOKENS_WITH_WORDS if with_words else 0
         if self.epochs is None:
             filled["epochs"] = (
