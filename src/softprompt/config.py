@@ -113,7 +113,7 @@ class TrainConfig:
     virtual token: 576 on the built-in model); prefix: keys and values in every layer (prefix
     tuning / P-tuning v2, PEFT's PREFIX_TUNING), layers x 2 x key/value width numbers per virtual
     token (11,520 on the built-in model) (--method). Default: prefix with --task generation
-    (docs/generation.md: 4-5 BLEU above prompt on E2E), unless a setting that needs an input
+    (docs/generation.md: about 4 BLEU above prompt on E2E), unless a setting that needs an input
     prompt is given (--reparam, --suffix-tokens, --gradient-checkpointing, --fsdp); else prompt."""
     init_from: str | None = None
     """--method prefix: start from this adapter's keys/values (a prompt run's prompt, or a

@@ -11,8 +11,8 @@ fold), the epoch is chosen by the folds' mean held-out loss (or, with --select-b
 the score of the pooled out-of-fold greedy outputs), and no bias is fitted.
 
 With --task multilabel the folds are stratified by each row's rarest label (every label with at
-least k rows is held out in every fold), the epoch is chosen by out-of-fold macro-F1 at 0.5, and instead of a bias
-each label gets a threshold (`calibrate.fit_thresholds`) on those out-of-fold probabilities.
+least k rows is held out in every fold), the epoch is chosen by out-of-fold macro-F1 at 0.5,
+and instead of a bias each label gets a threshold (`calibrate.fit_thresholds`) on those out-of-fold probabilities.
 """
 
 from __future__ import annotations
@@ -369,8 +369,8 @@ def label_set_folds(label_sets: list[list[str]], k: int, seed: int) -> list[list
 def _cross_validate_multilabel(
     cfg: TrainConfig, table: Table, folds: int, retrain: bool, model, tokenizer
 ) -> CVResult:
-    """--task multilabel: folds stratified by each row's rarest label; every held-out row's per-label probabilities after
-    every epoch; the epoch with the best out-of-fold macro-F1 (labels at 0.5; ties: the lower
+    """--task multilabel: folds stratified by each row's rarest label; every held-out row's
+    per-label probabilities after every epoch; the epoch with the best out-of-fold macro-F1 (labels at 0.5; ties: the lower
     log-loss); each label's threshold fitted on that epoch's out-of-fold probabilities; then
     (retrain) all rows for that many epochs, the thresholds saved in its softprompt.json."""
     names = label_set(table)

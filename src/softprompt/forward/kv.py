@@ -6,6 +6,7 @@ glue to transformers' caches."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 
@@ -162,6 +163,17 @@ def decode_cache(kv: KV):
     when one is full, or when kv is not such a buffer's head). Only a running `Decoding` holds
     these views, and it drops the old ones every step, so no one sees a buffer's tail change."""
     from transformers import DynamicCache
+
+    layer = _grow_layer()
+    cache = DynamicCache()
+    cache.layers = [layer(k, v) for k, v in kv]
+    return cache
+
+
+@functools.cache
+def _grow_layer():
+    """A transformers cache layer holding given keys/values that grows them with `_grow`
+    (made once: transformers is imported lazily, and decoding asks for it every step)."""
     from transformers.cache_utils import DynamicLayer
 
     class GrowLayer(DynamicLayer):
@@ -175,9 +187,7 @@ def decode_cache(kv: KV):
             self.values = _grow(self.values, value_states)
             return self.keys, self.values
 
-    cache = DynamicCache()
-    cache.layers = [GrowLayer(k, v) for k, v in kv]
-    return cache
+    return GrowLayer
 
 
 def _grow(t: Tensor, new: Tensor) -> Tensor:
