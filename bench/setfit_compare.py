@@ -261,7 +261,7 @@ def run_setfit(task, data, seed, folder, args, contrastive: bool = True) -> dict
         if contrastive:
             trainer.train()
         else:  # the logistic regression on the frozen encoder's embeddings
-            model.fit(trainer.train_dataset["text"], labels, num_epochs=1, show_progress_bar=False)
+            model.fit(list(train_table.texts), labels, num_epochs=1, show_progress_bar=False)
     train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
 
     def predict(batch):

@@ -12,7 +12,8 @@ the score of the pooled out-of-fold greedy outputs), and no bias is fitted.
 
 With --task multilabel the folds are stratified by each row's rarest label (every label with at
 least k rows is held out in every fold), the epoch is chosen by out-of-fold macro-F1 at 0.5,
-and instead of a bias each label gets a threshold (`calibrate.fit_thresholds`) on those out-of-fold probabilities.
+and instead of a bias each label gets a threshold (`calibrate.fit_thresholds`) on those
+out-of-fold probabilities.
 """
 
 from __future__ import annotations
@@ -370,9 +371,10 @@ def _cross_validate_multilabel(
     cfg: TrainConfig, table: Table, folds: int, retrain: bool, model, tokenizer
 ) -> CVResult:
     """--task multilabel: folds stratified by each row's rarest label; every held-out row's
-    per-label probabilities after every epoch; the epoch with the best out-of-fold macro-F1 (labels at 0.5; ties: the lower
-    log-loss); each label's threshold fitted on that epoch's out-of-fold probabilities; then
-    (retrain) all rows for that many epochs, the thresholds saved in its softprompt.json."""
+    per-label probabilities after every epoch; the epoch with the best out-of-fold macro-F1
+    (labels at 0.5; ties: the lower log-loss); each label's threshold fitted on that epoch's
+    out-of-fold probabilities; then (retrain) all rows for that many epochs, the thresholds
+    saved in its softprompt.json."""
     names = label_set(table)
     if len(names) < 2:
         raise SoftpromptError(
