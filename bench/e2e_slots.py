@@ -35,7 +35,9 @@ def main() -> None:
     counts: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0])  # inputs, values, found
     for path in args.outputs:
         if not path.is_file():
-            raise SystemExit(f"{path}: no such file (bench/generation.py --out X writes X_outputs)")
+            raise SystemExit(
+                f"{path}: no such file (bench/generation.py --out X.json writes X_outputs.jsonl)"
+            )
         for line in path.read_text().splitlines():
             row = json.loads(line)
             key = (path.name, row["method"], row["seed"], row["decoding"])
