@@ -1,6 +1,7 @@
 """How much of each E2E input the generated texts carry: the share of the inputs' `name`, `near`,
 `food` and `area` values that appear word for word (case-insensitive) in the output, per method,
-seed and decoding, from the `*_outputs.jsonl` files `bench/generation.py` writes.
+seed and decoding, from the `*_outputs.jsonl` files `bench/generation.py` writes (or the rows
+`softprompt eval --outputs X.jsonl` writes, one run a file).
 
     python bench/e2e_slots.py bench/results/e2e_gemma_prefix_outputs.jsonl \
         bench/results/e2e_anchors_outputs.jsonl bench/results/e2e_prefix_outputs.jsonl
@@ -30,7 +31,9 @@ def values(mr: str) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("outputs", nargs="+", type=Path, help="*_outputs.jsonl of bench/generation.py")
+    ap.add_argument(
+        "outputs", nargs="+", type=Path, help="generation.py's *_outputs.jsonl or eval's --outputs"
+    )
     args = ap.parse_args()
     counts: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0])  # inputs, values, found
     for path in args.outputs:
@@ -40,8 +43,10 @@ def main() -> None:
             )
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            key = (path.name, row["method"], row["seed"], row["decoding"])
-            found = [v in row["output"].lower() for v in values(row["input"])]
+            # `softprompt eval --outputs` rows carry text/output/references and no run names
+            key = (path.name, *(row.get(k, "-") for k in ("method", "seed", "decoding")))
+            mr = row["input"] if "input" in row else row["text"]
+            found = [v in row["output"].lower() for v in values(mr)]
             c = counts[key]
             c[0], c[1], c[2] = c[0] + 1, c[1] + len(found), c[2] + sum(found)
     rows = [
