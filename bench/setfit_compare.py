@@ -200,6 +200,7 @@ def run_softprompt(task, data, seed, folder, model, tokenizer, args) -> dict:
         model=args.model,
         device=args.device,
         epochs=args.softprompt_epochs,
+        method=args.softprompt_method,
         progress=False,
         overwrite=True,
     )
@@ -420,6 +421,12 @@ def main() -> None:
         type=int,
         default=None,
         help="softprompt's --epochs (default: TrainConfig's, 10 with a head); for smoke runs",
+    )
+    ap.add_argument(
+        "--softprompt-method",
+        choices=("prompt", "prefix"),
+        default=None,
+        help="softprompt's --method (default: TrainConfig's) to compare a variation of the defaults",
     )
     ap.add_argument("--runs", type=Path, default=None, help="run folders (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "setfit_compare.json")

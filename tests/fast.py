@@ -63,12 +63,14 @@ def generate(model, kv, ids, mask, *, max_new_tokens: int, eos_token_id=None, ro
 
 
 def label_probabilities(
-    model, tok, prompt, task, texts, *, batch_size=32, share_head=True, bias=None, head=None
-):
+    model, tok, prompt, task, texts, *, batch_size=32, share_head=True, bias=None, head=None,
+    kind="prompt",
+):  # fmt: skip
     """Each label's probability for each text [N, L], through the engine, for a prompt not saved
-    as an adapter ([P+S, H], or an ensemble [K, P+S, H]; `head`: its classification head)."""
+    as an adapter ([P+S, H], or an ensemble [K, P+S, H]; `head`: its classification head;
+    `kind` "prefix": a deep prompt's keys and values)."""
     engine = Engine(model, tok, share_head=share_head)
-    predictor = predictor_for_prompt(model, tok, prompt, task, bias=bias, head=head)
+    predictor = predictor_for_prompt(model, tok, prompt, task, bias=bias, head=head, kind=kind)
     return engine.classify(predictor, texts, batch_size=batch_size)
 
 

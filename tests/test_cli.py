@@ -149,8 +149,14 @@ def test_defaults_are_the_recommended_recipe_and_guide_is_one_flag_away(
     assert conf["head"] == "pooled" and conf["suffix_tokens"] == 0 and conf["epochs"] == 2
     assert conf["extra"] == {} and load_adapter(out).head.kind == "pooled"
     assert json.loads((out / "softprompt.json").read_text())["suffix_tokens"] == 0
-    # the init text is built from this task's labels, not the guide's complaints instruction
+    # with the pooled head the default is a deep prompt (docs/accuracy.md)
     peft_conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["method"] == "prefix" and peft_conf["peft_type"] == "PREFIX_TUNING"
+    assert peft_conf["task_type"] == "SOFTPROMPT_POOLED_CLS"
+    # the init text is built from this task's labels, not the guide's complaints instruction
+    prompt = tmp_path / "prompt"
+    assert main([*argv[:-1], str(prompt), "--method", "prompt"]) == 0
+    peft_conf = json.loads((prompt / "adapter_config.json").read_text())
     assert peft_conf["prompt_tuning_init_text"] == "Classify the text as complaint or no complaint:"
     # with label words (--head none) the defaults add 32 suffix tokens and train 15 epochs
     words = tmp_path / "words"

@@ -95,7 +95,7 @@ def test_cv_reports_out_of_fold_metrics_and_trains_a_calibrated_final_run(
     oof = torch.zeros(len(texts), 2)
     for i, held in enumerate(folds):
         a = load_adapter(out / "folds" / str(i) / "epochs" / f"{best:03d}")
-        oof[held] = label_probabilities(model, tok, a.prompt, a0.task, [texts[j] for j in held], head=a.head)  # fmt: skip
+        oof[held] = label_probabilities(model, tok, a.prompt, a0.task, [texts[j] for j in held], head=a.head, kind=a.kind)  # fmt: skip
     pred = [LABELS[j] for j in oof.argmax(-1).tolist()]
     row = report["epochs"][best - 1]
     assert row["oof_macro_f1"] == pytest.approx(metrics(gold, pred, LABELS)["macro_f1"])
@@ -108,7 +108,7 @@ def test_cv_reports_out_of_fold_metrics_and_trains_a_calibrated_final_run(
     task = json.loads((final / "softprompt.json").read_text())
     assert task["extra"]["calibration"]["bias"] == report["bias"]
     sp = SoftPrompt(load_adapter(final), model, tok)
-    raw = label_probabilities(model, tok, sp.prompt, sp.task, texts[:5], head=sp.adapter.head)
+    raw = label_probabilities(model, tok, sp.prompt, sp.task, texts[:5], head=sp.adapter.head, kind=sp.adapter.kind)  # fmt: skip
     got = torch.tensor([[o["probabilities"][n] for n in LABELS] for o in sp.classify(texts[:5])])
     assert torch.allclose(got, apply_bias(raw, report["bias"]), atol=1e-5)
     plain = sp.classify(texts[:5], calibrated=False)

@@ -336,7 +336,7 @@ def test_settings_that_do_not_fit_generation_are_refused():
     assert (cfg.head, cfg.max_length, cfg.suffix_tokens, cfg.epochs) == ("none", 256, 0, 10)
     assert cfg.method == "prefix"
     cfg = TrainConfig(data="x.csv").resolved()
-    assert (cfg.head, cfg.max_length, cfg.method) == ("pooled", 64, "prompt")
+    assert (cfg.head, cfg.max_length, cfg.method) == ("pooled", 64, "prefix")
 
 
 @pytest.mark.parametrize(

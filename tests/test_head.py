@@ -299,12 +299,13 @@ def test_we_load_a_peft_trained_seq_cls_adapter_as_peft_scores(tiny, tmp_path):
     assert torch.allclose(ours, torch.stack(theirs), atol=1e-5)
 
 
-def test_peft_refuses_a_pooled_head_adapter(tiny, tmp_path):
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])  # prefix: the default's form
+def test_peft_refuses_a_pooled_head_adapter(tiny, tmp_path, kind):
     from peft import PeftModel
 
     model, tok = tiny
     pooled, _ = _heads(model.get_input_embeddings().weight.shape[1])
-    _, folder = _save(tmp_path, model, tok, "prompt", pooled)
+    _, folder = _save(tmp_path, model, tok, kind, pooled)
     with pytest.raises(ValueError, match="SOFTPROMPT_POOLED_CLS"):
         PeftModel.from_pretrained(copy.deepcopy(model), str(folder))
 

@@ -229,8 +229,33 @@ def test_prefix_settings_that_cannot_work_are_refused(tmp_path, demo_train):
     assert "--suffix-tokens 8 does not combine with --method prefix" in problems
     assert "--gradient-checkpointing" in problems
     assert "--init-from is for --method prefix" in " ".join(
-        TrainConfig(data="x.csv", init_from="runs/a").problems()
+        TrainConfig(data="x.csv", init_from="runs/a", method="prompt").problems()
     )
     assert "--method must be one of" in " ".join(
         TrainConfig(data="x.csv", method="lora").problems()
     )
+
+
+@pytest.mark.parametrize(
+    "given, method",
+    [
+        ({}, "prefix"),  # the pooled head, the default readout
+        ({"head": "pooled"}, "prefix"),
+        ({"task": "multilabel"}, "prefix"),
+        ({"init_from": "runs/a"}, "prefix"),
+        ({"head": "none"}, "prompt"),  # label words: the guide's form
+        ({"head": "linear"}, "prompt"),  # PEFT's SEQ_CLS form
+        ({"suffix_tokens": 4}, "prompt"),  # settings that need an input prompt
+        ({"reparam": "mlp"}, "prompt"),
+        ({"gradient_checkpointing": True}, "prompt"),
+        ({"method": "prompt"}, "prompt"),
+    ],
+)
+def test_the_pooled_head_defaults_to_a_deep_prompt(given, method):
+    """docs/accuracy.md: a deep prompt under the pooled head is level or ahead on every task and
+    both models; label words and the linear head keep PEFT's prompt, and so do the settings that
+    need an input prompt."""
+    from softprompt.config import TrainConfig
+
+    cfg = TrainConfig(data="x.csv", **given)
+    assert cfg.problems() == [] and cfg.resolved().method == method

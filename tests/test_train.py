@@ -389,7 +389,9 @@ def test_gradient_checkpointing_flag_trains(tmp_path, tiny_model_dir, demo_train
     layers run the concatenated forward, not the shared-prefix one, and round differently);
     with the pooled head, its numbers too (bfloat16: `bounds.TRAIN_BFLOAT16_HEAD`)."""
     plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
-    flags = ("--epochs", "1", "--head", head)
+    # checkpointing trains an input prompt; the plain run names it (with the pooled head the
+    # default would be a deep prompt)
+    flags = ("--epochs", "1", "--head", head, "--method", "prompt")
     assert main(train_args(demo_train, tiny_model_dir, plain, *flags)) == 0
     argv = train_args(demo_train, tiny_model_dir, ckpt, *flags, "--gradient-checkpointing")
     assert main(argv) == 0

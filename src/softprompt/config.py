@@ -113,8 +113,10 @@ class TrainConfig:
     virtual token: 576 on the built-in model); prefix: keys and values in every layer (prefix
     tuning / P-tuning v2, PEFT's PREFIX_TUNING), layers x 2 x key/value width numbers per virtual
     token (11,520 on the built-in model) (--method). Default: prefix with --task generation
-    (docs/generation.md: about 4 BLEU above prompt on E2E), unless a setting that needs an input
-    prompt is given (--reparam, --suffix-tokens, --gradient-checkpointing, --fsdp); else prompt."""
+    (docs/generation.md: 7.5 BLEU above prompt on E2E) and with the pooled head (the default
+    readout; docs/accuracy.md: level or ahead on every task, both models), unless a setting that
+    needs an input prompt is given (--reparam, --suffix-tokens, --gradient-checkpointing,
+    --fsdp); else prompt (label words, the linear head: PEFT's forms)."""
     init_from: str | None = None
     """--method prefix: start from this adapter's keys/values (a prompt run's prompt, or a
     prefix run), instead of those of --init (--init-from)."""
@@ -292,7 +294,9 @@ class TrainConfig:
             or self.gradient_checkpointing
             or self.fsdp
         )
-        return "prefix" if self.task == "generation" and not needs_prompt else "prompt"
+        gen = self.task == "generation"
+        pooled = not gen and (self.head or "pooled") == "pooled"
+        return "prefix" if (gen or pooled) and not needs_prompt else "prompt"
 
     def resolved(self) -> TrainConfig:
         """These settings with the defaults that depend on others filled in (`suffix_tokens`,
