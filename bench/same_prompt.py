@@ -41,7 +41,7 @@ RECIPES = {
     "mlp_gpt2": ("gpt2", dict(head="none", reparam="mlp", num_virtual_tokens=4, suffix_tokens=4)),
     "pooled_llama": (
         "llama",
-        dict(head="pooled", suffix_tokens=0, eval_data="complaints_test.csv"),
+        dict(head="pooled", method="prompt", suffix_tokens=0, eval_data="complaints_test.csv"),
     ),  # fmt: skip
     "linear_prefix_gpt2": ("gpt2", dict(head="linear", method="prefix", suffix_tokens=0, lr=1e-2)),
 }
