@@ -284,6 +284,11 @@ class TrainConfig:
         p += template_problems(self.template)
         return p
 
+    def default_head(self) -> Head:
+        """--head, or its default: none (the LM head writes text) with --task generation, else
+        pooled."""
+        return self.head or ("none" if self.task == "generation" else "pooled")
+
     def default_method(self) -> Method:
         """--method, or the one its default resolves to (see `method`)."""
         if self.method is not None:
@@ -294,15 +299,14 @@ class TrainConfig:
             or self.gradient_checkpointing
             or self.fsdp
         )
-        gen = self.task == "generation"
-        pooled = not gen and (self.head or "pooled") == "pooled"
-        return "prefix" if (gen or pooled) and not needs_prompt else "prompt"
+        deep = self.task == "generation" or self.default_head() == "pooled"
+        return "prefix" if deep and not needs_prompt else "prompt"
 
     def resolved(self) -> TrainConfig:
         """These settings with the defaults that depend on others filled in (`suffix_tokens`,
         `epochs`, by what reads the label); what a run records in train_config.json."""
         gen = self.task == "generation"
-        head = self.head or ("none" if gen else "pooled")
+        head = self.default_head()
         words = head == "none"
         filled = {} if head == self.head else {"head": head}
         method = self.default_method()
