@@ -75,7 +75,10 @@ sides (the engine with the end token switched off, transformers with `min_new_to
 prompt): softprompt's engine (`Engine.generate`, the prompt's KV cached) against transformers'
 `generate` with the prompt ++ token embeddings as `inputs_embeds`; one warm-up each, then the
 median of `--speed-repeats` timed runs, alternating which goes first. Tokens/s and the ratio,
-and how many rows agree up to the engine's first end token. With the main runs, it also prints
+and how many rows agree up to the engine's first end token. `--speed-profile` also runs each
+side once under torch's profiler: the seconds in the linear layers' matrix products, and the
+engine's ceiling, generate's seconds over the engine's matrix-product seconds (what an engine
+that spent no time outside them would reach). With the main runs, it also prints
 softprompt's training tokens/s over the PEFT guide loop's.
 
 Tables go to stdout, progress to stderr; all numbers to `--out` (bench/results/generation.json),
@@ -696,11 +699,43 @@ def speed_job(job: dict) -> dict:
         out["softprompt engine"]["tokens_per_second"]
         / out["transformers generate"]["tokens_per_second"]
     )
+    if job.get("speed_profile"):
+        out["profile"] = {
+            name: matmul_profile(fn)
+            for name, fn in (("softprompt engine", ours), ("transformers generate", theirs))
+        }
+        mm = out["profile"]["softprompt engine"]["matmul_seconds"]
+        # an engine whose every step but its matrix products took no time, against generate as timed
+        out["ceiling"] = out["transformers generate"]["seconds"] / mm
     log(
         f"speed: engine {out['softprompt engine']['tokens_per_second']:.1f} tokens/s, "
         f"generate {out['transformers generate']['tokens_per_second']:.1f} tokens/s"
     )
     return out
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm")
+"""The linear layers' matrix products (with and without a bias) as torch's profiler names them."""
+
+
+def matmul_profile(fn) -> dict:
+    """fn() once under torch.profiler (CPU): seconds in the linear layers' matrix products
+    (`MATMUL_OPS`, each op's time with its children), the profiled run's seconds, and the five
+    ops with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    wall = time.perf_counter() - t0
+    ops = prof.key_averages()
+    mm = sum(e.cpu_time_total for e in ops if e.key in MATMUL_OPS) / 1e6
+    top = sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:5]
+    return {
+        "matmul_seconds": mm,
+        "profiled_seconds": wall,
+        "top_self_seconds": {e.key: e.self_cpu_time_total / 1e6 for e in top},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -794,11 +829,25 @@ def speed_table(speed: dict) -> str:
         for n in names
     ]
     table = markdown_table(["system", "new tokens", "seconds (median)", "tokens/s"], rows)
-    return (
+    text = (
         f"{table}\n\nengine / generate tokens/s: {speed['ratio']:.2f}x; rows agreeing with "
         f"generate up to the engine's first end token: {speed['rows_agreeing']}/{speed['inputs']}; "
         f"prompt: {speed['prompt']}"
     )
+    if "profile" in speed:
+        for n in names:
+            p = speed["profile"][n]
+            top = ", ".join(f"{k} {v:.2f}" for k, v in p["top_self_seconds"].items())
+            text += (
+                f"\n{n}, profiled once: {p['matmul_seconds']:.2f} s of {p['profiled_seconds']:.2f} s "
+                f"in the linear layers' matrix products ({'/'.join(MATMUL_OPS)}); most self time: {top}"
+            )
+        text += (
+            f"\nceiling: generate's {speed['transformers generate']['seconds']:.2f} s over the engine's "
+            f"matrix products' {speed['profile']['softprompt engine']['matmul_seconds']:.2f} s = "
+            f"{speed['ceiling']:.2f}x (an engine that spent no time outside them)"
+        )
+    return text
 
 
 def machine(device: str | None) -> str:
@@ -857,6 +906,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--speed-inputs", type=int, default=32)
     ap.add_argument("--speed-tokens", type=int, default=40)
     ap.add_argument("--speed-repeats", type=int, default=3)
+    ap.add_argument(
+        "--speed-profile",
+        action="store_true",
+        help="also profile one run of each side: time in the linear layers' matrix products, "
+        "and the engine's ceiling (generate's seconds over the engine's matrix-product seconds)",
+    )
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="trainset.csv, devset.csv")
     ap.add_argument("--runs-dir", type=Path, default=REPO / "bench" / "results" / "generation_runs")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "generation.json")
@@ -1039,6 +1094,7 @@ def main(argv=None) -> int:
                 "speed_texts": texts,
                 "speed_tokens": args.speed_tokens,
                 "speed_repeats": args.speed_repeats,
+                "speed_profile": args.speed_profile,
                 "prompt_dir": str(first) if (first / "softprompt.json").is_file() else None,
             },
         )
