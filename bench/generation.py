@@ -877,7 +877,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--beams", type=int, default=5, help="beams of the beam-search decoding (1: greedy only)"
     )
     ap.add_argument("--lr", type=float, help="softprompt's and PEFT's lr [softprompt's: 3e-2]")
-    ap.add_argument("--epochs", type=int, help="[softprompt's default for generation: 10]")
+    ap.add_argument("--epochs", type=int, help="[softprompt's default for generation: 5]")
     ap.add_argument("--num-virtual-tokens", type=int, help="[softprompt's: 8]")
     ap.add_argument("--batch-size", type=int, help="training batch, every method [softprompt's: 8]")
     ap.add_argument("--ft-lr", type=float, default=5e-5, help="full fine-tuning's AdamW lr")

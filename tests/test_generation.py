@@ -333,7 +333,7 @@ def test_settings_that_do_not_fit_generation_are_refused():
     bad = TrainConfig(data="x.csv", select_by="bleu").problems()
     assert any("--select-by bleu" in p for p in bad)
     cfg = TrainConfig(data="x.csv", task="generation").resolved()
-    assert (cfg.head, cfg.max_length, cfg.suffix_tokens, cfg.epochs) == ("none", 256, 0, 10)
+    assert (cfg.head, cfg.max_length, cfg.suffix_tokens, cfg.epochs) == ("none", 256, 0, 5)
     assert cfg.method == "prefix"
     cfg = TrainConfig(data="x.csv").resolved()
     assert (cfg.head, cfg.max_length, cfg.method) == ("pooled", 64, "prefix")
