@@ -107,6 +107,7 @@ import torch
 from common import markdown_table
 
 from softprompt import TrainConfig
+from softprompt.config import EPOCHS_FOR_GENERATION
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "e2e"
@@ -877,7 +878,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--beams", type=int, default=5, help="beams of the beam-search decoding (1: greedy only)"
     )
     ap.add_argument("--lr", type=float, help="softprompt's and PEFT's lr [softprompt's: 3e-2]")
-    ap.add_argument("--epochs", type=int, help="[softprompt's default for generation: 5]")
+    ap.add_argument(
+        "--epochs", type=int, help=f"[softprompt's default for generation: {EPOCHS_FOR_GENERATION}]"
+    )
     ap.add_argument("--num-virtual-tokens", type=int, help="[softprompt's: 8]")
     ap.add_argument("--batch-size", type=int, help="training batch, every method [softprompt's: 8]")
     ap.add_argument("--ft-lr", type=float, default=5e-5, help="full fine-tuning's AdamW lr")
